@@ -1,0 +1,3 @@
+"""Hyperparameter tuning service for unlearning pre-trained causal language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,331 @@
+"""The `tuner` command line. User mistakes end as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tuner.errors import TunerError, describe_validation_error
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.fields[info]}"), console=console, transient=True)
+
+
+class _Bars:
+    """A named rich task per label, fed by the (label, done, total) callbacks of the library."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.tasks = progress, {}
+
+    def __call__(self, label: str, done: int, total: int, info: str = "") -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total, info="")
+        self.progress.update(self.tasks[label], completed=done, total=total, info=info)
+
+
+# ---- tuner methods -----------------------------------------------------------------------------------------
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from tuner import methods
+
+    table = Table(title="unlearning methods")
+    for col in ("name", "hyperparameters", "forget term", "retain term", "needs original", "summary"):
+        table.add_column(col)
+    for name, cls in methods.available().items():
+        retain = "λ-weighted" if cls.has_retain_term else ("yes" if cls.uses_retain else "-")
+        table.add_row(name, ", ".join(cls.hyperparameters()), "yes" if cls.uses_forget else "-", retain,
+                      "yes" if cls.needs_reference else "-", cls.summary)
+    out.print(table)
+    return 0
+
+
+# ---- tuner testbed -----------------------------------------------------------------------------------------
+
+def cmd_testbed_build(args: argparse.Namespace) -> int:
+    from tuner import testbed
+
+    with _progress() as progress:
+        root = testbed.build(args.size, seed=args.seed, force=args.force, progress=_Bars(progress))
+    _print_manifest(root)
+    return 0
+
+
+def _print_manifest(root: Path) -> None:
+    from tuner import testbed
+
+    m = testbed.load_manifest(root)
+    out.print(f"testbed [bold]{m['size_name']}[/] (seed {m['seed']}) at {root}")
+    out.print(f"  model: {m['size']['arch']}, {m['parameters']:,} parameters; built in {m['build_seconds']} s")
+    out.print("  files: " + ", ".join(f"{role} {len(v)}" for role, v in m["files"].items()))
+    table = Table("model", "forget NLL", "unseen NLL", "retain NLL", "general NLL", "forget gap")
+    for name, nll in m["nll"].items():
+        label = "pre-trained (forget seen)" if name == "model" else "exact retrain (forget never seen)"
+        table.add_row(label, *(f"{nll[k]:.3f}" for k in ("forget", "unseen", "retain", "general")),
+                      f"{nll['forget'] - nll['unseen']:+.3f}")
+    out.print(table)
+
+
+def cmd_testbed_show(args: argparse.Namespace) -> int:
+    from tuner import testbed
+
+    root = testbed.build(args.size, seed=args.seed)
+    _print_manifest(root)
+    return 0
+
+
+# ---- tuner unlearn -----------------------------------------------------------------------------------------
+
+UNLEARN_FLAGS = {  # CLI flag dest -> UnlearnConfig field
+    "method": "method", "lr": "lr", "epochs": "epochs", "max_steps": "max_steps", "retain_weight": "retain_weight",
+    "retain_source": "retain_source", "batch_size": "batch_size", "grad_accum": "grad_accum", "seed": "seed",
+    "device": "device", "dtype": "dtype", "eval_every": "eval_every", "checkpoint": "checkpoint",
+    "schedule": "schedule", "warmup_ratio": "warmup_ratio", "gradient_checkpointing": "gradient_checkpointing",
+}
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise TunerError(f"--config: file not found: {p}")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise TunerError(f"--config: {p} is not valid YAML/JSON ({str(err).splitlines()[0]})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("config"), dict):
+        doc = doc["config"]  # an exported recommendation carries its run settings under `config`
+    if not isinstance(doc, dict):
+        raise TunerError(f"--config: {p} must hold a mapping of run settings")
+    return doc
+
+
+def unlearn_config(args: argparse.Namespace):
+    from tuner.unlearn import UnlearnConfig
+
+    fields: dict[str, Any] = _read_config_file(args.config) if args.config else {}
+    for dest, name in UNLEARN_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            fields[name] = value
+    if args.no_stop_at_target:
+        fields["stop_at_target"] = False
+    for required in ("method", "lr"):
+        if required not in fields:
+            raise TunerError(f"--{required.replace('_', '-')} is required (or give --config FILE)")
+    try:
+        return UnlearnConfig.model_validate(fields)
+    except ValidationError as err:
+        raise TunerError(describe_validation_error(err, args.config or "unlearn settings")) from None
+
+
+def data_spec_from_args(args: argparse.Namespace, source):
+    from tuner import testbed
+    from tuner.data import DataSpec, TextSource
+
+    flags = {k: getattr(args, k) for k in ("forget", "unseen", "retain", "general")}
+    if source.testbed_root is not None and not any(flags.values()):
+        spec = testbed.data_spec(source.testbed_root)
+        return spec.model_copy(update={"block_size": args.block_size or spec.block_size})
+    for key in ("forget", "unseen"):
+        if not flags[key]:
+            raise TunerError(f"--{key} is required for model '{source.name}' (only testbed models bring data)")
+
+    def src(path: str | None):
+        return TextSource(path=path, text_field=args.text_field) if path else None
+
+    return DataSpec(forget=src(flags["forget"]), unseen=src(flags["unseen"]), retain=src(flags["retain"]),
+                    general=src(flags["general"]), block_size=args.block_size or 128)
+
+
+def _prepare_out(path: str, overwrite: bool) -> Path:
+    target = Path(path).expanduser()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise TunerError(f"--out: {target} exists and is not empty (choose another or pass --overwrite)")
+    if not target.parent.exists():
+        raise TunerError(f"--out: parent directory {target.parent} does not exist")
+    return target
+
+
+def _metric_table(result, retrain: dict[str, float] | None) -> Table:
+    table = Table(title=f"{result.config['method']}: {result.status}")
+    table.add_column("metric")
+    table.add_column("original", justify="right")
+    table.add_column("unlearned", justify="right")
+    if retrain is not None:
+        table.add_column("exact retrain", justify="right")
+    rows = [("forget NLL", "forget_nll"), ("unseen NLL", "unseen_nll"), ("retain NLL", "retain_nll"),
+            ("general NLL", "general_nll"), ("forget gap (forget − unseen)", "forget_gap"),
+            ("MIA AUC min-k (0.5 = unlearned)", "mia_auc_mink"), ("MIA AUC loss", "mia_auc_loss"),
+            ("MIA AUC zlib", "mia_auc_zlib")]
+    after = result.metrics or {}
+    for label, key in rows:
+        if key not in result.baseline:
+            continue
+        cells = [label, f"{result.baseline[key]:.4f}", f"{after[key]:.4f}" if key in after else "-"]
+        if retrain is not None:
+            cells.append(f"{retrain[key]:.4f}" if key in retrain else "-")
+        table.add_row(*cells)
+    return table
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from tuner.data import build_data
+    from tuner.evaluation import full_metrics
+    from tuner.models import Workbench, load, resolve
+    from tuner.unlearn import resolve_device, resolve_dtype, run_unlearning
+
+    cfg = unlearn_config(args)
+    target = _prepare_out(args.out, args.overwrite)
+    if args.trust_remote_code:
+        console.print("[yellow]warning:[/] --trust-remote-code runs Python code shipped with the model")
+    with _progress() as progress:
+        bars = _Bars(progress)
+        bench = Workbench.open(args.model, args.trust_remote_code, build_progress=bars)
+        spec = data_spec_from_args(args, bench.source)
+        data = build_data(spec, bench.tokenizer, bench.reference.config, seed=cfg.seed)
+        model = bench.fresh()
+
+        def on_progress(step: int, total: int, logs: dict[str, float]) -> None:
+            bars(f"unlearn {cfg.method}", step, total, f"loss {logs['loss']:.3f}")
+
+        result = run_unlearning(model, data, cfg, reference=bench.reference, on_progress=on_progress)
+        retrain = None
+        if bench.source.retrain_path is not None:
+            retrain_model, _ = load(resolve(str(bench.source.retrain_path)))
+            device = resolve_device(cfg.device)
+            retrain = full_metrics(retrain_model.to(device), data, cfg.eval_batch_size, device,
+                                   resolve_dtype(cfg.dtype, device))
+
+    report = result.to_dict()
+    report.update({"model": args.model, "data": data.sources, "blocks": data.summary(), "exact_retrain": retrain})
+    if result.metrics is not None and retrain is not None:
+        report["targets"] = {
+            "approximate_forget_nll": result.metrics["unseen_nll"],
+            "exact_retrain_forget_nll": retrain["forget_nll"],
+            "distance_to_approximate": result.metrics["forget_nll"] - result.metrics["unseen_nll"],
+            "distance_to_exact": result.metrics["forget_nll"] - retrain["forget_nll"],
+        }
+    staging = Path(tempfile.mkdtemp(prefix=".unlearn-", dir=target.parent))
+    try:
+        if result.metrics is not None:
+            model.save_pretrained(staging / "model")
+            bench.tokenizer.save_pretrained(staging / "model")
+        (staging / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _print_result(result, report, retrain, target)
+    return 0
+
+
+def _print_result(result, report: dict, retrain: dict | None, target: Path) -> None:
+    out.print(_metric_table(result, retrain))
+    env = result.environment
+    out.print(f"steps {result.steps_done}/{result.planned_steps}, kept step {result.selected_step}"
+              + (f", reached the approximate-retraining point at step {result.stop_step}" if result.stop_step else "")
+              + f"; {result.wall_time_s:.1f} s on {env['device']} ({env['dtype']}), effective batch "
+              f"{env['effective_batch']}, {result.train_tokens:,} training tokens")
+    if result.status == "diverged":
+        out.print(f"[red]diverged[/]: {result.reason}; no model saved")
+    elif result.metrics is not None:
+        m = result.metrics
+        out.print(f"utility drop (retain NLL vs original): {m.get('utility_drop', float('nan')):+.4f}")
+        if "targets" in report:
+            t = report["targets"]
+            out.print(f"target check: approximate target (unseen NLL) {t['approximate_forget_nll']:.4f}, "
+                      f"exact-retrain forget NLL {t['exact_retrain_forget_nll']:.4f}; unlearned forget NLL is "
+                      f"{t['distance_to_approximate']:+.4f} from the approximate and {t['distance_to_exact']:+.4f} "
+                      "from the exact target")
+    out.print(f"saved to {target}" + (" (model/ and metrics.json)" if result.metrics is not None else " (metrics.json)"))
+
+
+# ---- parser ------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuner", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list the unlearning methods and their hyperparameters")
+    p.set_defaults(func=cmd_methods)
+
+    tb = sub.add_parser("testbed", help="the offline testbed built from the Python standard library")
+    tbs = tb.add_subparsers(dest="testbed_command", required=True)
+    for name, func, text in (("build", cmd_testbed_build, "build (or find in the cache) a testbed"),
+                             ("show", cmd_testbed_show, "show a testbed's split and memorisation figures")):
+        q = tbs.add_parser(name, help=text)
+        q.add_argument("--size", default="micro", choices=["micro", "small"], help="micro: seconds, for tests; "
+                       "small: a few minutes, a clear memorisation gap (default: micro)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the file split and of pre-training")
+        if name == "build":
+            q.add_argument("--force", action="store_true", help="rebuild even if cached")
+        q.set_defaults(func=func)
+
+    u = sub.add_parser("unlearn", help="run one unlearning and measure it",
+                       description="Unlearn the forget set from a model with one method and one setting, print "
+                       "before/after metrics, save the model (HF format) and metrics.json.")
+    u.add_argument("--model", required=True, help="local HF model directory, hub id, or testbed:micro|small")
+    u.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    u.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    u.add_argument("--config", help="YAML/JSON run settings (e.g. an exported recommendation); flags override")
+    u.add_argument("--method", help="one of `tuner methods`")
+    u.add_argument("--lr", type=float, help="peak learning rate")
+    u.add_argument("--epochs", type=float, help="passes over the forget set (default 1)")
+    u.add_argument("--max-steps", type=int, help="optimiser steps (overrides --epochs)")
+    u.add_argument("--retain-weight", type=float, help="λ of the retain term (ga_gd, ga_kl; default 1.0)")
+    u.add_argument("--retain-source", choices=["in_distribution", "general"], help="retain data for the retain term")
+    u.add_argument("--batch-size", type=int, help="blocks per micro-batch (default 8)")
+    u.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default 1)")
+    u.add_argument("--schedule", choices=["linear", "cosine", "constant"], help="lr schedule after warmup")
+    u.add_argument("--warmup-ratio", type=float, help="share of steps spent warming up (default 0.03)")
+    u.add_argument("--seed", type=int)
+    u.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    u.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="auto: bf16 on a capable GPU, fp32 on CPU")
+    u.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None)
+    u.add_argument("--eval-every", type=int, help="steps between evaluations (default: about 10 per run)")
+    u.add_argument("--checkpoint", choices=["best", "last"],
+                   help="best (default): keep the evaluated step closest to the target; last: final weights")
+    u.add_argument("--no-stop-at-target", action="store_true",
+                   help="run all steps instead of stopping at the approximate-retraining point")
+    u.add_argument("--forget", help="forget set: text file, directory, or JSONL (testbed: built in)")
+    u.add_argument("--unseen", help="unseen same-distribution set (approximate retraining)")
+    u.add_argument("--retain", help="in-distribution retain set")
+    u.add_argument("--general", help="general retain set")
+    u.add_argument("--text-field", default="text", help="text field of JSONL rows (default: text)")
+    u.add_argument("--block-size", type=int, help="tokens per block (default: testbed's, else 128)")
+    u.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (runs it!)")
+    u.set_defaults(func=cmd_unlearn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Tune hyperparameters for unlearning pre-trained causal LMs."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TunerError as err:
+        console.print(f"[red]error:[/] {err}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

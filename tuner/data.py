@@ -1,0 +1,249 @@
+"""Text sources -> fixed-length token blocks for the forget, retain, general and unseen sets.
+
+Every set is tokenised once (per study) into a `[n_blocks, block_size]` LongTensor; trials only index it.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tuner.errors import TunerError
+
+RetainSource = Literal["in_distribution", "general"]
+
+
+class TextSource(BaseModel):
+    """Where one set's text comes from: a file, a directory of files, JSONL, or an HF `datasets` spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="a text file, a JSONL file, or a directory of files")
+    hf: str | None = Field(None, description="an HF datasets name, e.g. llmunlearn/unlearn_dataset")
+    config: str | None = Field(None, description="the HF dataset config, e.g. arxiv")
+    split: str | None = Field(None, description="the HF dataset split, e.g. forget")
+    format: Literal["auto", "text", "jsonl"] = "auto"
+    text_field: str = Field("text", description="the field holding the text in JSONL or HF rows")
+    pattern: str = Field("*", description="glob for the files of a directory")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> TextSource:
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of 'path' or 'hf'")
+        if self.hf is not None and self.split is None:
+            raise ValueError("an 'hf' source needs a 'split'")
+        return self
+
+    def label(self) -> str:
+        if self.path is not None:
+            return self.path
+        return f"hf:{self.hf}" + (f"/{self.config}" if self.config else "") + f"[{self.split}]"
+
+
+class DataSpec(BaseModel):
+    """The four sets of an unlearning problem and how they are cut into blocks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    forget: TextSource
+    unseen: TextSource = Field(description="same-distribution text the model never saw (approximate retraining)")
+    retain: TextSource | None = Field(None, description="in-distribution retained text")
+    general: TextSource | None = Field(None, description="general retained text (another domain)")
+    block_size: int = Field(128, gt=1)
+    max_forget_blocks: int | None = Field(None, gt=0)
+    max_eval_blocks: int = Field(256, gt=0, description="cap per evaluation set (forget, unseen, retain, general)")
+    retain_eval_fraction: float = Field(0.2, gt=0, lt=1, description="share of retain blocks held out to measure utility")
+
+
+def _read_text_file(path: Path, role: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TunerError(f"{role}: {path} is not UTF-8 text (byte {err.start}); convert it or remove it") from None
+
+
+def _read_jsonl(path: Path, text_field: str, role: str) -> list[str]:
+    docs = []
+    for lineno, line in enumerate(_read_text_file(path, role).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TunerError(f"{role}: {path} line {lineno} is not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or text_field not in row:
+            keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise TunerError(f"{role}: {path} line {lineno} has no text field '{text_field}' (found: {keys})")
+        if not isinstance(row[text_field], str):
+            raise TunerError(f"{role}: {path} line {lineno} field '{text_field}' is not a string")
+        docs.append(row[text_field])
+    return docs
+
+
+def _read_path(path: Path, source: TextSource, role: str) -> list[str]:
+    fmt = source.format
+    if fmt == "auto":
+        fmt = "jsonl" if path.suffix in {".jsonl", ".ndjson"} else "text"
+    if fmt == "jsonl":
+        return _read_jsonl(path, source.text_field, role)
+    return [_read_text_file(path, role)]
+
+
+def _read_hf(source: TextSource, role: str) -> list[str]:
+    try:
+        import datasets  # optional: pip install 'unlearn-tuner[hf]'
+    except ImportError:
+        raise TunerError(f"{role}: source {source.label()} needs the 'datasets' package "
+                         "(pip install 'unlearn-tuner[hf]')") from None
+    try:
+        ds = datasets.load_dataset(source.hf, source.config, split=source.split)
+    except Exception as err:  # network, auth, unknown config: all reported the same way
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TunerError(f"{role}: could not load {source.label()}: {first}") from None
+    if source.text_field not in ds.column_names:
+        raise TunerError(f"{role}: {source.label()} has no text field '{source.text_field}' "
+                         f"(columns: {', '.join(ds.column_names)})")
+    return [t for t in ds[source.text_field] if isinstance(t, str)]
+
+
+def read_documents(source: TextSource, role: str, base_dir: Path | None = None) -> list[str]:
+    """All non-empty documents of a source, in a deterministic order; errors name the set and the file."""
+    if source.hf is not None:
+        docs = _read_hf(source, role)
+    else:
+        path = Path(source.path).expanduser()
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        if not path.exists():
+            raise TunerError(f"{role}: file not found: {path}")
+        if path.is_dir():
+            files = sorted(p for p in path.rglob(source.pattern) if p.is_file())
+            if not files:
+                raise TunerError(f"{role}: directory {path} has no files matching '{source.pattern}'")
+            docs = [d for f in files for d in _read_path(f, source, role)]
+        else:
+            docs = _read_path(path, source, role)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise TunerError(f"{role}: {source.label()} contains no text")
+    return docs
+
+
+def tokenize_blocks(docs: list[str], tokenizer, block_size: int, role: str) -> torch.Tensor:
+    """Concatenate documents (each closed by EOS) and cut into full blocks; the tail is dropped."""
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    flat: list[int] = []
+    for seq in ids:
+        flat.extend(seq)
+        if eos is not None:
+            flat.append(eos)
+    n_blocks = len(flat) // block_size
+    if n_blocks == 0:
+        raise TunerError(f"{role}: only {len(flat)} tokens, fewer than one block of {block_size}; "
+                         "add text or lower data.block_size")
+    return torch.tensor(flat[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+
+
+def subsample(blocks: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor:
+    """A seeded subset that keeps the original order, so the same seed always picks the same blocks."""
+    if limit is None or blocks.shape[0] <= limit:
+        return blocks
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(blocks.shape[0], generator=gen)[:limit].sort().values
+    return blocks[keep]
+
+
+def split_holdout(blocks: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, eval) blocks: utility is measured on blocks that descent never trained on."""
+    n_eval = max(1, round(blocks.shape[0] * fraction))
+    if blocks.shape[0] - n_eval < 1:
+        return blocks, blocks
+    gen = torch.Generator().manual_seed(seed + 1)
+    perm = torch.randperm(blocks.shape[0], generator=gen)
+    return blocks[perm[n_eval:].sort().values], blocks[perm[:n_eval].sort().values]
+
+
+def zlib_lengths(blocks: torch.Tensor, tokenizer) -> torch.Tensor:
+    """zlib-compressed byte length of each block's text: the reference entropy of the zlib MIA score."""
+    texts = tokenizer.batch_decode(blocks.tolist())
+    return torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in texts], dtype=torch.float32)
+
+
+def model_context_length(model_config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@dataclass
+class UnlearnData:
+    """Token blocks of every set, built once per study and shared read-only by its trials."""
+
+    forget: torch.Tensor
+    unseen: torch.Tensor
+    forget_eval: torch.Tensor | None = None
+    retain_train: dict[str, torch.Tensor] = field(default_factory=dict)
+    retain_eval: dict[str, torch.Tensor] = field(default_factory=dict)
+    forget_zlib: torch.Tensor | None = None
+    unseen_zlib: torch.Tensor | None = None
+    block_size: int = 0
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def retain_for(self, source: RetainSource) -> torch.Tensor:
+        if source not in self.retain_train:
+            given = ", ".join(self.retain_train) or "none"
+            key = "retain" if source == "in_distribution" else "general"
+            raise TunerError(f"retain_source '{source}' needs data.{key}, which is not given (given: {given})")
+        return self.retain_train[source]
+
+    def eval_sets(self) -> dict[str, torch.Tensor]:
+        sets = {"forget": self.forget if self.forget_eval is None else self.forget_eval, "unseen": self.unseen}
+        if "in_distribution" in self.retain_eval:
+            sets["retain"] = self.retain_eval["in_distribution"]
+        if "general" in self.retain_eval:
+            sets["general"] = self.retain_eval["general"]
+        return sets
+
+    def summary(self) -> dict[str, int]:
+        out = {"forget": int(self.forget.shape[0]), "unseen": int(self.unseen.shape[0])}
+        for name, blocks in self.retain_train.items():
+            out[f"retain_{name}_train"] = int(blocks.shape[0])
+        for name, blocks in self.retain_eval.items():
+            out[f"retain_{name}_eval"] = int(blocks.shape[0])
+        return out
+
+
+def build_data(spec: DataSpec, tokenizer, model_config=None, seed: int = 0,
+               base_dir: Path | None = None) -> UnlearnData:
+    """Read, tokenise and split every set of `spec`; raises TunerError naming the set at fault."""
+    context = model_context_length(model_config) if model_config is not None else None
+    if context is not None and spec.block_size > context:
+        raise TunerError(f"data.block_size {spec.block_size} is longer than the model's context of {context} tokens")
+
+    def blocks(role: str, source: TextSource) -> torch.Tensor:
+        return tokenize_blocks(read_documents(source, role, base_dir), tokenizer, spec.block_size, role)
+
+    forget = subsample(blocks("forget", spec.forget), spec.max_forget_blocks, seed)
+    unseen = subsample(blocks("unseen", spec.unseen), spec.max_eval_blocks, seed)
+    data = UnlearnData(forget=forget, unseen=unseen, block_size=spec.block_size,
+                       forget_eval=subsample(forget, spec.max_eval_blocks, seed))
+    data.sources = {"forget": spec.forget.label(), "unseen": spec.unseen.label()}
+    for key, name, source in (("retain", "in_distribution", spec.retain), ("general", "general", spec.general)):
+        if source is None:
+            continue
+        train, held = split_holdout(blocks(key, source), spec.retain_eval_fraction, seed)
+        data.retain_train[name] = train
+        data.retain_eval[name] = subsample(held, spec.max_eval_blocks, seed)
+        data.sources[key] = source.label()
+    data.forget_zlib = zlib_lengths(data.forget_eval, tokenizer)
+    data.unseen_zlib = zlib_lengths(data.unseen, tokenizer)
+    return data

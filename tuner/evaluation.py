@@ -1,0 +1,106 @@
+"""How an unlearned model is measured: NLL per set, forget gap, utility drop, membership inference.
+
+All scoring is batched under `torch.inference_mode`; per-token work stays inside tensor ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tuner.data import UnlearnData
+
+MINK_FRACTION = 0.3  # the paper's Min-K% Prob sweep starts at k = 30%
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast on accelerators; a no-op context in fp32 so CPU runs stay exact."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def next_token_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits for positions 0..T-2, which predict tokens 1..T-1 (the labels of a block)."""
+    return model(input_ids=ids).logits[:, :-1, :]
+
+
+@torch.inference_mode()
+def token_nll(model, blocks: torch.Tensor, batch_size: int, device: torch.device,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-token NLL `[n_blocks, block_size - 1]` (float32, on CPU)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, blocks.shape[0], batch_size):
+        ids = blocks[start:start + batch_size].to(device, non_blocking=True)
+        with autocast_for(device, dtype):
+            logits = next_token_logits(model, ids)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+        out.append(nll.cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, blocks.shape[1] - 1)
+
+
+def auc(members: torch.Tensor, nonmembers: torch.Tensor) -> float:
+    """P(score(member) > score(non-member)), ties counting half: 0.5 means indistinguishable."""
+    if members.numel() == 0 or nonmembers.numel() == 0:
+        return float("nan")
+    diff = members.double()[:, None] - nonmembers.double()[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def mia_scores(nll: torch.Tensor, zlib_len: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Membership scores per block, higher = more likely seen in training."""
+    k = max(1, math.ceil(nll.shape[1] * MINK_FRACTION))
+    scores = {
+        "loss": -nll.mean(dim=1),
+        # Min-K% Prob: mean log-prob of the k% least likely tokens.
+        "mink": -nll.topk(k, dim=1).values.mean(dim=1),
+    }
+    if zlib_len is not None:
+        scores["zlib"] = -nll.sum(dim=1) / zlib_len.clamp(min=1.0)
+    return scores
+
+
+def set_nll(model, sets: dict[str, torch.Tensor], batch_size: int, device: torch.device,
+            dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {name: token_nll(model, blocks, batch_size, device, dtype) for name, blocks in sets.items()}
+
+
+def curve_point(model, data: UnlearnData, batch_size: int, device: torch.device,
+                dtype: torch.dtype) -> dict[str, float]:
+    """The cheap in-run evaluation: mean NLL of each set and the forget gap."""
+    nll = set_nll(model, data.eval_sets(), batch_size, device, dtype)
+    point = {f"{name}_nll": float(v.mean()) for name, v in nll.items()}
+    point["forget_gap"] = point["forget_nll"] - point["unseen_nll"]
+    return point
+
+
+def full_metrics(model, data: UnlearnData, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 baseline: dict[str, float] | None = None) -> dict[str, float]:
+    """Every metric of the brief for one model; `baseline` (the original model's) gives utility drops."""
+    nll = set_nll(model, data.eval_sets(), batch_size, device, dtype)
+    metrics = {f"{name}_nll": float(v.mean()) for name, v in nll.items()}
+    metrics.update({f"{name}_ppl": _safe_exp(metrics[f"{name}_nll"]) for name in nll})
+    metrics["forget_gap"] = metrics["forget_nll"] - metrics["unseen_nll"]
+    members = mia_scores(nll["forget"], data.forget_zlib)
+    nonmembers = mia_scores(nll["unseen"], data.unseen_zlib)
+    for kind in members:
+        metrics[f"mia_auc_{kind}"] = auc(members[kind], nonmembers[kind])
+    metrics["mia_auc"] = metrics["mia_auc_mink"]
+    if baseline is not None:
+        for name in ("retain", "general"):
+            if f"{name}_nll" in metrics and f"{name}_nll" in baseline:
+                key = "utility_drop" if name == "retain" else "general_utility_drop"
+                metrics[key] = metrics[f"{name}_nll"] - baseline[f"{name}_nll"]
+        if "utility_drop" not in metrics and "general_utility_drop" in metrics:
+            metrics["utility_drop"] = metrics["general_utility_drop"]
+    return metrics
+
+
+def _safe_exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")

@@ -1,0 +1,43 @@
+"""The registry of unlearning methods: every module in this package that subclasses
+`UnlearningMethod` and decorates it with `@register` is found here, so an eighth method is one new file."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from tuner.errors import TunerError
+from tuner.methods.base import Batch, MethodContext, UnlearningMethod
+
+_REGISTRY: dict[str, type[UnlearningMethod]] = {}
+
+
+def register(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two methods are registered as '{cls.name}'")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def available() -> dict[str, type[UnlearningMethod]]:
+    """All methods by name, in the brief's order first and any added ones after."""
+    if not _REGISTRY:
+        _discover()
+    order = ["ga", "random_label", "random_model_label", "adversarial", "retain_finetune", "ga_gd", "ga_kl"]
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 99, kv[0])))
+
+
+def get(name: str) -> type[UnlearningMethod]:
+    methods = available()
+    if name not in methods:
+        raise TunerError(f"unknown method '{name}' (choose from: {', '.join(methods)})")
+    return methods[name]
+
+
+__all__ = ["Batch", "MethodContext", "UnlearningMethod", "available", "get", "register"]

@@ -1,0 +1,31 @@
+"""Adversarial samples: cross-entropy toward a_t = argmax_{a != w_t} P_original(a | w_<t), computed once
+from the original model before training (as in the paper's released code)."""
+
+import torch
+
+from tuner.methods import register
+from tuner.methods.base import Batch, MethodContext, UnlearningMethod, precompute_labels, target_ce_term
+from tuner.training import LossOut
+
+
+def top1_excluding_truth(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The most likely next token other than the true one."""
+    masked = logits.scatter(-1, ids[:, 1:, None], float("-inf"))
+    return masked.argmax(dim=-1)
+
+
+@register
+class Adversarial(UnlearningMethod):
+    name = "adversarial"
+    summary = "cross-entropy toward the original model's best wrong next token"
+    needs_reference = True
+
+    def prepare(self, ctx: MethodContext) -> None:
+        super().prepare(ctx)
+        self.labels = precompute_labels(ctx.reference, ctx.forget, ctx.eval_batch_size, ctx.device,
+                                        top1_excluding_truth)
+
+    def loss(self, model, batch: Batch) -> LossOut:
+        targets = self.labels[batch.forget_rows.cpu()].to(batch.forget.device)
+        ce = target_ce_term(model, batch.forget, targets)
+        return LossOut(ce, {"forget_ce": ce})

@@ -1,0 +1,96 @@
+"""What an unlearning method is: a forget term and a retain term over one shared training loop.
+
+A method sees one micro-batch (forget blocks, their row indices, retain blocks) and returns the loss to
+minimise. Anything it needs from the original model (adversarial labels, a frozen reference for KL) is
+prepared once per run in `prepare`, never per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from tuner.evaluation import next_token_logits
+from tuner.training import LossOut
+
+
+@dataclass
+class MethodContext:
+    """What a run hands a method once, before the first step."""
+
+    model: torch.nn.Module
+    reference: torch.nn.Module | None  # the frozen original model (None when the method does not need it)
+    forget: torch.Tensor  # all forget blocks, CPU
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+    retain_weight: float
+    eval_batch_size: int
+
+
+@dataclass
+class Batch:
+    forget: torch.Tensor | None  # [B, T] on device
+    forget_rows: torch.Tensor | None  # [B] row indices into the forget set, for precomputed targets
+    retain: torch.Tensor | None  # [B, T] on device
+
+
+class UnlearningMethod:
+    """Base class: subclasses set the class attributes and implement `loss`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    uses_forget: ClassVar[bool] = True
+    has_retain_term: ClassVar[bool] = False  # the retain term is weighted by retain_weight (λ)
+    uses_retain: ClassVar[bool] = False  # reads retain batches at all (retain_finetune does, without λ)
+    needs_reference: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.ctx: MethodContext | None = None
+
+    @classmethod
+    def hyperparameters(cls) -> list[str]:
+        return ["lr", "epochs"] + (["retain_weight"] if cls.has_retain_term else [])
+
+    def prepare(self, ctx: MethodContext) -> None:
+        self.ctx = ctx
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> LossOut:
+        raise NotImplementedError
+
+
+def nll_term(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of a batch of blocks."""
+    logits = next_token_logits(model, ids)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def target_ce_term(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy toward `targets`: hard labels `[B, T-1]` or distributions `[B, T-1, V]`."""
+    logits = next_token_logits(model, ids).float()
+    if targets.dtype == torch.long:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def kl_term(model: torch.nn.Module, reference: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Per-token forward KL(P_reference || P_model), averaged over tokens (blocks carry no padding)."""
+    with torch.no_grad():
+        ref_logp = F.log_softmax(next_token_logits(reference, ids).float(), dim=-1)
+    logp = F.log_softmax(next_token_logits(model, ids).float(), dim=-1)
+    return F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1).mean()
+
+
+@torch.no_grad()
+def precompute_labels(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device,
+                      pick) -> torch.Tensor:
+    """Run `model` over all blocks once and keep `pick(logits, ids)` (hard labels) per block, on CPU."""
+    model.eval()
+    out = []
+    for start in range(0, blocks.shape[0], batch_size):
+        ids = blocks[start:start + batch_size].to(device)
+        out.append(pick(next_token_logits(model, ids).float(), ids).cpu())
+    return torch.cat(out)

@@ -1,0 +1,15 @@
+"""Gradient ascent: maximise the NLL of the forget set (Q = δ(w_t), gradient negated)."""
+
+from tuner.methods import register
+from tuner.methods.base import Batch, UnlearningMethod, nll_term
+from tuner.training import LossOut
+
+
+@register
+class GradientAscent(UnlearningMethod):
+    name = "ga"
+    summary = "gradient ascent on the forget set (no retain term)"
+
+    def loss(self, model, batch: Batch) -> LossOut:
+        forget_nll = nll_term(model, batch.forget)
+        return LossOut(-forget_nll, {"forget_nll": forget_nll})

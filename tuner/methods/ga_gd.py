@@ -1,0 +1,19 @@
+"""GA + GD: gradient ascent on the forget set plus λ · NLL on retained data (1 : 1 by default)."""
+
+from tuner.methods import register
+from tuner.methods.base import Batch, UnlearningMethod, nll_term
+from tuner.training import LossOut
+
+
+@register
+class GradientAscentDescent(UnlearningMethod):
+    name = "ga_gd"
+    summary = "gradient ascent on forget + λ · gradient descent on retain"
+    has_retain_term = True
+    uses_retain = True
+
+    def loss(self, model, batch: Batch) -> LossOut:
+        forget_nll = nll_term(model, batch.forget)
+        retain_nll = nll_term(model, batch.retain)
+        loss = -forget_nll + self.ctx.retain_weight * retain_nll
+        return LossOut(loss, {"forget_nll": forget_nll, "retain_nll": retain_nll})

@@ -1,0 +1,19 @@
+"""GA + KL: gradient ascent on the forget set plus λ · KL(P_original || P_model) on retained data."""
+
+from tuner.methods import register
+from tuner.methods.base import Batch, UnlearningMethod, kl_term, nll_term
+from tuner.training import LossOut
+
+
+@register
+class GradientAscentKL(UnlearningMethod):
+    name = "ga_kl"
+    summary = "gradient ascent on forget + λ · KL to the original model on retain"
+    has_retain_term = True
+    uses_retain = True
+    needs_reference = True
+
+    def loss(self, model, batch: Batch) -> LossOut:
+        forget_nll = nll_term(model, batch.forget)
+        kl = kl_term(model, self.ctx.reference, batch.retain)
+        return LossOut(-forget_nll + self.ctx.retain_weight * kl, {"forget_nll": forget_nll, "retain_kl": kl})

@@ -1,0 +1,34 @@
+"""Random-model labels: cross-entropy toward P_rand(· | w_<t) of a randomly initialised model of the same
+architecture, created once per run with its own seed."""
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from tuner.evaluation import next_token_logits
+from tuner.methods import register
+from tuner.methods.base import Batch, MethodContext, UnlearningMethod, target_ce_term
+from tuner.training import LossOut
+
+
+@register
+class RandomModelLabel(UnlearningMethod):
+    name = "random_model_label"
+    summary = "cross-entropy toward the next-token distribution of a randomly initialised model"
+
+    def prepare(self, ctx: MethodContext) -> None:
+        super().prepare(ctx)
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(ctx.seed + 15485863)
+            self.random_model = AutoModelForCausalLM.from_config(ctx.model.config)
+        self.random_model.to(device=ctx.device, dtype=next(ctx.model.parameters()).dtype).eval()
+        self.random_model.requires_grad_(False)
+
+    @torch.no_grad()
+    def targets(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.softmax(next_token_logits(self.random_model, ids).float(), dim=-1)
+
+    def loss(self, model, batch: Batch) -> LossOut:
+        ce = target_ce_term(model, batch.forget, self.targets(batch.forget))
+        return LossOut(ce, {"forget_ce": ce})

@@ -1,0 +1,101 @@
+"""Loading the base model once and handing each run a pristine copy of its weights.
+
+A model is named by a local directory, an HF hub id, or `testbed:<size>` (built offline on first use).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from tuner import testbed
+from tuner.errors import TunerError
+
+transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass
+class ModelSource:
+    """What a model name resolved to; `testbed_root` is set for the built-in testbed."""
+
+    name: str
+    path: str
+    testbed_root: Path | None = None
+
+    @property
+    def retrain_path(self) -> Path | None:
+        """The exact-retrain reference, which only the testbed has."""
+        return self.testbed_root / "retrain" if self.testbed_root is not None else None
+
+
+def resolve(name: str, build_progress=None) -> ModelSource:
+    if name.startswith("testbed:"):
+        size = name.split(":", 1)[1] or "micro"
+        seed = 0
+        if "@" in size:
+            size, seed_text = size.split("@", 1)
+            if not seed_text.isdigit():
+                raise TunerError(f"model '{name}': the testbed seed after '@' must be a non-negative integer")
+            seed = int(seed_text)
+        root = testbed.build(size, seed=seed, progress=build_progress)
+        return ModelSource(name=name, path=str(root / "model"), testbed_root=root)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise TunerError(f"model '{name}': directory has no config.json (not a saved HF model)")
+        return ModelSource(name=name, path=str(local))
+    if name.startswith((".", "/", "~")):
+        raise TunerError(f"model '{name}': no such directory")
+    return ModelSource(name=name, path=name)
+
+
+def load(source: ModelSource, trust_remote_code: bool = False, torch_dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a resolved source; hub failures become one clear line."""
+    kwargs = {"trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source.path, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TunerError(f"model '{source.name}': could not be loaded ({first})") from None
+    check_tokenizer(model, tokenizer, source.name)
+    return model, tokenizer
+
+
+def check_tokenizer(model, tokenizer, name: str) -> None:
+    """A tokenizer with ids beyond the embedding table would index out of range mid-run: refuse early."""
+    embeddings = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > embeddings:
+        raise TunerError(f"model '{name}': tokenizer has {len(tokenizer)} tokens but the model embeds only "
+                         f"{embeddings}; they do not belong together")
+
+
+class Workbench:
+    """The base model, loaded once per process; `fresh()` gives a trainable copy with pristine weights.
+
+    The pristine model doubles as the frozen reference that ga_kl and adversarial need, so a study holds two
+    copies of the weights, not one per trial.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, source: ModelSource) -> None:
+        self.source = source
+        self.tokenizer = tokenizer
+        self.reference = model.eval().requires_grad_(False)
+        self._working: torch.nn.Module | None = None
+
+    @classmethod
+    def open(cls, name: str, trust_remote_code: bool = False, build_progress=None) -> Workbench:
+        source = resolve(name, build_progress)
+        model, tokenizer = load(source, trust_remote_code)
+        return cls(model, tokenizer, source)
+
+    def fresh(self) -> torch.nn.Module:
+        if self._working is None:
+            self._working = copy.deepcopy(self.reference)
+        else:
+            self._working.load_state_dict(self.reference.state_dict())
+        return self._working.train().requires_grad_(True)

@@ -1,0 +1,139 @@
+"""The one training loop every method (and the testbed's pre-training) runs on.
+
+Written like nanoGPT's: AdamW, a warmup + decay schedule, gradient accumulation, clipping, optional bf16
+autocast, and nothing else in the way. The loss is a callable, so methods only say what to minimise.
+A non-finite loss is an outcome (`diverged_at`), never an exception.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from tuner.evaluation import autocast_for
+
+Schedule = Literal["linear", "cosine", "constant"]
+
+
+class OptimConfig(BaseModel):
+    """Optimiser settings; the defaults are the paper's (AdamW, 3% warmup, weight decay 0)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    schedule: Schedule = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class LossOut:
+    """A micro-batch's loss to minimise and its named parts (detached) for logging."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LoopOutcome:
+    steps_done: int
+    diverged_at: int | None = None
+    reason: str | None = None
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class IndexStream:
+    """Row indices in seeded epochs: every row once per epoch, reshuffled each epoch."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.gen, self.buffer = n, torch.Generator().manual_seed(seed), torch.empty(0, dtype=torch.long)
+
+    def take(self, k: int) -> torch.Tensor:
+        while self.buffer.numel() < k:
+            self.buffer = torch.cat([self.buffer, torch.randperm(self.n, generator=self.gen)])
+        out, self.buffer = self.buffer[:k], self.buffer[k:]
+        return out
+
+
+def lr_multiplier(schedule: Schedule, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimiser step `s` (0-based)."""
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (s - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def make_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def run_loop(
+    model: torch.nn.Module,
+    micro_loss: Callable[[int, int], LossOut],
+    total_steps: int,
+    grad_accum: int,
+    cfg: OptimConfig,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    after_step: Callable[[int, dict[str, float]], bool] | None = None,
+) -> LoopOutcome:
+    """Run `total_steps` optimiser steps; `micro_loss(step, micro)` builds each micro-batch's loss.
+
+    `after_step(step_number, logs)` is called after every optimiser step (1-based) and may return True to
+    stop (the approximate-retraining point was reached).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg, device)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    factor = lr_multiplier(cfg.schedule, warmup, total_steps)
+    outcome = LoopOutcome(steps_done=0)
+    model.train()
+    for step in range(total_steps):
+        lr = cfg.lr * factor(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=device)
+        parts: dict[str, torch.Tensor] = {}
+        for micro in range(grad_accum):
+            with autocast_for(device, dtype):
+                out = micro_loss(step, micro)
+            (out.loss / grad_accum).backward()
+            total += out.loss.detach().float() / grad_accum
+            for name, value in out.parts.items():
+                parts[name] = parts.get(name, 0.0) + value.detach().float() / grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        # one host sync per optimiser step
+        loss_value, norm_value = torch.stack([total, grad_norm.to(total.device).float()]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            optimizer.zero_grad(set_to_none=True)
+            outcome.diverged_at = step + 1
+            what, value = ("loss", loss_value) if not math.isfinite(loss_value) else ("gradient norm", norm_value)
+            outcome.reason = f"non-finite {what} ({value}) at step {step + 1}"
+            break
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        outcome.steps_done = step + 1
+        logs = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
+        logs.update({name: float(v) for name, v in parts.items()})
+        outcome.history.append(logs)
+        if after_step is not None and after_step(step + 1, logs):
+            outcome.stopped_early = step + 1 < total_steps
+            break
+    return outcome

@@ -1,0 +1,241 @@
+"""One unlearning run (a trial): unlearn a model with one method at one setting, then measure it.
+
+The run evaluates as it goes and, by default, stops once the forget gap reaches 0 (the approximate-retraining
+point, guideline 1) and hands back the evaluated checkpoint closest to that point. Batch size, accumulation,
+world size and device are recorded with every result, so numbers can be compared honestly.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tuner import methods
+from tuner.data import RetainSource, UnlearnData
+from tuner.errors import TunerError
+from tuner.evaluation import curve_point, full_metrics
+from tuner.methods.base import Batch, MethodContext
+from tuner.training import IndexStream, OptimConfig, Schedule, run_loop
+
+Status = Literal["completed", "stopped_at_target", "diverged"]
+
+
+class UnlearnConfig(BaseModel):
+    """Everything that defines one run; also the format of an exported recommendation's `config`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    lr: float = Field(gt=0, description="peak learning rate of AdamW")
+    epochs: float = Field(1.0, gt=0, description="passes over the forget set (fractions allowed)")
+    max_steps: int | None = Field(None, gt=0, description="optimiser steps; overrides epochs when given")
+    retain_weight: float = Field(1.0, ge=0, description="λ, the weight of the retain term (ga_gd, ga_kl)")
+    retain_source: RetainSource = "in_distribution"
+    batch_size: int = Field(8, gt=0, description="blocks per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    schedule: Schedule = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_every: int | None = Field(None, gt=0, description="steps between evaluations (default: ~10 per run)")
+    stop_at_target: bool = Field(True, description="stop once the forget gap reaches 0 (guideline 1)")
+    checkpoint: Literal["best", "last"] = Field(
+        "best", description="best: keep the evaluated step closest to the target; last: the final weights")
+    eval_batch_size: int = Field(16, gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        names = methods.available()
+        if value not in names:
+            raise ValueError(f"unknown method '{value}' (choose from: {', '.join(names)})")
+        return value
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
+                           schedule=self.schedule, max_grad_norm=self.max_grad_norm)
+
+    def effective_batch(self, world_size: int = 1) -> int:
+        return self.batch_size * self.grad_accum * world_size
+
+    def total_steps(self, n_forget: int) -> int:
+        """An epoch is one pass over the forget set; retain-only methods take as many steps for the same
+        epochs, so `epochs` means the same budget for every method."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * n_forget / self.effective_batch()))
+
+
+@dataclass
+class UnlearnResult:
+    status: Status
+    planned_steps: int
+    steps_done: int
+    selected_step: int
+    stop_step: int | None
+    diverged_step: int | None
+    reason: str | None
+    metrics: dict[str, float] | None
+    baseline: dict[str, float]
+    curve: list[dict[str, float]]
+    train_tokens: int
+    eval_tokens: int
+    wall_time_s: float
+    train_time_s: float
+    eval_time_s: float
+    environment: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TunerError(f"device '{name}' requested but no CUDA device is available (use device: cpu or auto)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "fp32" or (name == "auto" and device.type != "cuda"):
+        return torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if name == "bf16":
+            raise TunerError("dtype bf16 requested but this GPU does not support bfloat16")
+        return torch.float32
+    return torch.bfloat16
+
+
+def describe_environment(device: torch.device, dtype: torch.dtype, cfg: UnlearnConfig) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {
+        "device": str(device), "device_name": name, "world_size": 1,
+        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "effective_batch": cfg.effective_batch(),
+        "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_unlearning(
+    model: torch.nn.Module,
+    data: UnlearnData,
+    cfg: UnlearnConfig,
+    reference: torch.nn.Module | None = None,
+    baseline: dict[str, float] | None = None,
+    on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> UnlearnResult:
+    """Unlearn `model` in place. `reference` is the frozen original (needed by ga_kl and adversarial);
+    `baseline` is the original model's metrics, computed here when not given (a study computes it once)."""
+    started = time.perf_counter()
+    method_cls = methods.get(cfg.method)
+    method = method_cls()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    retain = data.retain_for(cfg.retain_source) if method_cls.uses_retain else None
+    if method_cls.needs_reference and reference is None:
+        raise ValueError(f"method '{cfg.method}' needs the frozen original model as `reference`")
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    if reference is not None:
+        reference.to(device).eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    eval_tokens = 0
+
+    def evaluated_tokens() -> int:
+        return sum(int(b.numel()) for b in data.eval_sets().values())
+
+    eval_time = 0.0
+    t0 = time.perf_counter()
+    if baseline is None:
+        baseline = full_metrics(model, data, cfg.eval_batch_size, device, dtype)
+        eval_tokens += evaluated_tokens()
+    eval_time += time.perf_counter() - t0
+
+    method.prepare(MethodContext(model=model, reference=reference, forget=data.forget, device=device,
+                                 dtype=dtype, seed=cfg.seed, retain_weight=cfg.retain_weight,
+                                 eval_batch_size=cfg.eval_batch_size))
+    total_steps = cfg.total_steps(data.forget.shape[0])
+    eval_every = cfg.eval_every or max(1, total_steps // 10)
+    forget_stream = IndexStream(data.forget.shape[0], cfg.seed)
+    retain_stream = IndexStream(retain.shape[0], cfg.seed + 1) if retain is not None else None
+    tokens_per_micro = cfg.batch_size * data.block_size * (int(method_cls.uses_forget) + int(retain is not None))
+
+    def micro_loss(step: int, micro: int):
+        rows = forget_stream.take(cfg.batch_size) if method_cls.uses_forget else None
+        batch = Batch(
+            forget=data.forget[rows].to(device, non_blocking=True) if rows is not None else None,
+            forget_rows=rows,
+            retain=retain[retain_stream.take(cfg.batch_size)].to(device, non_blocking=True)
+            if retain_stream is not None else None,
+        )
+        return method.loss(model, batch)
+
+    start_point = {k: baseline[k] for k in ("forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap")
+                   if k in baseline}
+    curve: list[dict[str, float]] = [{"step": 0, **start_point}]
+    state = {"best_gap": math.inf, "best_step": 0, "best_weights": None, "stop_step": None,
+             "eval_diverged": None}
+
+    def after_step(step: int, logs: dict[str, float]) -> bool:
+        nonlocal eval_time, eval_tokens
+        if on_progress is not None:
+            on_progress(step, total_steps, logs)
+        if step % eval_every and step != total_steps:
+            return False
+        t = time.perf_counter()
+        point = curve_point(model, data, cfg.eval_batch_size, device, dtype)
+        eval_time += time.perf_counter() - t
+        eval_tokens += evaluated_tokens()
+        curve.append({"step": step, "loss": logs["loss"], **point})
+        if not all(math.isfinite(v) for v in point.values()):
+            state["eval_diverged"] = step
+            return True
+        if cfg.checkpoint == "best" and abs(point["forget_gap"]) < state["best_gap"]:
+            state["best_gap"], state["best_step"] = abs(point["forget_gap"]), step
+            state["best_weights"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if cfg.stop_at_target and point["forget_gap"] >= 0:
+            state["stop_step"] = step
+            return True
+        return False
+
+    outcome = run_loop(model, micro_loss, total_steps, cfg.grad_accum, cfg.optim(), device, dtype, after_step)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+
+    diverged_step = outcome.diverged_at or state["eval_diverged"]
+    reason = outcome.reason or (f"non-finite evaluation NLL at step {diverged_step}" if diverged_step else None)
+    metrics = None
+    selected = outcome.steps_done
+    if diverged_step is None:
+        if cfg.checkpoint == "best" and state["best_weights"] is not None and state["best_step"] != selected:
+            model.load_state_dict(state["best_weights"])
+            selected = state["best_step"]
+        t = time.perf_counter()
+        metrics = full_metrics(model, data, cfg.eval_batch_size, device, dtype, baseline)
+        eval_time += time.perf_counter() - t
+        eval_tokens += evaluated_tokens()
+    status: Status = ("diverged" if diverged_step is not None
+                      else "stopped_at_target" if state["stop_step"] is not None else "completed")
+    wall = time.perf_counter() - started
+    return UnlearnResult(
+        status=status, planned_steps=total_steps, steps_done=outcome.steps_done, selected_step=selected,
+        stop_step=state["stop_step"], diverged_step=diverged_step, reason=reason, metrics=metrics,
+        baseline=baseline, curve=curve, train_tokens=outcome.steps_done * cfg.grad_accum * tokens_per_micro,
+        eval_tokens=eval_tokens, wall_time_s=wall, train_time_s=max(0.0, wall - eval_time), eval_time_s=eval_time,
+        environment=describe_environment(device, dtype, cfg), config=cfg.model_dump(),
+    )
