@@ -10,6 +10,7 @@ from tuner.errors import TunerError
 from tuner.methods.base import Batch, MethodContext, UnlearningMethod
 
 _REGISTRY: dict[str, type[UnlearningMethod]] = {}
+_DISCOVERED = False
 
 
 def register(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
@@ -20,6 +21,8 @@ def register(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
 
 
 def _discover() -> None:
+    global _DISCOVERED
+    _DISCOVERED = True
     for info in pkgutil.iter_modules(__path__):
         if info.name != "base":
             importlib.import_module(f"{__name__}.{info.name}")
@@ -27,7 +30,7 @@ def _discover() -> None:
 
 def available() -> dict[str, type[UnlearningMethod]]:
     """All methods by name, in the brief's order first and any added ones after."""
-    if not _REGISTRY:
+    if not _DISCOVERED:
         _discover()
     order = ["ga", "random_label", "random_model_label", "adversarial", "retain_finetune", "ga_gd", "ga_kl"]
     return dict(sorted(_REGISTRY.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 99, kv[0])))
