@@ -19,7 +19,8 @@ from rich.table import Table
 from tuner.errors import TunerError, describe_validation_error
 
 console = Console(stderr=True)
-out = Console()
+# Piped output (logs, CI) gets wide tables instead of rich's 80-column fallback.
+out = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _progress() -> Progress:
@@ -45,8 +46,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from tuner import methods
 
     table = Table(title="unlearning methods")
-    for col in ("name", "hyperparameters", "forget term", "retain term", "needs original", "summary"):
-        table.add_column(col)
+    for col in ("name", "hyperparameters", "forget term", "retain term", "needs original"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("summary")
     for name, cls in methods.available().items():
         retain = "λ-weighted" if cls.has_retain_term else ("yes" if cls.uses_retain else "-")
         table.add_row(name, ", ".join(cls.hyperparameters()), "yes" if cls.uses_forget else "-", retain,

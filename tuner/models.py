@@ -15,8 +15,6 @@ import transformers
 from tuner import testbed
 from tuner.errors import TunerError
 
-transformers.utils.logging.disable_progress_bar()
-
 
 @dataclass
 class ModelSource:

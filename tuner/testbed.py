@@ -34,6 +34,7 @@ from tuner.training import IndexStream, LossOut, OptimConfig, run_loop
 TESTBED_VERSION = 2
 EOS = "<|endoftext|>"
 Progress = Callable[[str, int, int], None]
+transformers.utils.logging.disable_progress_bar()  # our own progress bars report builds and loads
 
 
 @dataclass(frozen=True)
