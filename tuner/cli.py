@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -258,6 +259,127 @@ def _print_result(result, report: dict, retrain: dict | None, target: Path) -> N
     out.print(f"saved to {target}" + (" (model/ and metrics.json)" if result.metrics is not None else " (metrics.json)"))
 
 
+# ---- tuner study ------------------------------------------------------------------------------------------
+
+def _store(args: argparse.Namespace, spec_storage: str | None = None):
+    from tuner.store import Store
+
+    return Store(args.storage or spec_storage)
+
+
+class _StudyBars:
+    """One progress bar per search unit: trials finished, running, failed, and the best point so far."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.tasks = progress, {}
+
+    def __call__(self, unit: str, info: dict[str, Any]) -> None:
+        best = info.get("best")
+        text = f"running {info['running']}, failed {info['failed']}"
+        if best:
+            text += f"; closest |gap| {abs(best['forget_gap']):.3f} (utility drop {best['utility_drop']:+.3f})"
+        if unit not in self.tasks:
+            self.tasks[unit] = self.progress.add_task(unit, total=info["budget"], info="")
+        self.progress.update(self.tasks[unit], completed=info["finished"], info=text)
+
+
+def _run_study(spec, text: str, store, resume: bool) -> int:
+    from tuner.orchestrator import run_study
+    from tuner.store import safe_url
+
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), console=console) as progress:
+        outcome = run_study(spec, text, store, resume=resume, on_event=_StudyBars(progress))
+    _print_study(store, spec.name)
+    out.print(f"study [bold]{outcome.name}[/] finished; store: {safe_url(store.url)}")
+    out.print("Pareto front size per method: " + ", ".join(f"{u} {n}" for u, n in outcome.pareto_sizes.items()))
+    return 0
+
+
+def cmd_study_run(args: argparse.Namespace) -> int:
+    from tuner.spec import load_spec
+
+    overrides = {"name": args.name, "storage": args.storage, "ray_address": args.address}
+    spec, text = load_spec(args.file, overrides)
+    if args.trials is not None:
+        if args.trials < 1:
+            raise TunerError("--trials must be at least 1")
+        spec.budget.trials = args.trials
+    store = _store(args, spec.storage)
+    return _run_study(spec, text, store, resume=False)
+
+
+def cmd_study_resume(args: argparse.Namespace) -> int:
+    from tuner.spec import validate_spec
+
+    store = _store(args)
+    study = store.study(args.name)
+    spec = validate_spec(study.spec, f"stored spec of '{args.name}'")
+    if args.address:
+        spec.ray_address = args.address
+    return _run_study(spec, study.spec_text, store, resume=True)
+
+
+def cmd_study_validate(args: argparse.Namespace) -> int:
+    from tuner.spec import load_spec, unit_name
+
+    spec, _ = load_spec(args.file)
+    sources = ["in_distribution", "general"] if spec.data is None else [
+        s for s, src in (("in_distribution", spec.data.retain), ("general", spec.data.general)) if src is not None]
+    units = [unit_name(m, s) for m, s in spec.units(sources)]
+    out.print(f"{args.file}: valid study '{spec.name}' on {spec.model}: {len(units)} search units "
+              f"({', '.join(units)}), {spec.budget.trials} trials each, sampler {spec.sampler.name}, "
+              f"objectives {', '.join(spec.objectives)}")
+    return 0
+
+
+def cmd_study_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    table = Table("name", "model", "status", "finished trials", "created")
+    for row in store.list_studies():
+        table.add_row(escape(row["name"]), escape(row["model"]), row["status"], str(row["trials"]),
+                      f"{row['created_at']:%Y-%m-%d %H:%M}")
+    out.print(table)
+    return 0
+
+
+def _print_study(store, name: str) -> None:
+    from tuner.pareto import pareto_indices
+
+    rows = store.trials(name)
+    table = Table(title=f"trials of {escape(name)}")
+    for col in ("unit", "#", "status", "lr", "epochs", "λ", "forget gap", "utility drop", "MIA AUC", "steps",
+                "time s", "Pareto"):
+        table.add_column(col)
+    by_unit: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r["status"] in ("completed", "stopped_at_target") and r["objectives"]:
+            by_unit.setdefault(r["unit"], []).append(i)
+    front = set()
+    for idx in by_unit.values():
+        points = [list(rows[i]["objectives"].values()) for i in idx]
+        front.update(idx[j] for j in pareto_indices(points))
+    for i, r in enumerate(rows):
+        m, p, res = r["metrics"], r["params"], r["result"]
+
+        def fmt(key, spec=".3f", src=m):
+            return f"{src[key]:{spec}}" if src.get(key) is not None else "-"
+
+        table.add_row(r["unit"], str(r["number"]), r["status"], fmt("lr", ".2e", p), fmt("epochs", "d", p),
+                      fmt("retain_weight", ".2f", p), fmt("forget_gap", "+.3f"), fmt("utility_drop", "+.3f"),
+                      fmt("mia_auc"), str(res.get("steps_done", "-")), fmt("wall_time_s", ".1f", r),
+                      "*" if i in front else "")
+    out.print(table)
+
+
+def cmd_study_show(args: argparse.Namespace) -> int:
+    store = _store(args)
+    study = store.study(args.name)
+    out.print(f"study [bold]{escape(study.name)}[/] on {escape(study.model)}: {study.status}")
+    _print_study(store, args.name)
+    return 0
+
+
 # ---- parser ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,6 +435,33 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--block-size", type=int, help="tokens per block (default: testbed's, else 128)")
     u.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (runs it!)")
     u.set_defaults(func=cmd_unlearn)
+
+    st = sub.add_parser("study", help="run, resume and inspect hyperparameter studies")
+    sts = st.add_subparsers(dest="study_command", required=True)
+    storage_help = "SQLAlchemy URL of the store (default: $TUNER_STORAGE or the user's SQLite file)"
+    r = sts.add_parser("run", help="run a study spec (YAML) with Ray Tune and Optuna",
+                       description="Run every search unit (method, retain source) of a study; flags override the spec.")
+    r.add_argument("file", help="study spec, e.g. studies/quickstart.yaml")
+    r.add_argument("--name", help="study name (default: the spec's)")
+    r.add_argument("--storage", help=storage_help)
+    r.add_argument("--address", help="Ray cluster address (default: a local Ray; also $RAY_ADDRESS)")
+    r.add_argument("--trials", type=int, help="trials per search unit (overrides budget.trials)")
+    r.set_defaults(func=cmd_study_run)
+    q = sts.add_parser("resume", help="continue an interrupted study without repeating finished trials")
+    q.add_argument("name")
+    q.add_argument("--storage", help=storage_help)
+    q.add_argument("--address", help="Ray cluster address")
+    q.set_defaults(func=cmd_study_resume)
+    v = sts.add_parser("validate", help="check a study spec without running it")
+    v.add_argument("file")
+    v.set_defaults(func=cmd_study_validate)
+    li = sts.add_parser("list", help="list the studies in the store")
+    li.add_argument("--storage", help=storage_help)
+    li.set_defaults(func=cmd_study_list)
+    sh = sts.add_parser("show", help="tables of a study's trials and Pareto points")
+    sh.add_argument("name")
+    sh.add_argument("--storage", help=storage_help)
+    sh.set_defaults(func=cmd_study_show)
     return parser
 
 

@@ -137,6 +137,7 @@ def run_unlearning(
     reference: torch.nn.Module | None = None,
     baseline: dict[str, float] | None = None,
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    on_eval: Callable[[dict[str, float]], None] | None = None,
 ) -> UnlearnResult:
     """Unlearn `model` in place. `reference` is the frozen original (needed by ga_kl and adversarial);
     `baseline` is the original model's metrics, computed here when not given (a study computes it once)."""
@@ -202,6 +203,8 @@ def run_unlearning(
         eval_time += time.perf_counter() - t
         eval_tokens += evaluated_tokens()
         curve.append({"step": step, "loss": logs["loss"], **point})
+        if on_eval is not None:
+            on_eval(curve[-1])
         if not all(math.isfinite(v) for v in point.values()):
             state["eval_diverged"] = step
             return True

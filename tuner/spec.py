@@ -1,0 +1,225 @@
+"""Study specifications: YAML validated into pydantic models. Configuration is data; nothing is evaluated."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuner import methods
+from tuner.data import DataSpec, RetainSource
+from tuner.errors import TunerError, describe_validation_error
+from tuner.training import Schedule
+
+Objective = Literal["forget_gap", "utility_drop", "mia_auc"]
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FloatRange(_Strict):
+    low: float
+    high: float
+    log: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.low > self.high:
+            raise ValueError(f"empty range: low {self.low} > high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scale range needs low > 0")
+        return self
+
+
+class IntRange(_Strict):
+    low: int = Field(ge=1)
+    high: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.low > self.high:
+            raise ValueError(f"empty range: low {self.low} > high {self.high}")
+        return self
+
+
+class SearchSpace(_Strict):
+    """Ranges searched per method. Guideline 4: the learning rate on a log scale first."""
+
+    lr: FloatRange = FloatRange(low=1e-5, high=3e-3, log=True)
+    epochs: IntRange = IntRange(low=1, high=5)
+    retain_weight: FloatRange = FloatRange(low=0.1, high=10.0, log=True)
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, value: FloatRange) -> FloatRange:
+        if value.low <= 0:
+            raise ValueError("learning rates must be > 0")
+        return value
+
+
+class PartialSearchSpace(_Strict):
+    lr: FloatRange | None = None
+    epochs: IntRange | None = None
+    retain_weight: FloatRange | None = None
+
+
+class SamplerSpec(_Strict):
+    """The Optuna multi-objective sampler. TPE (multivariate, constant liar) is the default: at budgets of
+    a few dozen trials per method NSGA-II's generations barely start, while TPE models the front from
+    its first handful of trials."""
+
+    name: Literal["tpe", "nsga2", "nsga3", "random", "qmc"] = "tpe"
+    n_startup_trials: int | None = Field(None, ge=1, description="tpe: random trials before modelling")
+    population_size: int | None = Field(None, ge=2, description="nsga2/nsga3: generation size")
+
+
+class Budget(_Strict):
+    trials: int = Field(12, ge=1, description="trials per search unit (method, retain source)")
+    wall_time_min: float | None = Field(None, gt=0, description="wall-time limit per search unit")
+
+
+class Resources(_Strict):
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0, description="fractions allowed, e.g. 0.5 shares a GPU by two trials")
+
+
+class Target(_Strict):
+    gap_tolerance: float = Field(0.1, gt=0, description="|forget gap| within this is 'unlearned'")
+    utility_tolerance: float = Field(0.5, gt=0, description="acceptable utility drop (NLL nats)")
+    mia_tolerance: float = Field(0.1, gt=0, description="|MIA AUC - 0.5| within this is indistinguishable")
+
+
+class RunDefaults(_Strict):
+    """The fixed settings of every trial (see `tuner unlearn --help`)."""
+
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    schedule: Schedule = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_every: int | None = Field(None, gt=0)
+    stop_at_target: bool = True
+    checkpoint: Literal["best", "last"] = "best"
+    eval_batch_size: int = Field(16, gt=0)
+
+
+class StudySpec(_Strict):
+    name: str
+    model: str = Field(description="HF id, local directory, or testbed:micro|small")
+    trust_remote_code: bool = False
+    notes: str = ""
+    data: DataSpec | None = Field(None, description="required unless the model is a testbed")
+    methods: list[str] = Field(default_factory=lambda: list(methods.available()))
+    retain_sources: list[RetainSource] = ["in_distribution", "general"]
+    search: SearchSpace = SearchSpace()
+    per_method: dict[str, PartialSearchSpace] = Field(default_factory=dict)
+    objectives: list[Objective] = ["forget_gap", "utility_drop"]
+    sampler: SamplerSpec = SamplerSpec()
+    budget: Budget = Budget()
+    run: RunDefaults = RunDefaults()
+    resources: Resources = Resources()
+    concurrency: int = Field(2, ge=1, description="trials running at once")
+    seed: int = 0
+    storage: str | None = Field(None, description="SQLAlchemy URL; default: the user's SQLite file")
+    ray_address: str | None = None
+    target: Target = Target()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError("use 1-100 letters, digits, '_', '.', '-' (starting with a letter or digit)")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        known = methods.available()
+        for name in value:
+            if name not in known:
+                raise ValueError(f"unknown method '{name}' (choose from: {', '.join(known)})")
+        if not value:
+            raise ValueError("name at least one method")
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudySpec:
+        if self.data is None and not self.model.startswith("testbed:"):
+            raise ValueError("data: required for a model that is not a testbed")
+        for name in self.per_method:
+            if name not in self.methods:
+                raise ValueError(f"per_method: '{name}' is not among the study's methods")
+        if len(set(self.objectives)) != len(self.objectives) or not self.objectives:
+            raise ValueError("objectives: name each objective once, at least one")
+        return self
+
+    def space_for(self, method: str) -> SearchSpace:
+        override = self.per_method.get(method)
+        if override is None:
+            return self.search
+        return self.search.model_copy(update=override.model_dump(exclude_none=True))
+
+    def units(self, available_sources: list[str]) -> list[tuple[str, RetainSource | None]]:
+        """Search units: each method, and each retain source for methods that train on retained data."""
+        out: list[tuple[str, RetainSource | None]] = []
+        for name in self.methods:
+            if methods.get(name).uses_retain:
+                out.extend((name, s) for s in self.retain_sources if s in available_sources)
+            else:
+                out.append((name, None))
+        return out
+
+
+def unit_name(method: str, retain_source: str | None) -> str:
+    return method if retain_source is None else f"{method}@{retain_source}"
+
+
+def load_spec(path: str | Path, overrides: dict | None = None) -> tuple[StudySpec, str]:
+    """(spec, original text); every problem is a TunerError naming the file and the field path."""
+    p = Path(path)
+    if not p.is_file():
+        raise TunerError(f"{p}: study file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+        doc = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise TunerError(f"{p}: not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise TunerError(f"{p}:{where} malformed YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(doc, dict):
+        raise TunerError(f"{p}: a study file must be a YAML mapping")
+    doc.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate_spec(doc, str(p)), text
+
+
+def validate_spec(doc: dict, source: str) -> StudySpec:
+    try:
+        spec = StudySpec.model_validate(doc)
+    except ValidationError as err:
+        raise TunerError(describe_validation_error(err, source)) from None
+    if spec.data is not None:
+        for key in ("forget", "unseen", "retain", "general"):
+            src = getattr(spec.data, key)
+            if src is None or src.path is None:
+                continue
+            resolved = _resolve(src.path, source)
+            if not resolved.exists():
+                raise TunerError(f"{source}: data.{key}.path: file not found: {src.path}")
+            src.path = str(resolved.resolve())  # relative to the spec file, stored absolute
+    return spec
+
+
+def _resolve(path: str, source: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or not Path(source).exists() else Path(source).parent / p

@@ -1,0 +1,233 @@
+"""The study store: SQLAlchemy 2 over a SQLite file (default) or PostgreSQL (by URL).
+
+It is the single source of truth that dashboards, `study show` and exports read. Only the study driver
+writes to it; schema changes arrive as Alembic migrations, run on open.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import selectinload, sessionmaker
+
+from tuner.errors import TunerError
+from tuner.store.schema import CurvePoint, Metric, Recommendation, Search, Study, Trial
+
+FINISHED = ("completed", "stopped_at_target", "diverged", "failed")
+CURVE_KEYS = ("loss", "forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap")
+
+
+def default_url() -> str:
+    """$TUNER_STORAGE, else one SQLite file per user, so every command finds the same studies."""
+    env = os.environ.get("TUNER_STORAGE")
+    if env:
+        return env
+    base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "unlearn-tuner"
+    return f"sqlite:///{base / 'studies.db'}"
+
+
+def normalise_url(url: str) -> str:
+    """postgresql:// means psycopg 3 here; a bare path means a SQLite file."""
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password masked, for logs and pages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<invalid storage URL>"
+
+
+def _engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise TunerError(f"--storage: not a database URL: {safe_url(url)}") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class Store:
+    def __init__(self, url: str | None = None) -> None:
+        self.url = normalise_url(url or default_url())
+        self.engine = _engine(self.url)
+        try:
+            migrate(self.engine)
+        except OperationalError as err:
+            reason = str(err.orig).strip().splitlines()[0] if err.orig else "connection failed"
+            raise TunerError(f"storage {safe_url(self.url)} is unreachable: {reason}") from None
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"Store({safe_url(self.url)})"
+
+    # ---- studies ---------------------------------------------------------------------------------------
+    def create_study(self, name: str, model: str, seed: int, spec: dict, spec_text: str, versions: dict) -> int:
+        with self.sessions.begin() as s:
+            if s.scalar(select(Study.id).where(Study.name == name)) is not None:
+                raise TunerError(f"a study named '{name}' already exists in {safe_url(self.url)} "
+                                 f"(use `tuner study resume {name}` or --name NEW)")
+            study = Study(name=name, model=model, seed=seed, spec=spec, spec_text=spec_text, versions=versions,
+                          status="created")
+            s.add(study)
+            s.flush()
+            return study.id
+
+    def study(self, name: str) -> Study:
+        with self.sessions() as s:
+            study = s.scalar(select(Study).where(Study.name == name).options(selectinload(Study.searches)))
+        if study is None:
+            known = ", ".join(self.study_names()[:10]) or "none"
+            raise TunerError(f"no study named '{name}' in {safe_url(self.url)} (studies: {known})")
+        return study
+
+    def study_names(self) -> list[str]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Study.name).order_by(Study.created_at)))
+
+    def list_studies(self) -> list[dict[str, Any]]:
+        with self.sessions() as s:
+            counts = dict(s.execute(select(Search.study_id, func.count(Trial.id)).join(Trial)
+                                    .where(Trial.status.in_(FINISHED)).group_by(Search.study_id)).all())
+            return [{"name": st.name, "model": st.model, "status": st.status, "trials": counts.get(st.id, 0),
+                     "created_at": st.created_at} for st in s.scalars(select(Study).order_by(Study.created_at))]
+
+    def update_study(self, study_id: int, **fields: Any) -> None:
+        with self.sessions.begin() as s:
+            s.execute(update(Study).where(Study.id == study_id).values(**fields,
+                                                                       updated_at=datetime.now(timezone.utc)))
+
+    # ---- searches and trials ---------------------------------------------------------------------------
+    def ensure_search(self, study_id: int, unit: str, method: str, retain_source: str | None, optuna_study: str,
+                      sampler: str, budget: int, space: dict) -> int:
+        with self.sessions.begin() as s:
+            found = s.scalar(select(Search.id).where(Search.study_id == study_id, Search.unit == unit))
+            if found is not None:
+                return found
+            search = Search(study_id=study_id, unit=unit, method=method, retain_source=retain_source,
+                            optuna_study=optuna_study, sampler=sampler, budget=budget, space=space)
+            s.add(search)
+            s.flush()
+            return search.id
+
+    def finished_count(self, search_id: int) -> int:
+        with self.sessions() as s:
+            return s.scalar(select(func.count(Trial.id)).where(Trial.search_id == search_id,
+                                                               Trial.status.in_(FINISHED))) or 0
+
+    def start_trial(self, search_id: int, params: dict, host: str | None = None) -> int:
+        """A new trial row numbered after the search's last one."""
+        with self.sessions.begin() as s:
+            number = (s.scalar(select(func.max(Trial.number)).where(Trial.search_id == search_id)) or 0) + 1
+            trial = Trial(search_id=search_id, number=number, status="running", params=params,
+                          lr=params.get("lr"), epochs=params.get("epochs"), retain_weight=params.get("retain_weight"),
+                          host=host)
+            s.add(trial)
+            s.flush()
+            return trial.id
+
+    def add_curve_point(self, trial_id: int, point: dict[str, float]) -> None:
+        with self.sessions.begin() as s:
+            step = int(point["step"])
+            if s.get(CurvePoint, (trial_id, step)) is None:
+                s.add(CurvePoint(trial_id=trial_id, step=step, **{k: _finite(point.get(k)) for k in CURVE_KEYS}))
+
+    def finish_trial(self, trial_id: int, status: str, objectives: dict | None, payload: dict | None,
+                     error: str | None = None) -> None:
+        """Record a trial's outcome, final metrics and whole curve in one transaction."""
+        payload = payload or {}
+        env = payload.get("environment") or {}
+        with self.sessions.begin() as s:
+            trial = s.get(Trial, trial_id)
+            trial.status = status
+            trial.objectives = {k: _finite(v) for k, v in (objectives or {}).items()}
+            trial.error = error or payload.get("reason")
+            trial.result = {k: payload.get(k) for k in ("planned_steps", "steps_done", "selected_step", "stop_step",
+                                                        "diverged_step", "train_tokens", "eval_tokens",
+                                                        "train_time_s", "eval_time_s", "environment", "config")
+                            if k in payload}
+            trial.device = env.get("device_name") or env.get("device")
+            trial.world_size = env.get("world_size")
+            trial.effective_batch = env.get("effective_batch")
+            trial.wall_time_s = payload.get("wall_time_s")
+            trial.finished_at = datetime.now(timezone.utc)
+            for name, value in (payload.get("metrics") or {}).items():
+                s.merge(Metric(trial_id=trial_id, name=name, value=_finite(value)))
+            for point in payload.get("curve") or []:
+                if s.get(CurvePoint, (trial_id, int(point["step"]))) is None:
+                    s.add(CurvePoint(trial_id=trial_id, step=int(point["step"]),
+                                     **{k: _finite(point.get(k)) for k in CURVE_KEYS}))
+
+    def interrupt_running(self, study_id: int, reason: str) -> int:
+        """Trials left 'running' by a driver that died: marked interrupted (not counted, not lost)."""
+        with self.sessions.begin() as s:
+            ids = select(Search.id).where(Search.study_id == study_id)
+            res = s.execute(update(Trial).where(Trial.search_id.in_(ids), Trial.status == "running")
+                            .values(status="interrupted", error=reason, finished_at=datetime.now(timezone.utc)))
+            return res.rowcount or 0
+
+    def trials(self, study_name: str) -> list[dict[str, Any]]:
+        """Every trial of a study as a flat row: unit, params, status, objectives, metrics, timings."""
+        study = self.study(study_name)
+        with self.sessions() as s:
+            rows = s.scalars(select(Trial).join(Search).where(Search.study_id == study.id)
+                             .options(selectinload(Trial.metrics), selectinload(Trial.search))
+                             .order_by(Search.id, Trial.number))
+            return [{"id": t.id, "unit": t.search.unit, "method": t.search.method,
+                     "retain_source": t.search.retain_source, "number": t.number, "status": t.status,
+                     "params": t.params, "objectives": t.objectives or {}, "error": t.error,
+                     "metrics": {m.name: m.value for m in t.metrics}, "wall_time_s": t.wall_time_s,
+                     "device": t.device, "effective_batch": t.effective_batch, "world_size": t.world_size,
+                     "result": t.result or {}} for t in rows]
+
+    def curve(self, trial_id: int) -> list[dict[str, Any]]:
+        with self.sessions() as s:
+            points = s.scalars(select(CurvePoint).where(CurvePoint.trial_id == trial_id).order_by(CurvePoint.step))
+            return [{"step": p.step, **{k: getattr(p, k) for k in CURVE_KEYS}} for p in points]
+
+    def save_recommendation(self, study_id: int, method: str | None, trial_id: int | None, payload: dict) -> None:
+        with self.sessions.begin() as s:
+            s.add(Recommendation(study_id=study_id, method=method, trial_id=trial_id, payload=payload))
+
+
+def _finite(value: Any) -> float | None:
+    """NaN/inf become NULL: PostgreSQL and JSON both reject them, and a missing value is the honest one."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if f == f and f not in (float("inf"), float("-inf")) else None
