@@ -166,7 +166,7 @@ class StudySpec(_Strict):
         override = self.per_method.get(method)
         if override is None:
             return self.search
-        return self.search.model_copy(update=override.model_dump(exclude_none=True))
+        return SearchSpace.model_validate({**self.search.model_dump(), **override.model_dump(exclude_none=True)})
 
     def units(self, available_sources: list[str]) -> list[tuple[str, RetainSource | None]]:
         """Search units: each method, and each retain source for methods that train on retained data."""

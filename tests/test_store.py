@@ -1,0 +1,63 @@
+"""The store on SQLite and PostgreSQL: rows land, NaN is not stored as a number, errors are one line."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import inspect
+
+from tuner.errors import TunerError
+from tuner.store import Store, safe_url
+
+
+def test_trial_lifecycle_is_stored(store_url):
+    store = Store(store_url)
+    study_id = store.create_study("lifecycle", "testbed:micro", 0, {"name": "lifecycle"}, "name: lifecycle\n", {})
+    search = store.ensure_search(study_id, "ga_gd@general", "ga_gd", "general", "lifecycle/ga_gd@general", "tpe", 3,
+                                 {"lr": [1e-4, 1e-3]})
+    assert store.ensure_search(study_id, "ga_gd@general", "ga_gd", "general", "x", "tpe", 3, {}) == search
+    trial = store.start_trial(search, {"lr": 1e-3, "epochs": 2, "retain_weight": 1.0})
+    store.add_curve_point(trial, {"step": 0, "forget_nll": 4.0, "unseen_nll": 5.0, "forget_gap": -1.0})
+    store.add_curve_point(trial, {"step": 5, "forget_nll": 5.1, "unseen_nll": 5.0, "forget_gap": 0.1, "loss": -5})
+    payload = {"metrics": {"forget_gap": 0.1, "utility_drop": float("nan")}, "steps_done": 5,
+               "environment": {"device": "cpu", "device_name": "x86_64", "world_size": 1, "effective_batch": 8},
+               "curve": [{"step": 5, "forget_nll": 9.9}], "wall_time_s": 1.5}
+    store.finish_trial(trial, "stopped_at_target", {"forget_gap": 0.1, "utility_drop": float("inf")}, payload)
+    [row] = store.trials("lifecycle")
+    assert row["status"] == "stopped_at_target" and row["unit"] == "ga_gd@general"
+    assert row["metrics"] == {"forget_gap": 0.1, "utility_drop": None}
+    assert row["objectives"] == {"forget_gap": 0.1, "utility_drop": None}
+    assert row["effective_batch"] == 8 and row["world_size"] == 1 and row["device"] == "x86_64"
+    curve = store.curve(row["id"])
+    assert [p["step"] for p in curve] == [0, 5] and curve[1]["forget_nll"] == 5.1  # first write wins
+    assert store.finished_count(search) == 1
+    second = store.start_trial(search, {"lr": 2e-3, "epochs": 1})
+    assert store.interrupt_running(study_id, "driver stopped") == 1
+    assert store.finished_count(search) == 1
+    assert [r["number"] for r in store.trials("lifecycle")] == [1, 2] and second
+
+
+def test_tables_do_not_collide_with_optuna(store_url):
+    import optuna
+
+    store = Store(store_url)
+    optuna.create_study(storage=store.url, study_name="coexist", directions=["minimize", "minimize"])
+    names = set(inspect(store.engine).get_table_names())
+    assert {"tuner_studies", "tuner_trials", "tuner_curve", "tuner_alembic_version"} <= names
+    assert {"studies", "trials", "alembic_version"} <= names  # Optuna's own
+    Store(store_url)  # re-opening runs migrations again: a no-op
+
+
+def test_duplicate_and_unknown_study_names(store_url):
+    store = Store(store_url)
+    store.create_study("twice", "m", 0, {}, "", {})
+    with pytest.raises(TunerError, match="a study named 'twice' already exists"):
+        store.create_study("twice", "m", 0, {}, "", {})
+    with pytest.raises(TunerError, match="no study named 'nope'.*twice"):
+        store.study("nope")
+
+
+def test_unreachable_storage_is_one_line_without_the_password():
+    with pytest.raises(TunerError) as err:
+        Store("postgresql+psycopg://admin:s3cret@127.0.0.1:1/none")
+    assert "unreachable" in str(err.value) and "s3cret" not in str(err.value)
+    assert "s3cret" not in safe_url("postgresql://admin:s3cret@db/x")

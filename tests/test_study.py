@@ -1,0 +1,133 @@
+"""Studies end to end with the real Ray Tune, Optuna and database, on the micro testbed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from tuner.errors import TunerError
+from tuner.orchestrator import run_study
+from tuner.spec import load_spec
+from tuner.store import Store
+
+TUNER = str(Path(sys.executable).with_name("tuner"))
+
+
+def write_spec(tmp_path, **fields):
+    doc = {"name": "s", "model": "testbed:micro", "methods": ["ga", "ga_gd"], "retain_sources": ["in_distribution"],
+           "budget": {"trials": 2}, "concurrency": 2, "sampler": {"name": "tpe", "n_startup_trials": 1},
+           "search": {"lr": {"low": 3e-4, "high": 2e-3}, "epochs": {"low": 1, "high": 2}},
+           "run": {"eval_every": 4, "device": "cpu"}}
+    doc.update(fields)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def check_study(store, name, units, budget):
+    rows = store.trials(name)
+    assert sorted({r["unit"] for r in rows}) == sorted(units)
+    for unit in units:
+        done = [r for r in rows if r["unit"] == unit and r["status"] != "interrupted"]
+        assert len(done) == budget, (unit, [r["status"] for r in rows])
+        assert len({r["number"] for r in done}) == budget
+    return rows
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_study_stores_every_trial_with_its_curve(tmp_path, bench, backend, request):
+    url = f"sqlite:///{tmp_path / 'studies.db'}" if backend == "sqlite" else request.getfixturevalue("pg_database")
+    spec, text = load_spec(write_spec(tmp_path, name=f"run-{backend}",
+                                      per_method={"ga": {"lr": {"low": 1e29, "high": 1e30}}}))
+    store = Store(url)
+    outcome = run_study(spec, text, store)
+    rows = check_study(store, spec.name, ["ga", "ga_gd@in_distribution"], 2)
+    ga = [r for r in rows if r["unit"] == "ga"]
+    assert all(r["status"] == "diverged" and "non-finite" in r["error"] for r in ga)  # lr 1e29: recorded, not fatal
+    good = [r for r in rows if r["unit"] == "ga_gd@in_distribution"]
+    for r in good:
+        assert r["status"] in ("completed", "stopped_at_target")
+        assert r["metrics"]["forget_nll"] > 0 and r["effective_batch"] == 8 and r["world_size"] == 1
+        assert len(store.curve(r["id"])) >= 2
+        assert set(r["objectives"]) == {"forget_gap", "utility_drop"}
+    study = store.study(spec.name)
+    assert study.status == "finished" and study.baseline["forget_gap"] < 0
+    assert study.exact_retrain["forget_nll"] > study.baseline["forget_nll"]
+    ot = optuna.load_study(study_name=f"{spec.name}/ga_gd@in_distribution", storage=store.url)
+    assert [t.state for t in ot.trials].count(optuna.trial.TrialState.COMPLETE) == 2
+    assert all(len(t.values) == 2 for t in ot.trials)
+    failed = optuna.load_study(study_name=f"{spec.name}/ga", storage=store.url).trials
+    assert [t.state for t in failed] == [optuna.trial.TrialState.FAIL] * 2
+    assert outcome.pareto_sizes["ga_gd@in_distribution"] >= 1
+    with pytest.raises(TunerError, match="already exists"):
+        run_study(spec, text, store)
+
+
+def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, bench, cache_dir):
+    url = f"sqlite:///{tmp_path / 'resume.db'}"
+    path = write_spec(tmp_path, name="resumable", methods=["ga_gd"], budget={"trials": 4}, concurrency=1)
+    env = {**os.environ, "TUNER_CACHE": str(cache_dir)}
+    proc = subprocess.Popen([TUNER, "study", "run", str(path), "--storage", url], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = Store(url)
+    deadline = time.time() + 300
+    finished_before: list[dict] = []
+    while time.time() < deadline:
+        try:
+            finished_before = [r for r in store.trials("resumable") if r["status"] != "running"]
+        except TunerError:
+            finished_before = []
+        if finished_before:
+            break
+        time.sleep(0.5)
+    assert finished_before, "no trial finished within 300 s"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run([TUNER, "study", "resume", "resumable", "--storage", url], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = check_study(store, "resumable", ["ga_gd@in_distribution"], 4)
+    by_id = {r["id"]: r for r in rows}
+    for before in finished_before:  # nothing finished was lost or changed
+        assert by_id[before["id"]]["metrics"] == before["metrics"]
+    assert store.study("resumable").status == "finished"
+    ot = optuna.load_study(study_name="resumable/ga_gd@in_distribution", storage=Store(url).url)
+    assert not [t for t in ot.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("name: x\nmodel: testbed:micro\nmethods: [ga, nope]\n", "methods: Value error, unknown method 'nope'"),
+    ("name: x\nmodel: testbed:micro\nsearch: {lr: {low: 0, high: 1}}\n", "search.lr: Value error, a log-scale"),
+    ("name: x\nmodel: testbed:micro\nsearch: {epochs: {low: 5, high: 2}}\n", "search.epochs: Value error, empty range"),
+    ("name: x\nmodel: testbed:micro\nobjectives: [speed]\n", "objectives.0: Input should be"),
+    ("name: x\nmodel: testbed:micro\nbudgett: {trials: 3}\n", "budgett: Extra inputs are not permitted"),
+    ("name: x\nmodel: testbed:micro\nbudget: {trials: many}\n", "budget.trials: Input should be a valid integer"),
+    ("name: x\nmodel: my/model\n", "data: required for a model that is not a testbed"),
+    ("name: x\nmodel: my/model\ndata: {forget: {path: nofile.txt}, unseen: {path: nofile.txt}}\n",
+     "data.forget.path: file not found: nofile.txt"),
+    ("name: ../../etc\nmodel: testbed:micro\n", "name: Value error, use 1-100 letters"),
+    ("name: x\nmodel: [unclosed\n", "malformed YAML"),
+])
+def test_spec_errors_name_the_file_and_field(tmp_path, body, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    with pytest.raises(TunerError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
+
+
+def test_shipped_studies_validate(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "studies"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for path in files:
+        spec, _ = load_spec(path)
+        assert spec.name
