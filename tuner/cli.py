@@ -19,8 +19,8 @@ from rich.table import Table
 
 from tuner.errors import TunerError, describe_validation_error
 
-console = Console(stderr=True)
 # Piped output (logs, CI) gets wide tables instead of rich's 80-column fallback.
+console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
 out = Console() if sys.stdout.isatty() else Console(width=160)
 
 
@@ -111,7 +111,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise TunerError(f"--config: {p} is not valid YAML/JSON ({str(err).splitlines()[0]})") from None
     if isinstance(doc, dict) and isinstance(doc.get("config"), dict):
-        doc = doc["config"]  # an exported recommendation carries its run settings under `config`
+        doc = {**doc["config"], "__provenance__": doc.get("provenance") or {}}  # an exported recommendation
     if not isinstance(doc, dict):
         raise TunerError(f"--config: {p} must hold a mapping of run settings")
     return doc
@@ -121,6 +121,7 @@ def unlearn_config(args: argparse.Namespace):
     from tuner.unlearn import UnlearnConfig
 
     fields: dict[str, Any] = _read_config_file(args.config) if args.config else {}
+    fields.pop("__provenance__", None)
     for dest, name in UNLEARN_FLAGS.items():
         value = getattr(args, dest, None)
         if value is not None:
@@ -153,6 +154,22 @@ def data_spec_from_args(args: argparse.Namespace, source):
 
     return DataSpec(forget=src(flags["forget"]), unseen=src(flags["unseen"]), retain=src(flags["retain"]),
                     general=src(flags["general"]), block_size=args.block_size or 128)
+
+
+def _check_tuned_for(provenance: dict[str, Any], bench, path: str) -> None:
+    """An exported configuration only transfers to a model of the architecture it was tuned on."""
+    from tuner.models import fingerprint
+
+    tuned = (provenance.get("model") or {}).get("fingerprint")
+    here = fingerprint(bench.reference.config)
+    if tuned and tuned != here:
+        name = provenance["model"].get("name", "?")
+        raise TunerError(f"--config: {path} was tuned for model '{name}' ({_describe(tuned)}), "
+                         f"but --model is {_describe(here)}")
+
+
+def _describe(fp: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in fp.items())
 
 
 def _prepare_out(path: str, overwrite: bool) -> Path:
@@ -199,6 +216,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     with _progress() as progress:
         bars = _Bars(progress)
         bench = Workbench.open(args.model, args.trust_remote_code, build_progress=bars)
+        if args.config:
+            _check_tuned_for(_read_config_file(args.config).get("__provenance__") or {}, bench, args.config)
         spec = data_spec_from_args(args, bench.source)
         data = build_data(spec, bench.tokenizer, bench.reference.config, seed=cfg.seed)
         model = bench.fresh()
@@ -285,15 +304,53 @@ class _StudyBars:
 
 def _run_study(spec, text: str, store, resume: bool) -> int:
     from tuner.orchestrator import run_study
-    from tuner.store import safe_url
+    from tuner.recommend import recommend_study
+    from tuner.recommend import save as save_recommendation
+    from tuner.store import default_url, normalise_url, safe_url
 
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), console=console) as progress:
         outcome = run_study(spec, text, store, resume=resume, on_event=_StudyBars(progress))
     _print_study(store, spec.name)
-    out.print(f"study [bold]{outcome.name}[/] finished; store: {safe_url(store.url)}")
+    recommendation = recommend_study(store, spec.name)
+    save_recommendation(store, spec.name, recommendation)
+    out.print(f"study [bold]{escape(outcome.name)}[/] finished; store: {safe_url(store.url)}")
     out.print("Pareto front size per method: " + ", ".join(f"{u} {n}" for u, n in outcome.pareto_sizes.items()))
+    _print_recommendation(recommendation, store.study(spec.name).exact_retrain)
+    storage_flag = "" if store.url == normalise_url(default_url()) else f" --storage {safe_url(store.url)}"
+    out.print(f"dashboard: tuner dashboard{storage_flag}  (then open http://127.0.0.1:8050/study/{spec.name}); "
+              f"export: tuner export {spec.name}{storage_flag} -o recommended.yaml")
     return 0
+
+
+def _print_recommendation(rec: dict[str, Any], exact: dict[str, float] | None) -> None:
+    table = Table(title="recommendation per search unit (target: |forget gap| ≤ "
+                  f"{rec['target']['gap_tolerance']}; robust = neighbours also succeed)")
+    for col in ("unit", "status", "trial", "lr", "epochs", "λ", "forget gap", "utility drop", "robustness",
+                "window (decades)", "reason"):
+        table.add_column(col)
+    for unit, r in rec["units"].items():
+        p, m = r.get("params") or {}, r.get("metrics") or {}
+        table.add_row(unit, r["status"], str(r.get("number", "-")), f"{p['lr']:.2e}" if "lr" in p else "-",
+                      str(p.get("epochs", "-")), f"{p['retain_weight']:.2f}" if p.get("retain_weight") else "-",
+                      f"{m['forget_gap']:+.3f}" if m.get("forget_gap") is not None else "-",
+                      f"{m['utility_drop']:+.3f}" if m.get("utility_drop") is not None else "-",
+                      f"{r['robustness']:.2f}" if r.get("robustness") is not None else "-",
+                      f"{r.get('window_width', 0):.2f}", escape(r["reason"]))
+    out.print(table)
+    o = rec["overall"]
+    if o.get("trial_id") is None:
+        out.print(f"overall: {o['reason']}")
+        return
+    m = o["metrics"]
+    line = (f"overall recommendation: [bold]{o['unit']}[/] trial {o['number']} "
+            f"(lr {o['params']['lr']:.2e}, epochs {o['params']['epochs']}"
+            + (f", λ {o['params']['retain_weight']:.2f}" if o["params"].get("retain_weight") else "")
+            + f"): forget gap {m['forget_gap']:+.3f}, utility drop {m['utility_drop']:+.3f}")
+    if exact:
+        line += (f"; forget NLL {m['forget_nll']:.3f} vs exact-retrain {exact['forget_nll']:.3f} "
+                 f"and approximate target (unseen) {m['unseen_nll']:.3f}")
+    out.print(line)
 
 
 def cmd_study_run(args: argparse.Namespace) -> int:
@@ -380,6 +437,20 @@ def cmd_study_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from tuner.export import build_export, render, write_atomic
+
+    doc = build_export(_store(args), args.name, args.method)
+    text = render(doc, args.format)
+    if args.output:
+        target = Path(args.output).expanduser()
+        write_atomic(target, text)
+        console.print(f"wrote {doc['unit']} trial {doc['provenance']['trial_number']} ({doc['status']}) to {target}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 # ---- parser ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,6 +533,16 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("name")
     sh.add_argument("--storage", help=storage_help)
     sh.set_defaults(func=cmd_study_show)
+
+    ex = sub.add_parser("export", help="export a study's recommended hyperparameters with provenance",
+                        description="Write the recommended run settings, expected metrics (with their spread over "
+                        "nearby trials) and provenance; apply them with `tuner unlearn --config FILE`.")
+    ex.add_argument("name", help="study name")
+    ex.add_argument("--method", help="a method or search unit (default: the overall recommendation)")
+    ex.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    ex.add_argument("-o", "--output", help="output file (default: standard output)")
+    ex.add_argument("--storage", help=storage_help)
+    ex.set_defaults(func=cmd_export)
     return parser
 
 
@@ -471,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TunerError as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -5,6 +5,7 @@ Every set is tokenised once (per study) into a `[n_blocks, block_size]` LongTens
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -212,6 +213,12 @@ class UnlearnData:
         if "general" in self.retain_eval:
             sets["general"] = self.retain_eval["general"]
         return sets
+
+    def fingerprints(self) -> dict[str, str]:
+        """sha256 of each set's token blocks: provenance that survives renamed or moved files."""
+        sets = {"forget": self.forget, "unseen": self.unseen}
+        sets.update({f"retain_{k}": torch.cat([self.retain_train[k], self.retain_eval[k]]) for k in self.retain_train})
+        return {name: hashlib.sha256(blocks.numpy().tobytes()).hexdigest() for name, blocks in sets.items()}
 
     def summary(self) -> dict[str, int]:
         out = {"forget": int(self.forget.shape[0]), "unseen": int(self.unseen.shape[0])}

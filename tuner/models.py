@@ -72,6 +72,14 @@ def check_tokenizer(model, tokenizer, name: str) -> None:
                          f"{embeddings}; they do not belong together")
 
 
+def fingerprint(config) -> dict[str, object]:
+    """What makes a tuned configuration transferable: the architecture, not the path it was loaded from."""
+    get = config.to_dict().get
+    return {"model_type": get("model_type"), "vocab_size": get("vocab_size"),
+            "hidden_size": get("hidden_size") or get("n_embd"),
+            "layers": get("num_hidden_layers") or get("n_layer")}
+
+
 class Workbench:
     """The base model, loaded once per process; `fresh()` gives a trainable copy with pristine weights.
 

@@ -92,6 +92,8 @@ class Target(_Strict):
     gap_tolerance: float = Field(0.1, gt=0, description="|forget gap| within this is 'unlearned'")
     utility_tolerance: float = Field(0.5, gt=0, description="acceptable utility drop (NLL nats)")
     mia_tolerance: float = Field(0.1, gt=0, description="|MIA AUC - 0.5| within this is indistinguishable")
+    min_robustness: float = Field(0.5, ge=0, le=1, description="share of succeeding neighbours for 'robust'")
+    neighbourhood: float = Field(0.25, gt=0, description="kernel width in hyperparameter space scaled to [0, 1]")
 
 
 class RunDefaults(_Strict):

@@ -18,7 +18,7 @@ import torch
 
 from tuner.data import DataSpec, build_data
 from tuner.evaluation import full_metrics
-from tuner.models import Workbench, load, resolve
+from tuner.models import Workbench, fingerprint, load, resolve
 from tuner.testbed import data_spec as testbed_data_spec
 from tuner.unlearn import UnlearnConfig, resolve_device, resolve_dtype, run_unlearning
 
@@ -63,7 +63,8 @@ def worker_state(study: dict) -> dict[str, Any]:
         exact = full_metrics(retrain.to(device), data, batch, device, dtype)
         del retrain
     _WORKER.update(key=key, bench=bench, data=data, baseline=baseline, exact_retrain=exact,
-                   data_summary={"blocks": data.summary(), "sources": data.sources})
+                   data_summary={"blocks": data.summary(), "sources": data.sources, "sha256": data.fingerprints(),
+                                 "model": fingerprint(bench.reference.config)})
     return _WORKER
 
 

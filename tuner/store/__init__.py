@@ -13,7 +13,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import selectinload, sessionmaker
@@ -219,9 +219,18 @@ class Store:
             points = s.scalars(select(CurvePoint).where(CurvePoint.trial_id == trial_id).order_by(CurvePoint.step))
             return [{"step": p.step, **{k: getattr(p, k) for k in CURVE_KEYS}} for p in points]
 
-    def save_recommendation(self, study_id: int, method: str | None, trial_id: int | None, payload: dict) -> None:
+    def replace_recommendations(self, study_id: int, items: list[tuple[str | None, int | None, dict]]) -> None:
+        """The study's recommendations (unit or None for overall, trial, payload), replacing older ones."""
         with self.sessions.begin() as s:
-            s.add(Recommendation(study_id=study_id, method=method, trial_id=trial_id, payload=payload))
+            s.execute(delete(Recommendation).where(Recommendation.study_id == study_id))
+            s.add_all(Recommendation(study_id=study_id, method=unit, trial_id=trial_id, payload=payload)
+                      for unit, trial_id, payload in items)
+
+    def recommendations(self, study_name: str) -> dict[str | None, dict]:
+        study = self.study(study_name)
+        with self.sessions() as s:
+            rows = s.scalars(select(Recommendation).where(Recommendation.study_id == study.id))
+            return {r.method: r.payload for r in rows}
 
 
 def _finite(value: Any) -> float | None:

@@ -1,0 +1,115 @@
+"""Recommendation, export and apply: the answer a model owner ships."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuner.orchestrator import run_study
+from tuner.recommend import recommend_unit
+from tuner.spec import load_spec
+from tuner.store import Store
+
+TUNER = str(Path(sys.executable).with_name("tuner"))
+TARGET = {"gap_tolerance": 0.05, "utility_tolerance": 0.5, "mia_tolerance": 0.1, "min_robustness": 0.5,
+          "neighbourhood": 0.25}
+
+
+def row(i, lr, epochs, gap, drop, status="completed"):
+    return {"id": i, "number": i, "status": status, "params": {"lr": lr, "epochs": epochs},
+            "metrics": {} if status == "diverged" else {"forget_gap": gap, "utility_drop": drop, "mia_auc": 0.5}}
+
+
+def test_a_robust_setting_beats_an_isolated_lucky_one():
+    rows = [row(1, 1e-3, 3, 0.01, 0.10), row(2, 1.2e-3, 3, 0.02, 0.12), row(3, 0.9e-3, 3, -0.03, 0.11),
+            row(4, 1e-5, 1, 0.00, 0.01),  # lucky: in band, best utility, but alone among failures
+            row(5, 1.2e-5, 1, -0.9, 0.0), row(6, 0.8e-5, 1, -0.8, 0.0)]
+    rec = recommend_unit(rows, TARGET, use_mia=False)
+    assert rec["status"] == "recommended" and rec["trial_id"] == 1
+    assert rec["robustness"] > 0.5 and rec["window_width"] == pytest.approx(2.08, abs=0.01)
+    assert rec["success_rate"] == pytest.approx(4 / 6)
+
+
+def test_without_success_the_closest_is_named_with_its_reason():
+    over = recommend_unit([row(1, 1e-2, 3, 0.8, 3.0), row(2, 1e-3, 2, 0.3, 1.0)], TARGET, use_mia=False)
+    assert over["status"] == "closest" and over["trial_id"] == 2 and "over-unlearned" in over["reason"]
+    under = recommend_unit([row(1, 1e-5, 1, -0.4, 0.0)], TARGET, use_mia=False)
+    assert "under-unlearned" in under["reason"]
+    dead = recommend_unit([row(1, 1e30, 1, 0, 0, status="diverged")], TARGET, use_mia=False)
+    assert dead["status"] == "none" and "diverged" in dead["reason"]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, bench, cache_dir):
+    tmp = tmp_path_factory.mktemp("tuned")
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tuned", "model": "testbed:micro", "methods": ["ga", "ga_gd"], "retain_sources": ["in_distribution"],
+        "budget": {"trials": 3}, "sampler": {"name": "tpe", "n_startup_trials": 2},
+        "search": {"lr": {"low": 3e-4, "high": 2e-3}, "epochs": {"low": 1, "high": 3}},
+        "per_method": {"ga": {"lr": {"low": 1e29, "high": 1e30}}},
+        "run": {"device": "cpu"}, "target": {"gap_tolerance": 0.1}}))
+    spec, text = load_spec(path)
+    url = f"sqlite:///{tmp / 'tuned.db'}"
+    run_study(spec, text, Store(url))
+    return tmp, url
+
+
+def cli(*args, cache_dir):
+    return subprocess.run([TUNER, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TUNER_CACHE": str(cache_dir)})
+
+
+def test_exported_recommendation_reproduces_its_metrics(tuned, cache_dir):
+    tmp, url = tuned
+    exported = tmp / "rec.yaml"
+    proc = cli("export", "tuned", "--method", "ga_gd", "--storage", url, "-o", str(exported), cache_dir=cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    doc = yaml.safe_load(exported.read_text())
+    assert doc["config"]["method"] == "ga_gd" and doc["provenance"]["model"]["fingerprint"]["model_type"] == "gpt2"
+    assert set(doc["provenance"]["data"]["sha256"]) >= {"forget", "unseen", "retain_in_distribution"}
+    assert doc["provenance"]["versions"]["torch"] and doc["expected"]["forget_gap"]["n"] >= 1
+    stored = next(r for r in Store(url).trials("tuned") if r["id"] == doc["provenance"]["trial_id"])
+    out = tmp / "applied"
+    proc = cli("unlearn", "--model", "testbed:micro", "--config", str(exported), "--out", str(out), cache_dir=cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    applied = json.loads((out / "metrics.json").read_text())["metrics"]
+    for key in ("forget_gap", "utility_drop", "forget_nll", "mia_auc"):
+        assert applied[key] == pytest.approx(stored["metrics"][key], abs=0.01), key  # same seed, CPU
+    assert (out / "model" / "config.json").exists()
+    as_json = cli("export", "tuned", "--storage", url, "--format", "json", cache_dir=cache_dir)
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["format"] == "unlearn-tuner/recommendation@1"
+
+
+def test_bad_export_and_apply_inputs(tuned, cache_dir, bench):
+    tmp, url = tuned
+    cases = [
+        (("export", "nope", "--storage", url), "no study named 'nope'"),
+        (("export", "tuned", "--method", "ga", "--storage", url), "method 'ga' has no finished trials to export"),
+        (("export", "tuned", "--method", "zzz", "--storage", url), "has no method 'zzz'"),
+        (("export", "tuned", "--storage", url, "-o", str(tmp / "missing" / "r.yaml")), "does not exist"),
+    ]
+    for args, message in cases:
+        proc = cli(*args, cache_dir=cache_dir)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    assert not (tmp / "missing").exists()
+    # a configuration tuned on one architecture is refused for another
+    exported = tmp / "rec2.yaml"
+    assert cli("export", "tuned", "--storage", url, "-o", str(exported), cache_dir=cache_dir).returncode == 0
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    other = tmp / "other-model"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(bench.tokenizer), n_embd=32, n_layer=1, n_head=2,
+                               n_positions=64)).save_pretrained(other)
+    bench.tokenizer.save_pretrained(other)
+    data = bench.source.testbed_root / "data"
+    proc = cli("unlearn", "--model", str(other), "--config", str(exported), "--forget", str(data / "forget"),
+               "--unseen", str(data / "unseen"), "--block-size", "32", "--out", str(tmp / "o"), cache_dir=cache_dir)
+    assert proc.returncode == 2 and "was tuned for model 'testbed:micro'" in proc.stderr
+    assert not (tmp / "o").exists()

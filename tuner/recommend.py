@@ -1,0 +1,142 @@
+"""Recommendation: a defensible setting per method and overall, read from a study's stored trials.
+
+Rule (its tolerances are data in the spec's `target`): a trial *succeeds* when its forget gap is within
+`gap_tolerance` of 0 (and, when MIA AUC is an objective, its AUC within `mia_tolerance` of 0.5). Among
+successes, prefer *robust* ones — whose neighbours in (log lr, epochs, log λ) space also succeed
+(guideline 5) — and then the smallest utility drop. With no success, report the closest trial and why.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tuner.store import Store
+
+OK_STATUSES = ("completed", "stopped_at_target")
+PARAMS = ("lr", "epochs", "retain_weight")
+LOG_PARAMS = ("lr", "retain_weight")
+
+
+def outcome(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> str:
+    """remembered / in_band / over_unlearned / diverged / failed — the classes the dashboards colour."""
+    if row["status"] == "diverged":
+        return "diverged"
+    gap = row["metrics"].get("forget_gap")
+    if row["status"] not in OK_STATUSES or gap is None:
+        return "failed"
+    if gap < -target["gap_tolerance"]:
+        return "remembered"
+    if gap > target["gap_tolerance"]:
+        return "over_unlearned"
+    mia = row["metrics"].get("mia_auc")
+    if use_mia and mia is not None and abs(mia - 0.5) > target["mia_tolerance"]:
+        return "remembered" if mia > 0.5 else "over_unlearned"
+    return "in_band"
+
+
+def scaled_params(rows: list[dict[str, Any]]) -> list[list[float]]:
+    """Hyperparameters scaled to [0, 1] per study unit (log scale for lr and λ)."""
+    names = [p for p in PARAMS if any(r["params"].get(p) is not None for r in rows)]
+    raw = [[math.log10(r["params"][p]) if p in LOG_PARAMS else float(r["params"][p]) for p in names] for r in rows]
+    lows = [min(col) for col in zip(*raw, strict=True)] if raw else []
+    spans = [(max(col) - lo) or 1.0 for col, lo in zip(zip(*raw, strict=True), lows, strict=True)] if raw else []
+    return [[(v - lo) / s for v, lo, s in zip(row, lows, spans, strict=True)] for row in raw]
+
+
+def robustness(rows: list[dict[str, Any]], success: list[bool], bandwidth: float) -> list[float | None]:
+    """Kernel-weighted share of *other* trials nearby that also succeed; None with no other trial."""
+    coords = scaled_params(rows)
+    out = []
+    for i, ci in enumerate(coords):
+        num = den = 0.0
+        for j, cj in enumerate(coords):
+            if i == j:
+                continue
+            w = math.exp(-sum((a - b) ** 2 for a, b in zip(ci, cj, strict=True)) / (2 * bandwidth ** 2))
+            num += w * success[j]
+            den += w
+        out.append(num / den if den > 1e-9 else None)
+    return out
+
+
+def window_width(rows: list[dict[str, Any]], success: list[bool]) -> float:
+    """Width of the success window in decades of learning rate (0 for a single success)."""
+    lrs = [math.log10(r["params"]["lr"]) for r, ok in zip(rows, success, strict=True) if ok]
+    return max(lrs) - min(lrs) if lrs else 0.0
+
+
+def recommend_unit(rows: list[dict[str, Any]], target: dict[str, float], use_mia: bool) -> dict[str, Any]:
+    finished = [r for r in rows if r["status"] not in ("running", "interrupted")]
+    if not finished:
+        return {"trial_id": None, "status": "none", "reason": "no finished trials", "robustness": None,
+                "window_width": 0.0, "success_rate": 0.0, "n_trials": 0}
+    classes = [outcome(r, target, use_mia) for r in finished]
+    success = [c == "in_band" for c in classes]
+    robust = robustness(finished, success, target.get("neighbourhood", 0.25))
+    base = {"window_width": window_width(finished, success), "success_rate": sum(success) / len(finished),
+            "n_trials": len(finished)}
+    winners = [i for i, ok in enumerate(success) if ok]
+    if winners:
+        solid = [i for i in winners if _solid(robust[i], target)]
+        pool = solid or winners
+        best = min(pool, key=lambda i: (finished[i]["metrics"].get("utility_drop") or 0.0, finished[i]["id"]))
+        row = finished[best]
+        reason = (f"in the target band (gap {row['metrics']['forget_gap']:+.3f}) with the smallest utility drop "
+                  + ("among robust settings" if solid else "(no setting had succeeding neighbours: not robust)"))
+        warnings = []
+        drop = row["metrics"].get("utility_drop")
+        if drop is not None and drop > target["utility_tolerance"]:
+            warnings.append(f"utility drop {drop:+.3f} exceeds the tolerance {target['utility_tolerance']}")
+        return {"trial_id": row["id"], "status": "recommended", "reason": reason, "robustness": robust[best],
+                "warnings": warnings, **base, **_summary(row)}
+    usable = [i for i, c in enumerate(classes) if c in ("remembered", "over_unlearned", "in_band")]
+    if not usable:
+        return {"trial_id": None, "status": "none", "reason": "every trial diverged or failed",
+                "robustness": None, **base}
+    best = min(usable, key=lambda i: abs(finished[i]["metrics"]["forget_gap"]))
+    row = finished[best]
+    why = "under-unlearned: the forget set is still remembered" if classes[best] == "remembered" \
+        else "over-unlearned: the forget set now looks less likely than unseen text"
+    return {"trial_id": row["id"], "status": "closest",
+            "reason": f"no trial reached the target band; closest is {why} (gap {row['metrics']['forget_gap']:+.3f})",
+            "robustness": robust[best], **base, **_summary(row)}
+
+
+def _solid(score: float | None, target: dict[str, float]) -> bool:
+    return score is not None and score >= target.get("min_robustness", 0.5)
+
+
+def _summary(row: dict[str, Any]) -> dict[str, Any]:
+    return {"number": row["number"], "params": row["params"],
+            "metrics": {k: row["metrics"].get(k) for k in ("forget_gap", "utility_drop", "mia_auc", "forget_nll",
+                                                            "unseen_nll", "retain_nll")}}
+
+
+def recommend_study(store: Store, name: str) -> dict[str, Any]:
+    """Per search unit and overall; the overall pick is the best-utility unit recommendation, robust first."""
+    study = store.study(name)
+    target = study.spec["target"]
+    use_mia = "mia_auc" in study.spec.get("objectives", [])
+    rows = store.trials(name)
+    units: dict[str, dict[str, Any]] = {}
+    for unit in dict.fromkeys(r["unit"] for r in rows):
+        units[unit] = recommend_unit([r for r in rows if r["unit"] == unit], target, use_mia)
+    picks = [(u, rec) for u, rec in units.items() if rec["status"] == "recommended"]
+    if picks:
+        def key(item):
+            rec = item[1]
+            return (not _solid(rec["robustness"], target), rec["metrics"].get("utility_drop") or 0.0)
+
+        unit, rec = min(picks, key=key)
+        overall = {"unit": unit, **rec}
+    else:
+        overall = {"unit": None, "trial_id": None, "status": "none", "reason": "no method reached the target band"}
+    return {"study": name, "target": target, "uses_mia": use_mia, "units": units, "overall": overall}
+
+
+def save(store: Store, name: str, recommendation: dict[str, Any]) -> None:
+    study = store.study(name)
+    store.replace_recommendations(study.id, [(unit, rec.get("trial_id"), rec)
+                                             for unit, rec in recommendation["units"].items()]
+                                  + [(None, recommendation["overall"].get("trial_id"), recommendation["overall"])])
