@@ -131,3 +131,22 @@ def test_shipped_studies_validate(tmp_path):
     for path in files:
         spec, _ = load_spec(path)
         assert spec.name
+
+
+def test_two_studies_write_one_sqlite_file_at_once(tmp_path, bench, cache_dir):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = {**os.environ, "TUNER_CACHE": str(cache_dir)}
+    procs = []
+    for name in ("left", "right"):
+        (tmp_path / name).mkdir()
+        path = write_spec(tmp_path / name, name=name, methods=["ga_gd"], budget={"trials": 3}, concurrency=1)
+        procs.append(subprocess.Popen([TUNER, "study", "run", str(path), "--storage", url], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        assert "finished; store: sqlite:///" in out
+    store = Store(url)
+    for name in ("left", "right"):
+        check_study(store, name, ["ga_gd@in_distribution"], 3)
+        assert store.study(name).status == "finished"
