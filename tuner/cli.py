@@ -118,10 +118,11 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 
 def unlearn_config(args: argparse.Namespace):
+    """(run settings from --config and flags, the config file's provenance or {})."""
     from tuner.unlearn import UnlearnConfig
 
     fields: dict[str, Any] = _read_config_file(args.config) if args.config else {}
-    fields.pop("__provenance__", None)
+    provenance = fields.pop("__provenance__", {})
     for dest, name in UNLEARN_FLAGS.items():
         value = getattr(args, dest, None)
         if value is not None:
@@ -132,7 +133,7 @@ def unlearn_config(args: argparse.Namespace):
         if required not in fields:
             raise TunerError(f"--{required.replace('_', '-')} is required (or give --config FILE)")
     try:
-        return UnlearnConfig.model_validate(fields)
+        return UnlearnConfig.model_validate(fields), provenance
     except ValidationError as err:
         raise TunerError(describe_validation_error(err, args.config or "unlearn settings")) from None
 
@@ -209,15 +210,14 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from tuner.models import Workbench, load, resolve
     from tuner.unlearn import resolve_device, resolve_dtype, run_unlearning
 
-    cfg = unlearn_config(args)
+    cfg, provenance = unlearn_config(args)
     target = _prepare_out(args.out, args.overwrite)
     if args.trust_remote_code:
         console.print("[yellow]warning:[/] --trust-remote-code runs Python code shipped with the model")
     with _progress() as progress:
         bars = _Bars(progress)
         bench = Workbench.open(args.model, args.trust_remote_code, build_progress=bars)
-        if args.config:
-            _check_tuned_for(_read_config_file(args.config).get("__provenance__") or {}, bench, args.config)
+        _check_tuned_for(provenance, bench, args.config)
         spec = data_spec_from_args(args, bench.source)
         data = build_data(spec, bench.tokenizer, bench.reference.config, seed=cfg.seed)
         model = bench.fresh()
@@ -381,9 +381,7 @@ def cmd_study_validate(args: argparse.Namespace) -> int:
     from tuner.spec import load_spec, unit_name
 
     spec, _ = load_spec(args.file)
-    sources = ["in_distribution", "general"] if spec.data is None else [
-        s for s, src in (("in_distribution", spec.data.retain), ("general", spec.data.general)) if src is not None]
-    units = [unit_name(m, s) for m, s in spec.units(sources)]
+    units = [unit_name(m, s) for m, s in spec.units()]
     out.print(f"{args.file}: valid study '{spec.name}' on {spec.model}: {len(units)} search units "
               f"({', '.join(units)}), {spec.budget.trials} trials each, sampler {spec.sampler.name}, "
               f"objectives {', '.join(spec.objectives)}")

@@ -232,12 +232,10 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
     store.update_study(study_id, status="running")
     storage = optuna.storages.RDBStorage(store.url, engine_kwargs=_optuna_engine_kwargs(store.url))
     outcome = StudyOutcome(name=spec.name, storage=store.url)
-    sources = ["in_distribution", "general"] if spec.data is None else \
-        [s for s, src in (("in_distribution", spec.data.retain), ("general", spec.data.general)) if src is not None]
     ray_dir = tempfile.mkdtemp(prefix="tuner-ray-")
     try:
         start_ray(spec.ray_address)
-        for method, source in spec.units(sources):
+        for method, source in spec.units():
             unit = unit_name(method, source)
             optuna_name = f"{spec.name}/{unit}"
             search_id = store.ensure_search(study_id, unit, method, source, optuna_name, spec.sampler.name,

@@ -170,12 +170,19 @@ class StudySpec(_Strict):
             return self.search
         return SearchSpace.model_validate({**self.search.model_dump(), **override.model_dump(exclude_none=True)})
 
-    def units(self, available_sources: list[str]) -> list[tuple[str, RetainSource | None]]:
+    def available_retain_sources(self) -> list[str]:
+        """Testbeds bring both retain sources; otherwise those the data section names."""
+        if self.data is None:
+            return ["in_distribution", "general"]
+        return [s for s, src in (("in_distribution", self.data.retain), ("general", self.data.general)) if src]
+
+    def units(self) -> list[tuple[str, RetainSource | None]]:
         """Search units: each method, and each retain source for methods that train on retained data."""
+        available = self.available_retain_sources()
         out: list[tuple[str, RetainSource | None]] = []
         for name in self.methods:
             if methods.get(name).uses_retain:
-                out.extend((name, s) for s in self.retain_sources if s in available_sources)
+                out.extend((name, s) for s in self.retain_sources if s in available)
             else:
                 out.append((name, None))
         return out

@@ -110,7 +110,7 @@ def run_loop(
         for group in optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=device)
-        parts: dict[str, torch.Tensor] = {}
+        parts: dict[str, torch.Tensor] = {}  # named loss parts, averaged over micro-batches
         for micro in range(grad_accum):
             with autocast_for(device, dtype):
                 out = micro_loss(step, micro)
@@ -119,8 +119,10 @@ def run_loop(
             for name, value in out.parts.items():
                 parts[name] = parts.get(name, 0.0) + value.detach().float() / grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        # one host sync per optimiser step
-        loss_value, norm_value = torch.stack([total, grad_norm.to(total.device).float()]).tolist()
+        # one host sync per optimiser step, for the loss, the gradient norm and the logged loss parts
+        names = list(parts)
+        loss_value, norm_value, *part_values = torch.stack(
+            [total, grad_norm.to(total.device).float(), *(parts[n] for n in names)]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             optimizer.zero_grad(set_to_none=True)
             outcome.diverged_at = step + 1
@@ -131,7 +133,7 @@ def run_loop(
         optimizer.zero_grad(set_to_none=True)
         outcome.steps_done = step + 1
         logs = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
-        logs.update({name: float(v) for name, v in parts.items()})
+        logs.update(zip(names, part_values, strict=True))
         outcome.history.append(logs)
         if after_step is not None and after_step(step + 1, logs):
             outcome.stopped_early = step + 1 < total_steps

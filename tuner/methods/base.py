@@ -65,7 +65,7 @@ class UnlearningMethod:
 def nll_term(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of a batch of blocks."""
     logits = next_token_logits(model, ids)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))  # autocast: fp32 inside
 
 
 def target_ce_term(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
