@@ -24,8 +24,10 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
 
 
 def next_token_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """Logits for positions 0..T-2, which predict tokens 1..T-1 (the labels of a block)."""
-    return model(input_ids=ids).logits[:, :-1, :]
+    """Logits for positions 0..T-2, which predict tokens 1..T-1 (the labels of a block).
+
+    Blocks are never padded (EOS inside a block separates documents), which the all-ones mask states."""
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1, :]
 
 
 @torch.inference_mode()
