@@ -56,6 +56,12 @@ def main() -> None:
     print(f"  trials' own time           {own:7.1f} s  ({own / n:.2f} s per trial: unlearning + evaluation)")
     print(f"  overhead between/around     {last - first - own:6.1f} s  ({per_trial:.2f} s per trial, "
           f"{per_trial / (own / n):.1%} of a trial; includes the worker's one-time model load)")
+    steady = [(t.finished_at.timestamp() - prev.finished_at.timestamp()) - (t.wall_time_s or 0.0)
+              for prev, t in zip(trials, trials[1:], strict=False)]
+    if steady:
+        mean = sum(steady) / len(steady)
+        print(f"  steady state (trials 2..{n})   {mean:.2f} s per trial, {mean / (own / n):.1%} of a trial "
+              "(after the worker has loaded the model)")
     print("goal: under 5% and under 1 s per trial")
 
 

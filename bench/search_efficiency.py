@@ -50,11 +50,12 @@ def main() -> None:
     ap.add_argument("--method", default="ga_gd")
     ap.add_argument("--trials", type=int, default=15, help="trials per seed for each sampler (grid: 45)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where the trials run (cpu, cuda)")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     lr_lo, lr_hi, rw_lo, rw_hi = 1e-4, 3e-3, 0.3, 3.0
     study = {"model": args.model, "data": None, "seed": 0, "method": args.method, "retain_source": "in_distribution",
-             "run": RunDefaults(device="cpu").model_dump(mode="json"), "objectives": ["forget_gap", "utility_drop"]}
+             "run": RunDefaults(device=args.device).model_dump(mode="json"), "objectives": ["forget_gap", "utility_drop"]}
     cache: dict[tuple, tuple[float, float]] = {}
 
     def cached(lr: float, epochs: int, rw: float) -> tuple[float, float]:
@@ -92,8 +93,9 @@ def main() -> None:
                     ost.tell(t, state=optuna.trial.TrialState.FAIL)
                 points.append(values)
             results[name].append(curve(points))
-    print(f"method {args.method} on {args.model}; hypervolume of (|forget gap|, utility drop) w.r.t. reference "
-          f"({ref[0]:.3f}, {ref[1]:.1f}); {len(cache)} distinct unlearning runs in {time.perf_counter() - started:.0f} s")
+    print(f"method {args.method} on {args.model} ({args.device}); hypervolume of (|forget gap|, utility drop) "
+          f"w.r.t. reference ({ref[0]:.3f}, {ref[1]:.1f}); {len(cache)} distinct unlearning runs in "
+          f"{time.perf_counter() - started:.0f} s")
     print(f"grid 5 lr x 3 epochs x 3 λ = 45 trials: final hypervolume {grid_hv:.4f}")
     checkpoints = [n for n in (5, 10, 15, 20, 30, 45) if n <= args.trials]
     print("sampler  " + "  ".join(f"n={n:<3d}" for n in checkpoints) + "   (mean over seeds, share of grid final)")
