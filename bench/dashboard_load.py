@@ -60,8 +60,8 @@ def synthetic_trial(method: str, source: str | None, lr: float, epochs: int, lam
     speed *= math.exp(rng.gauss(0, 0.1))
     plateau = {"random_label": -0.06, "random_model_label": -0.03, "adversarial": -0.2,
                "retain_finetune": -0.12}.get(method)
-    damage = {"ga": 9.0, "random_label": 1.5, "random_model_label": 1.4, "adversarial": 0.3,
-              "retain_finetune": -0.4, "ga_gd": 0.8, "ga_kl": 1.2}[method]
+    damage = {"ga": 3.0, "random_label": 1.5, "random_model_label": 1.4, "adversarial": 0.3,
+              "retain_finetune": -0.4, "ga_gd": 0.3, "ga_kl": 0.45}[method]
     if lam is not None:
         damage /= 1 + (lam if source == "in_distribution" else 0.3 * lam)
     curve, stop, diverged = [], None, None
@@ -73,7 +73,7 @@ def synthetic_trial(method: str, source: str | None, lr: float, epochs: int, lam
             gap = BASE["forget_gap"] + (plateau - BASE["forget_gap"]) * (1 - math.exp(-speed * dose / 0.3))
         gap += rng.gauss(0, 0.004)
         drop = damage * (dose / 0.01) ** 2 if method == "ga" else damage * dose / 0.01
-        if method == "ga" and lr > 1.5e-3 and step >= 8 and rng.random() < 0.25:  # large GA steps blow up
+        if method == "ga" and step >= 4 and rng.random() < (lr - 8e-4) / 2e-3:  # large GA steps blow up
             diverged = step
             break
         unseen = BASE["unseen_nll"] + max(0.0, drop) * 0.9

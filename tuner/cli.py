@@ -541,6 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", help="output file (default: standard output)")
     ex.add_argument("--storage", help=storage_help)
     ex.set_defaults(func=cmd_export)
+
+    from dashboards.cli import add_parser as add_dashboard_parser
+
+    add_dashboard_parser(sub)
     return parser
 
 

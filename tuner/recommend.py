@@ -1,7 +1,8 @@
 """Recommendation: a defensible setting per method and overall, read from a study's stored trials.
 
 Rule (its tolerances are data in the spec's `target`): a trial *succeeds* when its forget gap is within
-`gap_tolerance` of 0 (and, when MIA AUC is an objective, its AUC within `mia_tolerance` of 0.5). Among
+`gap_tolerance` of 0 (and, when MIA AUC is an objective, its AUC within `mia_tolerance` of 0.5) and its
+utility drop within `utility_tolerance` (gap 0 reached by collapsing the model is no success). Among
 successes, prefer *robust* ones — whose neighbours in (log lr, epochs, log λ) space also succeed
 (guideline 5) — and then the smallest utility drop. With no success, report the closest trial and why.
 """
@@ -19,7 +20,10 @@ LOG_PARAMS = ("lr", "retain_weight")
 
 
 def outcome(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> str:
-    """remembered / in_band / over_unlearned / diverged / failed — the classes the dashboards colour."""
+    """remembered / in_band / over_unlearned / diverged / failed (and running / interrupted): the classes
+    the dashboards colour. In the band says nothing of utility; `succeeded` adds that."""
+    if row["status"] in ("running", "interrupted"):
+        return row["status"]
     if row["status"] == "diverged":
         return "diverged"
     gap = row["metrics"].get("forget_gap")
@@ -33,6 +37,12 @@ def outcome(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> str
     if use_mia and mia is not None and abs(mia - 0.5) > target["mia_tolerance"]:
         return "remembered" if mia > 0.5 else "over_unlearned"
     return "in_band"
+
+
+def succeeded(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> bool:
+    """In the target band without collapsing: the utility drop stays within `utility_tolerance`."""
+    drop = (row.get("metrics") or {}).get("utility_drop")
+    return outcome(row, target, use_mia) == "in_band" and (drop is None or drop <= target["utility_tolerance"])
 
 
 def scaled_params(rows: list[dict[str, Any]]) -> list[list[float]]:
@@ -72,7 +82,7 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, float], use_mia
         return {"trial_id": None, "status": "none", "reason": "no finished trials", "robustness": None,
                 "window_width": 0.0, "success_rate": 0.0, "n_trials": 0}
     classes = [outcome(r, target, use_mia) for r in finished]
-    success = [c == "in_band" for c in classes]
+    success = [succeeded(r, target, use_mia) for r in finished]
     robust = robustness(finished, success, target.get("neighbourhood", 0.25))
     base = {"window_width": window_width(finished, success), "success_rate": sum(success) / len(finished),
             "n_trials": len(finished)}
@@ -84,13 +94,18 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, float], use_mia
         row = finished[best]
         reason = (f"in the target band (gap {row['metrics']['forget_gap']:+.3f}) with the smallest utility drop "
                   + ("among robust settings" if solid else "(no setting had succeeding neighbours: not robust)"))
-        warnings = []
-        drop = row["metrics"].get("utility_drop")
-        if drop is not None and drop > target["utility_tolerance"]:
-            warnings.append(f"utility drop {drop:+.3f} exceeds the tolerance {target['utility_tolerance']}")
         return {"trial_id": row["id"], "status": "recommended", "reason": reason, "robustness": robust[best],
-                "warnings": warnings, **base, **_summary(row)}
-    usable = [i for i, c in enumerate(classes) if c in ("remembered", "over_unlearned", "in_band")]
+                "warnings": [], **base, **_summary(row)}
+    collapsed = [i for i, c in enumerate(classes) if c == "in_band"]
+    if collapsed:
+        best = min(collapsed, key=lambda i: finished[i]["metrics"].get("utility_drop") or 0.0)
+        row = finished[best]
+        drop = row["metrics"]["utility_drop"]
+        return {"trial_id": row["id"], "status": "closest", "robustness": robust[best], **base, **_summary(row),
+                "reason": f"reached the target band only by collapsing utility (drop {drop:+.3f} > tolerance "
+                          f"{target['utility_tolerance']})",
+                "warnings": [f"utility drop {drop:+.3f} exceeds the tolerance {target['utility_tolerance']}"]}
+    usable = [i for i, c in enumerate(classes) if c in ("remembered", "over_unlearned")]
     if not usable:
         return {"trial_id": None, "status": "none", "reason": "every trial diverged or failed",
                 "robustness": None, **base}

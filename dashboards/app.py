@@ -1,0 +1,403 @@
+"""`tuner dashboard`: the Dash web app. A study list at `/`, a page per study at `/study/NAME`.
+
+It only reads the store. A study page is built in one server round trip (every figure in the first
+response), then, while the study is running, a `dcc.Interval` asks every few seconds whether the study
+changed (a cheap fingerprint query) and redraws only if it did; zoom and legend choices survive redraws.
+Dash renders every string as text, so stored names, notes and errors are escaped by construction.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+from dash import Dash, Input, Output, State, ctx, dash_table, dcc, html
+from dash.dash_table.Format import Format, Scheme
+from dash.exceptions import PreventUpdate
+
+from dashboards import api, figures, queries
+from dashboards.data import TABLE_COLUMNS, StudyData, fmt, load_study, table_rows
+from dashboards.page import SECTIONS, VERDICT_COLOURS, guideline_rows, header_facts, recommendation_rows
+from tuner.errors import TunerError
+from tuner.store import Store, safe_url
+
+REFRESH_MS = 5000
+LAZY_CHUNKS = ["dash/dcc/async-graph.js", "dash/dcc/async-dropdown.js", "dash/dash_table/async-table.js",
+               "dash/dash_table/async-highlight.js"]
+CSS = """
+/* The dashboards' look: plain, readable, wide tables scroll instead of squeezing. */
+body { font-family: "DejaVu Sans", Arial, sans-serif; margin: 0; color: #1f2328; background: #fff; }
+.topbar { background: #24292f; color: #fff; padding: 10px 24px; display: flex; gap: 18px; align-items: baseline; }
+.topbar a { color: #fff; text-decoration: none; font-weight: 600; }
+.topbar .store { color: #afb8c1; font-size: 12px; }
+.page { max-width: 1400px; margin: 0 auto; padding: 0 24px 48px; }
+h1 { margin: 20px 0 4px; font-size: 26px; }
+h2 { margin: 30px 0 6px; font-size: 19px; }
+.lead, .notes { color: #57606a; margin: 4px 0 12px; white-space: pre-wrap; }
+.live { color: #bf8700; font-weight: 600; }
+table.simple { border-collapse: collapse; font-size: 13px; }
+table.simple th, table.simple td { border-bottom: 1px solid #d8dee4; padding: 4px 8px; text-align: left;
+  vertical-align: top; }
+table.simple thead th { background: #f6f8fa; }
+table.facts th { font-weight: 600; }
+.verdict { font-weight: 700; white-space: nowrap; }
+.wrap { overflow-x: auto; }
+nav.sections a { margin-right: 14px; }
+.controls { display: flex; gap: 24px; align-items: center; font-size: 13px; margin: 4px 0; }
+.controls label { margin-right: 10px; }
+.error { color: #cf222e; }
+"""
+INDEX = """<!DOCTYPE html>
+<html lang="en">
+    <head>
+        {%metas%}
+        <title>{%title%}</title>
+        {%favicon%}
+        {%css%}
+        <style>{CSS}</style>
+        <script>
+        // Start fetching and compiling plotly.js now, in parallel with the Dash bundles and the first server
+        // round trip, instead of when the first graph mounts. dcc.Graph takes `window.Plotly` when it is set
+        // (a promise is adopted); the bundle replaces it with the real object when it has run. The lazy
+        // chunks of the graph, dropdown and table components are fetched the same way (webpack registers a
+        // chunk that is already there instead of fetching it again).
+        (function () {
+          function load(src) {
+            var s = document.createElement("script");
+            s.src = src;
+            s.async = true;
+            document.head.appendChild(s);
+            return s;
+          }
+          var plotly = load("{PLOTLY_URL}");
+          window.Plotly = new Promise(function (ok, fail) {
+            plotly.onload = function () { ok(window.Plotly); };
+            plotly.onerror = fail;
+          });
+          {CHUNKS}.forEach(function (path) { load("{PREFIX}_dash-component-suites/" + path); });
+        })();
+        </script>
+    </head>
+    <body>
+        {%app_entry%}
+        <footer>
+            {%config%}
+            {%scripts%}
+            {%renderer%}
+        </footer>
+    </body>
+</html>"""
+# shown with the table's "Toggle Columns" button; fewer columns draw faster
+HIDDEN_COLUMNS = ("unseen_nll", "retain_nll", "selected_step", "effective_batch", "world_size", "device")
+NUMERIC = {"id", "number", "lr", "epochs", "retain_weight", "forget_gap", "utility_drop", "mia_auc", "forget_nll",
+           "unseen_nll", "retain_nll", "steps", "stop_step", "selected_step", "device_s", "tokens",
+           "effective_batch", "world_size"}
+
+
+class StudyCache:
+    """The last few studies loaded, keyed by (name, fingerprint): a refresh that finds nothing new costs one
+    small query, and the study page's callbacks share one load."""
+
+    def __init__(self, store: Store, size: int = 8) -> None:
+        self.store, self.size = store, size
+        self.items: OrderedDict[tuple, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def _get(self, key: tuple, build) -> Any:
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = build()
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return value
+
+    def _stamp(self, name: str) -> tuple:
+        stamp = queries.study_stamp(self.store, name)
+        if stamp == (None,):
+            raise TunerError(f"no study named '{name}' in {safe_url(self.store.url)}")
+        return stamp
+
+    def study(self, name: str) -> tuple[tuple, StudyData]:
+        stamp = self._stamp(name)
+        return stamp, self._get((name, stamp, "data"), lambda: load_study(self.store, name))
+
+    def figures(self, name: str, abs_gap: bool) -> tuple[tuple, StudyData, dict[str, dict]]:
+        """The study and its figures, both of the same state of the store (one fingerprint for both)."""
+        stamp = self._stamp(name)
+        data = self._get((name, stamp, "data"), lambda: load_study(self.store, name))
+        figs = self._get((name, stamp, f"figures-{abs_gap}"), lambda: _figures(data, abs_gap))
+        return stamp, data, figs
+
+
+def _figures(data: StudyData, abs_gap: bool) -> dict[str, dict]:
+    """Figures as plain dicts (what dcc.Graph sends anyway), with uirevision so zoom survives refreshes."""
+    out = {}
+    for key, fig in figures.all_figures(data, abs_gap=abs_gap).items():
+        fig.update_layout(uirevision=f"{data.name}:{key}")
+        out[key] = fig.to_plotly_json()
+    return out
+
+
+def create_app(store_url: str | None = None, token: str | None = None, refresh_ms: int = REFRESH_MS) -> Dash:
+    """The Dash app over the store at `store_url` (default: $TUNER_STORAGE or the user's SQLite file).
+
+    With `token`, every request needs `?token=TOKEN` once (it is then kept in a cookie) or that cookie."""
+    store = Store(store_url)
+    cache = StudyCache(store)
+    app = Dash(__name__, title="unlearn-tuner dashboards", update_title=None, suppress_callback_exceptions=True,
+               serve_locally=True, assets_folder=str(Path(__file__).with_name("no-assets")))
+    plotly_url = f"{app.config.requests_pathname_prefix}_dash-component-suites/plotly/package_data/plotly.min.js"
+    # CSS inline: the package ships no asset files
+    app.index_string = (INDEX.replace("{CSS}", CSS).replace("{PLOTLY_URL}", plotly_url)
+                        .replace("{PREFIX}", app.config.requests_pathname_prefix)
+                        .replace("{CHUNKS}", json.dumps(LAZY_CHUNKS)))
+    app.server.extensions["tuner_dashboards"] = cache  # for benchmarks that time a cold server
+    app.layout = html.Div([
+        dcc.Location(id="url", refresh=False),
+        html.Div([dcc.Link("unlearn-tuner: studies", href="/"),
+                  html.Span(f"store: {safe_url(store.url)}", className="store")], className="topbar"),
+        html.Div(id="page", className="page"),
+    ])
+    if token:
+        _protect(app, token)
+    api.register(app.server, store)
+
+    @app.callback(Output("page", "children"), Input("url", "pathname"))
+    def render_page(pathname: str | None):
+        path = pathname or "/"
+        if path.startswith("/study/"):
+            return study_page(cache, unquote(path[len("/study/"):]), refresh_ms)
+        if path in ("/", ""):
+            return list_page(store, refresh_ms)
+        return html.Div([html.H1("Not found"), html.P(["No page at ", html.Code(path), "; see the ",
+                                                       dcc.Link("study list", href="/"), "."])])
+
+    @app.callback(Output("study-list", "children"), Output("list-refresh", "disabled"),
+                  Input("list-refresh", "n_intervals"), prevent_initial_call=True)
+    def refresh_list(_n):
+        rows = queries.study_list(store)
+        return study_table(rows), not any(r["status"] == "running" for r in rows)
+
+    @app.callback(
+        Output("study-header", "children"), Output("fig-pareto", "figure"), Output("fig-robustness", "figure"),
+        Output("fig-hypervolume", "figure"), Output("fig-parallel", "figure"), Output("fig-efficiency", "figure"),
+        Output("trial-table", "data"), Output("curve-trials", "options"), Output("study-refresh", "disabled"),
+        Output("study-stamp", "data"),
+        Input("study-refresh", "n_intervals"), Input("gap-mode", "value"),
+        State("study-name", "data"), State("study-stamp", "data"), State("curve-trials", "value"),
+        prevent_initial_call=True)
+    def refresh_study(_n, gap_mode, name, last_stamp, curve_ids):
+        stamp, data, figs = cache.figures(name, gap_mode == "abs")
+        if ctx.triggered_id == "study-refresh" and list(stamp) == list(last_stamp or []):
+            raise PreventUpdate
+        return (study_header(data), figs["fig-pareto"], figs["fig-robustness"], figs["fig-hypervolume"],
+                figs["fig-parallel"], figs["fig-efficiency"], table_rows(data), curve_options(data, curve_ids),
+                not data.running, list(stamp))
+
+    @app.callback(Output("fig-curves", "figure"), Input("curve-trials", "value"), Input("study-stamp", "data"),
+                  State("study-name", "data"), prevent_initial_call=True)
+    def refresh_curves(trial_ids, _stamp, name):
+        _, data = cache.study(name)
+        fig = figures.curves(data, [int(t) for t in (trial_ids or [])])
+        fig.update_layout(uirevision=f"{name}:fig-curves")
+        return fig
+
+    return app
+
+
+def _protect(app: Dash, token: str) -> None:
+    from flask import abort, request
+
+    server = app.server
+
+    @server.before_request
+    def _check():
+        given = request.args.get("token") or request.cookies.get("tuner_dashboard_token") or ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            abort(401)
+
+    @server.after_request
+    def _remember(response):
+        if request.args.get("token"):
+            response.set_cookie("tuner_dashboard_token", request.args["token"], httponly=True, samesite="Strict")
+        return response
+
+
+# ---- the study list -------------------------------------------------------------------------------------------
+
+def list_page(store: Store, refresh_ms: int) -> html.Div:
+    rows = queries.study_list(store)
+    return html.Div([
+        html.H1("Unlearning studies"),
+        html.P("Each study tunes learning rate, epochs and retain weight of unlearning methods against the "
+               "approximate-retraining target. Pick one to see its Pareto fronts, robustness and guidelines.",
+               className="lead"),
+        html.Div(study_table(rows), id="study-list"),
+        dcc.Interval(id="list-refresh", interval=refresh_ms, disabled=not any(r["status"] == "running" for r in rows)),
+    ])
+
+
+def study_table(rows: list[dict[str, Any]]) -> html.Div | html.P:
+    if not rows:
+        return html.P("No studies in this store yet: run `tuner study run studies/quickstart.yaml`.")
+    head = html.Thead(html.Tr([html.Th(h) for h in ("study", "model", "status", "finished trials", "search units",
+                                                     "created", "notes")]))
+    body = []
+    for r in rows:
+        budget = f" of {r['budget'] * r['units']}" if r.get("budget") and r["units"] else ""
+        running = r["by_status"].get("running", 0)
+        status = r["status"] + (f" ({running} trials running)" if running else "")
+        body.append(html.Tr([
+            html.Td(dcc.Link(r["name"], href="/study/" + quote(r["name"], safe=""), className="study-link")),
+            html.Td(r["model"]), html.Td(status, className="live" if r["status"] == "running" else None),
+            html.Td(f"{r['finished']}{budget}"), html.Td(str(r["units"])),
+            html.Td(f"{r['created_at']:%Y-%m-%d %H:%M}" if r.get("created_at") else "–"),
+            html.Td(r["notes"], className="notes"),
+        ]))
+    return html.Table([head, html.Tbody(body)], className="simple", id="study-table")
+
+
+# ---- a study --------------------------------------------------------------------------------------------------
+
+def study_page(cache: StudyCache, name: str, refresh_ms: int) -> html.Div:
+    try:
+        stamp, data, figs = cache.figures(name, abs_gap=False)
+    except TunerError as err:
+        return html.Div([html.H1("Study not found"), html.P(str(err), className="error"),
+                         dcc.Link("back to the study list", href="/")])
+    curve_ids = data.default_curve_trials()  # what figs["fig-curves"] shows
+    graph = {sid: _graph(sid, figs[sid]) for sid in figs}
+    sections = {sid: (title, lead) for sid, title, lead in SECTIONS}
+    return html.Div([
+        dcc.Store(id="study-name", data=data.name), dcc.Store(id="study-stamp", data=list(stamp)),
+        dcc.Interval(id="study-refresh", interval=refresh_ms, disabled=not data.running),
+        html.H1(f"Study {data.name}", id="study-title"),
+        html.Div(data.notes, className="notes", id="study-notes") if data.notes else None,
+        html.Nav([html.A(title, href=f"#{sid}") for sid, title, _ in SECTIONS]
+                 + [html.A("Guidelines", href="#guidelines"), html.A("Trial table", href="#trials")],
+                 className="sections"),
+        html.Div(study_header(data), id="study-header"),
+        _section("fig-pareto", sections, [
+            html.Div([html.Label("x axis:"), dcc.RadioItems(id="gap-mode", value="signed", inline=True, options=[
+                {"label": " forget gap (signed)", "value": "signed"}, {"label": " |forget gap|", "value": "abs"}])],
+                className="controls"),
+            graph["fig-pareto"]]),
+        _section("fig-robustness", sections, [graph["fig-robustness"]]),
+        _section("fig-curves", sections, [
+            html.Div([html.Label("trials:"), dcc.Dropdown(id="curve-trials", options=curve_options(data, curve_ids),
+                                                          value=curve_ids, multi=True, style={"minWidth": "640px"})],
+                     className="controls"),
+            graph["fig-curves"]]),
+        _section("fig-hypervolume", sections, [graph["fig-hypervolume"]]),
+        _section("fig-parallel", sections, [graph["fig-parallel"]]),
+        html.Section([html.H2("4c. Trials"), html.P("Sort by clicking a column header; filter by typing under it "
+                                                    "(e.g. > 0.1, or a status).", className="lead"),
+                      trial_table(data)], id="trials"),
+        _section("fig-efficiency", sections, [graph["fig-efficiency"]]),
+    ])
+
+
+def _section(sid: str, sections: dict[str, tuple[str, str]], children: list) -> html.Section:
+    title, lead = sections[sid]
+    return html.Section([html.H2(title), html.P(lead, className="lead"), *children], id=f"section-{sid}")
+
+
+def _graph(sid: str, fig: dict) -> dcc.Graph:
+    height = (fig.get("layout") or {}).get("height") or 450
+    return dcc.Graph(id=sid, figure=fig, config={"displaylogo": False}, style={"height": f"{height}px"})
+
+
+def study_header(data: StudyData) -> list:
+    facts = html.Table(html.Tbody([html.Tr([html.Th(k), html.Td(v)]) for k, v in header_facts(data)]),
+                       className="simple facts")
+    live = [html.P("The study is running: this page refreshes every few seconds as trials finish.",
+                   className="live")] if data.running else []
+    return [*live, facts, html.H2("Recommendation", id="recommendation"), recommendation_table(data),
+            html.Section([html.H2("5. Tuning guidelines, checked on this study's data"), guideline_table(data)],
+                         id="guidelines")]
+
+
+def recommendation_table(data: StudyData):
+    rows = recommendation_rows(data)
+    if not rows:
+        return html.P(data.recommendation_note or "no recommendation", className="lead")
+    head = ("scope", "status", "trial", "hyperparameters", "forget gap", "utility drop", "robustness", "reason")
+    keys = ("scope", "status", "trial", "params", "forget_gap", "utility_drop", "robustness", "reason")
+    return html.Div(html.Table([html.Thead(html.Tr([html.Th(h) for h in head])),
+                                html.Tbody([html.Tr([html.Td(r[k]) for k in keys]) for r in rows])],
+                               className="simple", id="recommendation-table"), className="wrap")
+
+
+def guideline_table(data: StudyData) -> html.Table:
+    body = []
+    for g in guideline_rows(data):
+        body.append(html.Tr([
+            html.Td(str(g["number"])), html.Td([html.B(g["title"]), ": " + g["rule"]]),
+            html.Td(g["verdict"], className="verdict", style={"color": VERDICT_COLOURS.get(g["verdict"])}),
+            html.Td(g["reason"]), html.Td(html.A(g["figure_name"], href=f"#{g['figure']}"))]))
+    return html.Table([html.Thead(html.Tr([html.Th(h) for h in ("#", "guideline", "check", "evidence", "figure")])),
+                       html.Tbody(body)], className="simple", id="guideline-table")
+
+
+MAX_CURVE_OPTIONS = 80
+
+
+def curve_options(data: StudyData, keep: list[int] | None = None) -> list[dict[str, Any]]:
+    """Trials offered for the curve figure: the recommended ones, each method's Pareto front, then the trials
+    closest to the target, at most MAX_CURVE_OPTIONS (a dropdown indexes every label it holds), plus `keep`."""
+    picked = set(data.recommended_ids().values())
+    with_curve = [r for r in data.rows if r["id"] in data.curves]
+    closest = sorted(with_curve, key=lambda r: (r["id"] not in picked, not r["pareto"],
+                                                abs(r["metrics"].get("forget_gap") if r["metrics"].get("forget_gap")
+                                                    is not None else math.inf)))
+    chosen = {r["id"] for r in closest[:MAX_CURVE_OPTIONS]} | set(keep or [])
+    out = []
+    for r in with_curve:
+        if r["id"] not in chosen:
+            continue
+        gap = r["metrics"].get("forget_gap")
+        label = (f"{r['unit']} #{r['number']} ({r['status']}, gap {fmt(gap, '+.3f')})"
+                 + (" ★" if r["id"] in picked else ""))
+        out.append({"label": label, "value": r["id"]})
+    return out
+
+
+def trial_table(data: StudyData) -> dash_table.DataTable:
+    columns = []
+    for key, label in TABLE_COLUMNS:
+        col: dict[str, Any] = {"name": label, "id": key, "hideable": True}
+        if key in NUMERIC:
+            col["type"] = "numeric"
+            if key == "lr":
+                col["format"] = Format(precision=3, scheme=Scheme.exponent)
+            elif key in ("forget_gap", "utility_drop", "mia_auc", "forget_nll", "unseen_nll", "retain_nll"):
+                col["format"] = Format(precision=4, scheme=Scheme.fixed)
+        columns.append(col)
+    rows = table_rows(data)
+    return dash_table.DataTable(
+        id="trial-table", columns=columns, data=rows, sort_action="native", filter_action="native",
+        page_size=15, style_table={"overflowX": "auto"}, sort_mode="multi", hidden_columns=list(HIDDEN_COLUMNS),
+        style_cell={"fontFamily": "DejaVu Sans, Arial, sans-serif", "fontSize": 12, "padding": "3px 6px",
+                    "maxWidth": 320, "overflow": "hidden", "textOverflow": "ellipsis"},
+        style_header={"fontWeight": "600", "backgroundColor": "#f6f8fa"},
+        style_cell_conditional=[{"if": {"column_id": key}, "textAlign": "left"} for key, _ in TABLE_COLUMNS
+                                if key not in NUMERIC],
+        style_data_conditional=[{"if": {"column_id": "error"}, "color": "#cf222e"}],
+        tooltip_data=[{"error": {"value": r["error"], "type": "text"}} if r["error"] else {} for r in rows],
+        tooltip_duration=None)
+
+
+def serve(store_url: str | None, host: str = "127.0.0.1", port: int = 8050, token: str | None = None) -> None:
+    app = create_app(store_url, token=token)
+    app.run(host=host, port=port, debug=False)
+

@@ -1,0 +1,335 @@
+"""One study read from the store into plain rows, each trial classified against the spec's target.
+
+Outcome classes (the colours of every dashboard), with the tolerances the study was run with
+(`spec['target']`):
+
+- ``remembered``: forget gap < -gap_tolerance (the forget set is still more likely than unseen text);
+- ``in_band``: |forget gap| <= gap_tolerance (the approximate-retraining target);
+- ``over_unlearned``: forget gap > gap_tolerance (it now looks *less* likely than unseen text);
+- ``diverged`` (a non-finite loss), ``failed`` (no metrics), ``running`` / ``interrupted``.
+
+When MIA AUC is one of the study's objectives, a trial in the gap band whose AUC is more than
+`mia_tolerance` from 0.5 is classed by the AUC's side, as the recommender does.
+
+A *success* (what the robustness map's success window and the guideline checks count) is a trial in the
+band whose utility drop is within `utility_tolerance`: a model that reached gap 0 by collapsing is no success.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from dashboards import queries
+from tuner.pareto import pareto_indices
+from tuner.recommend import OK_STATUSES, outcome, succeeded
+from tuner.store import Store
+
+OUTCOMES = ("remembered", "in_band", "over_unlearned", "diverged", "failed")
+OUTCOME_LABELS = {"remembered": "still remembered", "in_band": "in the target band", "over_unlearned": "over-unlearned",
+                  "diverged": "diverged", "failed": "failed", "running": "running", "interrupted": "interrupted",
+                  "in_band_damaged": "in the band, utility drop over tolerance"}
+DEFAULT_TARGET = {"gap_tolerance": 0.1, "utility_tolerance": 0.5, "mia_tolerance": 0.1}
+PARAM_LABELS = {"lr": "learning rate", "epochs": "epochs", "retain_weight": "retain weight λ"}
+
+
+def classify(row: dict[str, Any], target: dict[str, float], use_mia: bool = False) -> str:
+    """The outcome class of one trial row: the recommender's own rule, so page and export agree."""
+    return outcome(row, target, use_mia)
+
+
+@dataclass
+class Unit:
+    """A search unit: a method, and for methods with retain data, its retain source."""
+
+    name: str
+    method: str
+    retain_source: str | None
+    has_lambda: bool
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["outcome"] not in ("running", "interrupted")]
+
+    @property
+    def in_band(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["outcome"] == "in_band"]
+
+    @property
+    def successes(self) -> list[dict[str, Any]]:
+        """In the band with the utility drop within tolerance."""
+        return [r for r in self.rows if r["success"]]
+
+    @property
+    def success_rate(self) -> float | None:
+        n = len(self.finished)
+        return len(self.successes) / n if n else None
+
+    @property
+    def window_decades(self) -> float:
+        """Width of the success window in decades of learning rate (0 for one success or none)."""
+        lrs = [math.log10(r["params"]["lr"]) for r in self.successes if r["params"].get("lr")]
+        return max(lrs) - min(lrs) if lrs else 0.0
+
+
+@dataclass
+class StudyData:
+    name: str
+    model: str
+    status: str
+    notes: str
+    spec: dict[str, Any]
+    target: dict[str, float]
+    objectives: list[str]
+    baseline: dict[str, float] | None
+    exact_retrain: dict[str, float] | None
+    data_summary: dict[str, Any] | None
+    versions: dict[str, Any] | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    rows: list[dict[str, Any]]
+    units: dict[str, Unit]
+    curves: dict[int, list[dict[str, Any]]]
+    recommendation: dict[str, Any] | None
+    recommendation_note: str | None
+
+    @property
+    def uses_mia(self) -> bool:
+        return "mia_auc" in self.objectives
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    def row(self, trial_id: int | None) -> dict[str, Any] | None:
+        return next((r for r in self.rows if r["id"] == trial_id), None)
+
+    def recommended_ids(self) -> dict[str, int]:
+        """unit → trial id of its recommended (or closest) trial."""
+        rec = self.recommendation or {}
+        return {u: r["trial_id"] for u, r in (rec.get("units") or {}).items() if r.get("trial_id") is not None}
+
+    def overall_id(self) -> int | None:
+        return ((self.recommendation or {}).get("overall") or {}).get("trial_id")
+
+    def default_curve_trials(self, limit: int = 4) -> list[int]:
+        """The overall recommendation first, then each unit's pick, then the trials closest to the target."""
+        ids: list[int] = []
+        picks = self.recommended_ids()
+        first = [picks.get(u) for u in ("ga", "ga_gd@in_distribution")]  # the guideline 2/3 contrast
+        for tid in [self.overall_id(), *first, *picks.values()]:
+            if tid is not None and tid not in ids and tid in self.curves:
+                ids.append(tid)
+        if len(ids) < limit:
+            with_gap = [r for r in self.rows if r["metrics"].get("forget_gap") is not None and r["id"] in self.curves]
+            for r in sorted(with_gap, key=lambda r: abs(r["metrics"]["forget_gap"])):
+                if r["id"] not in ids:
+                    ids.append(r["id"])
+                if len(ids) >= limit:
+                    break
+        return ids[:limit]
+
+
+def load_study(store: Store, name: str, curves: bool = True, recommend: bool = True) -> StudyData:
+    """Everything the dashboards show of one study, from the store only (raises TunerError if unknown)."""
+    study = store.study(name)
+    spec = study.spec or {}
+    target = {**DEFAULT_TARGET, **(spec.get("target") or {})}
+    objectives = list(spec.get("objectives") or ["forget_gap", "utility_drop"])
+    use_mia = "mia_auc" in objectives
+    rows = store.trials(name)
+    pristine = [dict(r) for r in rows]  # the rows as the store gave them, for the recommender
+    units: dict[str, Unit] = {}
+    for search in sorted(study.searches, key=lambda s: s.id):
+        units[search.unit] = Unit(search.unit, search.method, search.retain_source, has_lambda=False)
+    for r in rows:
+        r["metrics"] = r.get("metrics") or {}
+        r["params"] = r.get("params") or {}
+        r["result"] = r.get("result") or {}
+        r["outcome"] = classify(r, target, use_mia)
+        r["success"] = succeeded(r, target, use_mia)
+        r["map_class"] = "in_band_damaged" if r["outcome"] == "in_band" and not r["success"] else r["outcome"]
+        r["pareto"] = False
+        r["recommended"] = False
+        unit = units.get(r["unit"])
+        if unit is None:
+            unit = units[r["unit"]] = Unit(r["unit"], r["method"], r["retain_source"], False)
+        if r["params"].get("retain_weight") is not None:
+            unit.has_lambda = True
+        unit.rows.append(r)
+    for unit in units.values():
+        scored = [r for r in unit.rows if objective_point(r, objectives) is not None]
+        for i in pareto_indices([objective_point(r, objectives) for r in scored]):
+            scored[i]["pareto"] = True
+    recommendation, note = _recommend(_Preloaded(store, study, pristine), name) if recommend else \
+        (None, "recommendation not requested")
+    data = StudyData(name=study.name, model=study.model, status=study.status, notes=spec.get("notes") or "",
+                     spec=spec, target=target, objectives=objectives, baseline=study.baseline,
+                     exact_retrain=study.exact_retrain, data_summary=study.data_summary, versions=study.versions,
+                     created_at=study.created_at, updated_at=study.updated_at, rows=rows, units=units,
+                     curves=queries.study_curves(store, study.id) if curves else {},
+                     recommendation=recommendation, recommendation_note=note)
+    for tid in data.recommended_ids().values():
+        row = data.row(tid)
+        if row is not None:
+            row["recommended"] = True
+    return data
+
+
+class _Preloaded:
+    """The store, except that the study and its trials already read are handed out again (as copies) instead
+    of being read twice: the recommender reads the same rows the page shows, in the same state."""
+
+    def __init__(self, store: Store, study: Any, rows: list[dict[str, Any]]) -> None:
+        self._store, self._study, self._rows = store, study, rows
+
+    def study(self, name: str) -> Any:
+        return self._study if name == self._study.name else self._store.study(name)
+
+    def trials(self, name: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._rows] if name == self._study.name else self._store.trials(name)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._store, attr)
+
+
+def _recommend(store: Store, name: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The recommender's picks (`tuner.recommend.recommend_study`); the dashboards still draw without it."""
+    try:
+        from tuner.recommend import recommend_study
+    except ImportError as err:
+        return None, f"the recommender is not available ({err})"
+    try:
+        return recommend_study(store, name), None
+    except Exception as err:  # noqa: BLE001 - one broken panel must not take the whole page down
+        return None, f"the recommender failed: {type(err).__name__}: {err}"
+
+
+def objective_point(row: dict[str, Any], objectives: list[str]) -> list[float] | None:
+    """The trial's stored (minimised) objective values, or None when it has none (diverged, failed)."""
+    if row.get("status") not in OK_STATUSES:
+        return None
+    obj = row.get("objectives") or {}
+    values = [obj.get(o) for o in objectives]
+    if any(v is None or not math.isfinite(v) for v in values):
+        return None
+    return [float(v) for v in values]
+
+
+def plotted(row: dict[str, Any]) -> bool:
+    """Whether a trial is a point of the Pareto figure: it finished with a forget gap and a utility drop."""
+    m = row["metrics"]
+    return row["status"] in OK_STATUSES and m.get("forget_gap") is not None and m.get("utility_drop") is not None
+
+
+def expected_points(data: StudyData) -> dict[str, int]:
+    """Points per unit the Pareto figure must show (what the browser tests check against)."""
+    return {u: sum(plotted(r) for r in unit.rows) for u, unit in data.units.items()}
+
+
+# ---- efficiency ----------------------------------------------------------------------------------------------
+
+def device_seconds(row: dict[str, Any]) -> float | None:
+    """Wall time × devices (world size); a CPU run counts as one device."""
+    wall = row.get("wall_time_s")
+    if wall is None:
+        return None
+    return float(wall) * int(row.get("world_size") or 1)
+
+
+def tokens(row: dict[str, Any]) -> int:
+    res = row["result"]
+    return int(res.get("train_tokens") or 0) + int(res.get("eval_tokens") or 0)
+
+
+def efficiency(data: StudyData) -> dict[str, Any]:
+    """Per-trial and total cost, against an estimate of retraining from scratch.
+
+    The retraining estimate is a *lower bound* the store can support: one pass over the retained training
+    data the study knows of (every `retain_*_train` block in `data_summary`) at the training speed these
+    trials measured (training seconds per token). A real model's pre-training corpus is far larger.
+    """
+    rows = [r for r in data.rows if device_seconds(r) is not None]
+    total_s = sum(device_seconds(r) for r in rows)
+    total_tokens = sum(tokens(r) for r in rows)
+    train_tokens = sum(int(r["result"].get("train_tokens") or 0) for r in rows)
+    train_s = sum(float(r["result"].get("train_time_s") or 0.0) * int(r.get("world_size") or 1) for r in rows)
+    block = _block_tokens(rows)
+    blocks = (data.data_summary or {}).get("blocks") or {}
+    retain_blocks = sum(int(n) for k, n in blocks.items() if k.startswith("retain_") and k.endswith("_train"))
+    retrain_tokens = retain_blocks * block if block else None
+    retrain_s = retrain_tokens * train_s / train_tokens if retrain_tokens and train_tokens and train_s else None
+    per_trial = [device_seconds(r) for r in rows]
+    return {"rows": rows, "total_device_s": total_s, "total_tokens": total_tokens, "train_tokens": train_tokens,
+            "median_trial_s": statistics.median(per_trial) if per_trial else None,
+            "median_trial_tokens": statistics.median([tokens(r) for r in rows]) if rows else None,
+            "block_tokens": block, "retain_blocks": retain_blocks, "retrain_tokens": retrain_tokens,
+            "retrain_device_s": retrain_s,
+            "retrain_basis": (f"lower bound: one pass over the {retain_blocks:,} retained training blocks "
+                              f"({retrain_tokens:,} tokens) this study knows of, at the measured training speed; "
+                              "a real pre-training corpus is far larger") if retrain_tokens else
+                             "no estimate: the store has no data summary or no trial trained"}
+
+
+def _block_tokens(rows: list[dict[str, Any]]) -> int | None:
+    """Tokens per block, from any trial that trained: train tokens / (steps × micro-batches × batch size)."""
+    for r in rows:
+        res = r["result"]
+        env = res.get("environment") or {}
+        steps, toks = res.get("steps_done"), res.get("train_tokens")
+        per_step = int(env.get("batch_size") or 0) * int(env.get("grad_accum") or 1)
+        if steps and toks and per_step:
+            return round(toks / (steps * per_step))
+    return None
+
+
+# ---- formatting shared by the figures, the app and the report ------------------------------------------------
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def table_rows(data: StudyData) -> list[dict[str, Any]]:
+    """The sortable trial table: one flat record per trial (numbers stay numbers, so sorting is numeric)."""
+    out = []
+    for r in data.rows:
+        m, p, res = r["metrics"], r["params"], r["result"]
+        out.append({
+            "id": r["id"], "unit": r["unit"], "number": r["number"], "status": r["status"],
+            "outcome": OUTCOME_LABELS.get(r["map_class"], r["map_class"]),
+            "pareto": "yes" if r["pareto"] else "", "recommended": "yes" if r["recommended"] else "",
+            "lr": p.get("lr"), "epochs": p.get("epochs"), "retain_weight": p.get("retain_weight"),
+            "forget_gap": _round(m.get("forget_gap")), "utility_drop": _round(m.get("utility_drop")),
+            "mia_auc": _round(m.get("mia_auc")), "forget_nll": _round(m.get("forget_nll")),
+            "unseen_nll": _round(m.get("unseen_nll")), "retain_nll": _round(m.get("retain_nll")),
+            "steps": res.get("steps_done"), "stop_step": res.get("stop_step"), "selected_step": res.get("selected_step"),
+            "device_s": _round(device_seconds(r), 2), "tokens": tokens(r) or None, "device": r.get("device"),
+            "effective_batch": r.get("effective_batch"), "world_size": r.get("world_size"),
+            "error": r.get("error") or "",
+        })
+    return out
+
+
+TABLE_COLUMNS = [
+    ("id", "trial"), ("unit", "unit"), ("number", "#"), ("status", "status"), ("outcome", "outcome"),
+    ("pareto", "Pareto"), ("recommended", "picked"), ("lr", "lr"), ("epochs", "epochs"), ("retain_weight", "λ"),
+    ("forget_gap", "forget gap"), ("utility_drop", "utility drop"), ("mia_auc", "MIA AUC"),
+    ("forget_nll", "forget NLL"), ("unseen_nll", "unseen NLL"), ("retain_nll", "retain NLL"), ("steps", "steps"),
+    ("stop_step", "stop step"), ("selected_step", "selected step"), ("device_s", "device-s"), ("tokens", "tokens"),
+    ("device", "device"), ("effective_batch", "eff. batch"), ("world_size", "world"), ("error", "error"),
+]
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)

@@ -1,0 +1,82 @@
+"""What the study page says besides its figures, shared by the Dash app and the HTML export: the header
+facts, the recommendation summary and the guideline panel, as plain data (the callers escape or let Dash
+escape every string)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dashboards.data import StudyData, fmt
+from dashboards.guidelines import CONTRADICTED, HOLDS, check_all
+
+VERDICT_COLOURS = {HOLDS: "#1a7f37", CONTRADICTED: "#cf222e", "not enough data": "#6e7781"}
+SECTIONS = (
+    ("fig-pareto", "1. Pareto front across methods",
+     "Each method's front over the study's objectives as a line, dominated trials faded; green band: the "
+     "approximate-retraining target; red dashed line: the utility tolerance; ★: each method's recommended point."),
+    ("fig-robustness", "2. Robustness map",
+     "Learning rate × epochs (and × retain weight λ) per method, coloured by outcome; the shaded lr span is the "
+     "method's success window (in the band with the utility drop within tolerance)."),
+    ("fig-curves", "3. Unlearning curves",
+     "Forget, unseen and retain NLL against step for the chosen trials, the forget gap against the target band, "
+     "stop points and (testbed) the exact-retrain model's forget NLL."),
+    ("fig-hypervolume", "4a. Hypervolume history", "Dominated hypervolume of each method's search after each trial."),
+    ("fig-parallel", "4b. Parallel coordinates",
+     "Hyperparameters to objectives, one line per trial; hover the points on the forget-gap axis for the trial. "
+     "Click a legend entry to hide an outcome."),
+    ("fig-efficiency", "6. Efficiency", "Device-seconds and tokens per trial and in total, against retraining."),
+)
+
+
+def header_facts(data: StudyData) -> list[tuple[str, str]]:
+    t = data.target
+    counts: dict[str, int] = {}
+    for r in data.rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    facts = [("model", data.model), ("status", data.status),
+             ("trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none yet"),
+             ("search units", str(len(data.units))), ("objectives (minimised)", ", ".join(data.objectives)),
+             ("target", f"|forget gap| ≤ {t['gap_tolerance']:g}, utility drop ≤ {t['utility_tolerance']:g}"
+                        + (f", |MIA AUC − 0.5| ≤ {t['mia_tolerance']:g}" if data.uses_mia else "")),
+             ("sampler / budget", f"{(data.spec.get('sampler') or {}).get('name', '?')}, "
+                                  f"{(data.spec.get('budget') or {}).get('trials', '?')} trials per unit")]
+    if data.baseline:
+        facts.append(("original model", f"forget gap {fmt(data.baseline.get('forget_gap'), '+.3f')}, MIA AUC "
+                                        f"{fmt(data.baseline.get('mia_auc'))}"))
+    if data.exact_retrain:
+        facts.append(("exact retrain (testbed)", f"forget NLL {fmt(data.exact_retrain.get('forget_nll'))}, gap "
+                                                 f"{fmt(data.exact_retrain.get('forget_gap'), '+.3f')}"))
+    if data.created_at is not None:
+        facts.append(("created", f"{data.created_at:%Y-%m-%d %H:%M} UTC"))
+    if data.versions:
+        facts.append(("versions", ", ".join(f"{k} {v}" for k, v in data.versions.items())))
+    return facts
+
+
+def recommendation_rows(data: StudyData) -> list[dict[str, str]]:
+    """One line per unit (overall first): status, trial, hyperparameters, gap, utility drop, robustness, reason."""
+    rec = data.recommendation
+    if rec is None:
+        return []
+    items = [("overall", rec.get("overall") or {})] + list((rec.get("units") or {}).items())
+    out = []
+    for label, r in items:
+        row = data.row(r.get("trial_id"))
+        params = (row or {}).get("params") or r.get("params") or {}
+        metrics = (row or {}).get("metrics") or r.get("metrics") or {}
+        unit = r.get("unit") if label == "overall" else label
+        warnings = "; ".join(r.get("warnings") or [])
+        out.append({
+            "scope": "overall" + (f" ({unit})" if unit else "") if label == "overall" else label,
+            "status": r.get("status", ""),
+            "trial": f"#{row['number']} (id {row['id']})" if row else "–",
+            "params": ", ".join(f"{k} {fmt(v, '.3g')}" for k, v in params.items()) or "–",
+            "forget_gap": fmt(metrics.get("forget_gap"), "+.3f"), "utility_drop": fmt(metrics.get("utility_drop"), "+.3f"),
+            "robustness": fmt(r.get("robustness"), ".2f"),
+            "reason": r.get("reason", "") + (f" (warning: {warnings})" if warnings else ""),
+        })
+    return out
+
+
+def guideline_rows(data: StudyData) -> list[dict[str, Any]]:
+    return [c.as_dict() for c in check_all(data)]

@@ -1,0 +1,61 @@
+"""Read-only store queries the `Store` class does not offer, written against `tuner.store.schema`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from sqlalchemy import func, select
+
+from tuner.store import CURVE_KEYS, Store
+from tuner.store.schema import CurvePoint, Search, Study, Trial
+
+
+def study_curves(store: Store, study_id: int) -> dict[int, list[dict[str, Any]]]:
+    """Every trial's unlearning curve of one study in a single query: {trial id: [points by step]}."""
+    columns = [CurvePoint.trial_id, CurvePoint.step, *(getattr(CurvePoint, k) for k in CURVE_KEYS)]
+    query = (select(*columns).join(Trial, Trial.id == CurvePoint.trial_id).join(Search, Search.id == Trial.search_id)
+             .where(Search.study_id == study_id).order_by(CurvePoint.trial_id, CurvePoint.step))
+    out: dict[int, list[dict[str, Any]]] = {}
+    with store.sessions() as s:
+        for row in s.execute(query):
+            out.setdefault(row[0], []).append({"step": row[1], **dict(zip(CURVE_KEYS, row[2:], strict=True))})
+    return out
+
+
+def trial_curve(store: Store, trial_id: int) -> list[dict[str, Any]]:
+    return store.curve(trial_id)
+
+
+def study_list(store: Store) -> list[dict[str, Any]]:
+    """The list page: every study with its model, status, notes, target and trial counts by status."""
+    with store.sessions() as s:
+        counts: dict[int, Counter] = {}
+        for study_id, status, n in s.execute(select(Search.study_id, Trial.status, func.count(Trial.id))
+                                             .join(Trial, Trial.search_id == Search.id)
+                                             .group_by(Search.study_id, Trial.status)):
+            counts.setdefault(study_id, Counter())[status] = n
+        units = dict(s.execute(select(Search.study_id, func.count(Search.id)).group_by(Search.study_id)).all())
+        out = []
+        for st in s.scalars(select(Study).order_by(Study.created_at)):
+            spec = st.spec or {}
+            c = counts.get(st.id, Counter())
+            out.append({"name": st.name, "model": st.model, "status": st.status, "notes": spec.get("notes") or "",
+                        "units": units.get(st.id, 0), "trials": sum(c.values()), "by_status": dict(c),
+                        "finished": sum(n for k, n in c.items() if k not in ("running", "interrupted")),
+                        "budget": (spec.get("budget") or {}).get("trials"), "created_at": st.created_at,
+                        "updated_at": st.updated_at})
+    return out
+
+
+def study_stamp(store: Store, name: str) -> tuple:
+    """A cheap fingerprint of a study's state (status, trials, curve points) to know when to redraw."""
+    with store.sessions() as s:
+        row = s.execute(select(Study.id, Study.status, Study.updated_at).where(Study.name == name)).first()
+        if row is None:
+            return (None,)
+        trials = s.execute(select(func.count(Trial.id), func.max(Trial.finished_at))
+                           .join(Search, Search.id == Trial.search_id).where(Search.study_id == row[0])).first()
+        points = s.scalar(select(func.count()).select_from(CurvePoint).join(Trial, Trial.id == CurvePoint.trial_id)
+                          .join(Search, Search.id == Trial.search_id).where(Search.study_id == row[0]))
+        return (row[1], str(row[2]), trials[0], str(trials[1]), points)

@@ -1,0 +1,520 @@
+"""Dashboards over a store filled by a real micro study: figures, guideline checks, the Dash app and the
+offline HTML export, checked in headless Chromium (scripts/install-chromium.sh installs it)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dashboards import data as D
+from dashboards import figures as F
+from dashboards import guidelines as G
+from dashboards.hypervolume import hypervolume
+from tuner.errors import TunerError
+from tuner.store import Store
+
+pytestmark = pytest.mark.filterwarnings("ignore:(?s).*dash_table.DataTable will be removed:DeprecationWarning")
+
+CHROMIUM = os.environ.get("TUNER_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+NOTES = "Escaping check: <script>window.__xss = 1</script> <img src=x onerror=\"window.__xss = 2\"> & <b>bold</b>"
+ERROR = "<img src=x onerror=\"window.__xss = 3\"> worker said: a < b & c > d"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, bench, cache_dir):
+    """A real micro study (GA and GA+GD, 2 trials each) in a fresh SQLite store, plus one failed trial whose
+    error text is HTML, to check escaping."""
+    from tuner.orchestrator import run_study
+    from tuner.spec import load_spec
+
+    root = tmp_path_factory.mktemp("dash-study")
+    doc = {"name": "dash", "model": "testbed:micro", "notes": NOTES, "methods": ["ga", "ga_gd"],
+           "retain_sources": ["in_distribution"], "budget": {"trials": 2}, "concurrency": 2,
+           "sampler": {"name": "tpe", "n_startup_trials": 1},
+           "search": {"lr": {"low": 3e-4, "high": 2e-3}, "epochs": {"low": 1, "high": 2}},
+           "run": {"eval_every": 4, "device": "cpu"}}
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    spec, text = load_spec(path)
+    url = f"sqlite:///{root / 'studies.db'}"
+    store = Store(url)
+    run_study(spec, text, store)
+    with store.sessions() as s:
+        from sqlalchemy import select
+
+        from tuner.store.schema import Search
+
+        search_id = s.scalar(select(Search.id).where(Search.unit == "ga"))
+    row = store.start_trial(search_id, {"lr": 1e-3, "epochs": 1})
+    store.finish_trial(row, "failed", None, None, error=ERROR)
+    return {"url": url, "name": "dash", "store": store, "root": root}
+
+
+@pytest.fixture(scope="module")
+def loaded(study):
+    return D.load_study(study["store"], study["name"])
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("TUNER_REQUIRE_BROWSER") or os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} not found: run scripts/install-chromium.sh")
+        pytest.skip(f"{CHROMIUM} not found (scripts/install-chromium.sh installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Server:
+    """The Dash app on a free loopback port, in a thread."""
+
+    def __init__(self, app) -> None:
+        from werkzeug.serving import make_server
+
+        self.httpd = make_server("127.0.0.1", 0, app.server, threaded=True)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(study):
+    from dashboards.app import create_app
+
+    srv = Server(create_app(study["url"]))
+    yield srv
+    srv.stop()
+
+
+def open_page(browser, url: str, offline: bool = False):
+    """A new page that records console errors, uncaught exceptions and dialogs (an executed alert)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    if offline:
+        context.set_offline(True)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    page.goto(url)
+    return context, page, problems
+
+
+POINTS_JS = """sel => {
+  const gd = document.querySelector(sel);
+  const out = {};
+  for (const t of gd.data) {
+    const m = t.meta || {};
+    if (m.role === 'front' || m.role === 'dominated') out[m.unit] = (out[m.unit] || 0) + t.x.length;
+  }
+  return out;
+}"""
+FIGURE_IDS = [sid for sid, _, _ in F.FIGURES]
+
+
+def check_rendered(page, expected: dict[str, int]) -> None:
+    for sid in FIGURE_IDS:
+        page.wait_for_selector(f"#{sid} .js-plotly-plot .main-svg", timeout=20_000)
+    points = page.evaluate(POINTS_JS, "#fig-pareto .js-plotly-plot")
+    assert points == {u: n for u, n in expected.items() if n}, points
+    assert page.evaluate("window.__xss") is None  # no stored text ran as script
+
+
+# ---- data, figures, guidelines (no browser) ---------------------------------------------------------------------
+
+def test_study_rows_are_classified_against_the_spec_target(loaded):
+    assert set(loaded.units) == {"ga", "ga_gd@in_distribution"}
+    assert loaded.notes == NOTES and loaded.status == "finished"
+    tol = loaded.target["gap_tolerance"]
+    for r in loaded.rows:
+        gap = r["metrics"].get("forget_gap")
+        if r["status"] == "failed":
+            assert r["outcome"] == "failed" and r["error"] == ERROR
+        elif r["status"] == "diverged":
+            assert r["outcome"] == "diverged"
+        else:
+            expect = "remembered" if gap < -tol else "over_unlearned" if gap > tol else "in_band"
+            assert r["outcome"] == expect
+    expected = D.expected_points(loaded)
+    assert expected["ga_gd@in_distribution"] == sum(r["status"] in D.OK_STATUSES for r in
+                                                    loaded.units["ga_gd@in_distribution"].rows)
+    assert sum(expected.values()) >= 2
+
+
+def test_classification_agrees_with_the_recommender(loaded):
+    recommend = pytest.importorskip("tuner.recommend")
+    for r in loaded.rows:
+        assert D.classify(r, loaded.target, loaded.uses_mia) == recommend.outcome(r, loaded.target, loaded.uses_mia)
+    assert loaded.recommendation is not None, loaded.recommendation_note
+    assert set(loaded.recommendation["units"]) == set(loaded.units)
+
+
+def test_pareto_figure_has_every_finished_trial_once(loaded):
+    fig = F.pareto(loaded)
+    counted: dict[str, int] = {}
+    ids = []
+    for t in fig.data:
+        meta = t.meta or {}
+        if meta.get("role") in ("front", "dominated"):
+            counted[meta["unit"]] = counted.get(meta["unit"], 0) + len(t.x)
+            ids += list(t.customdata)
+        if meta.get("role") == "recommended":
+            assert loaded.recommended_ids()[meta["unit"]] == t.customdata[0]
+    assert counted == {u: n for u, n in D.expected_points(loaded).items() if n}
+    assert len(ids) == len(set(ids))
+    front = {t.meta["unit"]: list(t.customdata) for t in fig.data if (t.meta or {}).get("role") == "front"}
+    for unit, tids in front.items():
+        assert tids and all(loaded.row(i)["pareto"] for i in tids), unit
+    shapes = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert shapes[0].x0 == -loaded.target["gap_tolerance"] and shapes[0].x1 == loaded.target["gap_tolerance"]
+    assert any(s.type == "line" and s.y0 == loaded.target["utility_tolerance"] for s in fig.layout.shapes)
+
+
+def test_every_figure_builds_and_escapes_stored_text(loaded):
+    import plotly.graph_objects as go
+
+    figs = F.all_figures(loaded, abs_gap=True)
+    assert set(figs) == set(FIGURE_IDS)
+    empty = D.StudyData(**{**loaded.__dict__, "rows": [], "units": {}, "curves": {}, "recommendation": None})
+    for fig in [*figs.values(), *F.all_figures(loaded).values(), *F.all_figures(empty).values()]:
+        raw = fig.to_plotly_json()
+        # built unvalidated for speed: validate here; a "magic underscore" key (line_width) would be rewritten
+        assert go.Figure(raw).to_plotly_json() == raw
+    for fig in figs.values():
+        text = fig.to_json()
+        assert "<img" not in text and "<script" not in text  # plotly's JSON escapes <, but check the source too
+    hovers = [h for t in figs["fig-pareto"].data for h in (t.hovertext or [])]
+    assert hovers and all("onerror" not in h or "&lt;img" in h for h in hovers)
+    robust = figs["fig-robustness"]
+    failed = [h for t in robust.data if (t.meta or {}).get("role") == "trials"
+              for h, cls in zip(t.hovertext, t.customdata, strict=True) if cls == "failed"]
+    assert failed and "&lt;img src=x" in failed[0] and "<img" not in failed[0]
+    shown = sum(len(t.x) for t in robust.data if (t.meta or {}).get("role") == "trials" and t.meta["y"] == "epochs")
+    assert shown == sum(r["status"] not in ("running", "interrupted") for r in loaded.rows)
+    curves = F.curves(loaded)
+    assert any((t.meta or {}).get("role") == "forget_nll" for t in curves.data)
+    assert any(s.type == "line" and s.y0 == loaded.exact_retrain["forget_nll"] for s in curves.layout.shapes)
+
+
+def test_hypervolume_history_matches_recomputing_from_scratch():
+    from dashboards.hypervolume import history
+
+    rng = random.Random(1)
+    for dim in (2, 3):
+        pts = [None if rng.random() < 0.1 else tuple(rng.random() for _ in range(dim)) for _ in range(40)]
+        ref = (1.0,) * dim
+        naive = [hypervolume([p for p in pts[: i + 1] if p is not None], ref) for i in range(len(pts))]
+        assert history(pts, ref) == pytest.approx(naive)
+
+
+def test_hypervolume_is_exact():
+    assert hypervolume([(1, 2), (2, 1)], (3, 3)) == pytest.approx(3.0)
+    assert hypervolume([(1, 1, 1)], (2, 2, 2)) == pytest.approx(1.0)
+    assert hypervolume([(4, 4)], (3, 3)) == 0.0
+    optuna_hv = pytest.importorskip("optuna._hypervolume").compute_hypervolume
+    import numpy as np
+
+    rng = random.Random(0)
+    for dim in (2, 3):
+        for _ in range(20):
+            pts = [tuple(rng.random() for _ in range(dim)) for _ in range(rng.randint(1, 12))]
+            ref = (1.1,) * dim
+            assert hypervolume(pts, ref) == pytest.approx(optuna_hv(np.array(pts), np.array(ref)), rel=1e-9)
+
+
+def test_guidelines_are_checked_on_the_study_data(loaded):
+    checks = G.check_all(loaded)
+    assert [c.number for c in checks] == [1, 2, 3, 4, 5]
+    for c in checks:
+        assert c.verdict in (G.HOLDS, G.CONTRADICTED, G.NOT_ENOUGH) and c.reason and c.figure in FIGURE_IDS
+    # two trials per method cannot show a success window: said so, not guessed
+    assert checks[1].verdict == G.NOT_ENOUGH and "3 finished trials" in checks[1].reason
+
+
+def test_guideline_checks_follow_the_data():
+    def row(i, unit, lr, epochs, gap, drop, status="completed", stop=None):
+        return {"id": i, "unit": unit, "method": unit.split("@")[0], "retain_source": None, "number": i,
+                "status": status, "params": {"lr": lr, "epochs": epochs}, "objectives": {},
+                "metrics": {"forget_gap": gap, "utility_drop": drop} if status != "diverged" else {},
+                "result": {"stop_step": stop, "selected_step": stop}, "error": None}
+
+    target = {"gap_tolerance": 0.1, "utility_tolerance": 0.5, "mia_tolerance": 0.1}
+    rows = [row(1, "ga", 1e-4, 1, -0.5, 0.1), row(2, "ga", 3e-4, 1, 0.0, 0.3, stop=20),
+            row(3, "ga", 1e-3, 1, 0.0, 3.0, stop=8), row(4, "ga", 3e-3, 1, None, None, status="diverged"),
+            row(5, "ga_gd@in_distribution", 1e-4, 1, -0.05, 0.1, stop=40),
+            row(6, "ga_gd@in_distribution", 3e-4, 1, 0.02, 0.1, stop=16),
+            row(7, "ga_gd@in_distribution", 1e-3, 1, 0.05, 0.2, stop=6),
+            row(8, "ga_gd@in_distribution", 3e-3, 1, 0.3, 0.4, stop=3)]
+    units = {}
+    for r in rows:
+        r["outcome"] = D.classify(r, target)
+        r["success"] = r["outcome"] == "in_band" and r["metrics"]["utility_drop"] <= 0.5
+        r["map_class"] = r["outcome"]
+        units.setdefault(r["unit"], D.Unit(r["unit"], r["method"], None, False)).rows.append(r)
+    data = D.StudyData(name="s", model="m", status="finished", notes="", spec={}, target=target,
+                       objectives=["forget_gap", "utility_drop"], baseline=None, exact_retrain=None,
+                       data_summary=None, versions=None, created_at=None, updated_at=None, rows=rows, units=units,
+                       curves={}, recommendation=None, recommendation_note="recommender not run")
+    assert G.ga_is_brittle(data).verdict == G.HOLDS
+    assert G.in_distribution_descent(data).verdict == G.HOLDS
+    assert G.lr_steps_trade_off(data).verdict == G.HOLDS
+    assert G.robust_over_lucky(data).verdict == G.NOT_ENOUGH
+    # the same trials with GA succeeding everywhere and GA+GD nowhere: the data contradicts guidelines 2 and 3
+    for r in rows:
+        r["success"] = r["unit"] == "ga"
+    assert G.ga_is_brittle(data).verdict == G.CONTRADICTED
+    assert G.in_distribution_descent(data).verdict == G.CONTRADICTED
+    # no success anywhere: there is no window to compare, which is said rather than read as support
+    for r in rows:
+        r["success"] = False
+    assert G.ga_is_brittle(data).verdict == G.NOT_ENOUGH
+    assert G.in_distribution_descent(data).verdict == G.NOT_ENOUGH
+
+
+def test_efficiency_counts_device_seconds_and_tokens(loaded):
+    eff = D.efficiency(loaded)
+    timed = [r for r in loaded.rows if r.get("wall_time_s") is not None]
+    assert eff["total_device_s"] == pytest.approx(sum(r["wall_time_s"] * (r["world_size"] or 1) for r in timed))
+    assert eff["total_tokens"] == sum(D.tokens(r) for r in timed) > 0
+    assert eff["block_tokens"] == 64  # the micro testbed's block size, recovered from the stored trials
+    assert eff["retrain_tokens"] > 0 and eff["retrain_device_s"] > 0 and "lower bound" in eff["retrain_basis"]
+
+
+# ---- the CLI handlers --------------------------------------------------------------------------------------------
+
+def _parse(argv):
+    from dashboards.cli import add_parser
+
+    parser = argparse.ArgumentParser(prog="tuner")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_cli_export_and_user_mistakes(study, tmp_path):
+    out = tmp_path / "report.html"
+    args = _parse(["dashboard", "--storage", study["url"], "export", "dash", "-o", str(out)])
+    assert args.func(args) == 0 and out.stat().st_size > 1_000_000
+    args = _parse(["dashboard", "export", "dash", "-o", str(tmp_path / "r2.html"), "--storage", study["url"]])
+    assert args.func(args) == 0
+    with pytest.raises(TunerError, match="no study named 'nope'"):
+        args = _parse(["dashboard", "export", "nope", "-o", str(out), "--storage", study["url"]])
+        args.func(args)
+    with pytest.raises(TunerError, match="does not exist"):
+        args = _parse(["dashboard", "export", "dash", "-o", str(tmp_path / "missing" / "r.html"), "--storage",
+                       study["url"]])
+        args.func(args)
+    with pytest.raises(TunerError, match="is a directory"):
+        args = _parse(["dashboard", "export", "dash", "-o", str(tmp_path), "--storage", study["url"]])
+        args.func(args)
+    args = _parse(["dashboard", "--storage", study["url"]])
+    assert args.host == "127.0.0.1" and args.port == 8050 and args.dashboard_command is None
+    with pytest.raises(TunerError, match="--token"):
+        args = _parse(["dashboard", "--storage", study["url"], "--host", "0.0.0.0", "--token", ""])
+        args.func(args)
+
+
+def test_token_guards_every_request(study):
+    from dashboards.app import create_app
+
+    client = create_app(study["url"], token="s3cret").server.test_client()
+    assert client.get("/").status_code == 401
+    assert client.get("/_dash-layout").status_code == 401
+    assert client.get("/?token=wrong").status_code == 401
+    assert client.get("/?token=s3cret").status_code == 200
+    assert client.get("/_dash-layout").status_code == 200  # the cookie from the first visit
+
+
+def test_json_endpoints_serve_studies_pareto_points_and_recommendation(study, loaded):
+    from dashboards.app import create_app
+
+    client = create_app(study["url"]).server.test_client()
+    studies = client.get("/api/studies").get_json()
+    assert [s["name"] for s in studies] == ["dash"]
+    pareto = client.get("/api/studies/dash/pareto").get_json()
+    expected = {r["id"] for r in loaded.rows if r.get("pareto")}
+    assert {p["id"] for p in pareto["points"]} == expected and expected
+    assert all(set(p["objectives"]) == {"forget_gap", "utility_drop"} for p in pareto["points"])
+    rec = client.get("/api/studies/dash/recommendation").get_json()
+    assert set(rec["units"]) == {"ga", "ga_gd@in_distribution"}
+    from tuner.recommend import recommend_study
+
+    direct = recommend_study(study["store"], "dash")
+    assert {u: (r["status"], r["trial_id"]) for u, r in rec["units"].items()} == \
+        {u: (r["status"], r["trial_id"]) for u, r in direct["units"].items()}
+    assert rec["overall"]["trial_id"] == direct["overall"]["trial_id"]
+    missing = client.get("/api/studies/nope/recommendation")
+    assert missing.status_code == 404 and "no study named 'nope'" in missing.get_json()["error"]
+    guarded = create_app(study["url"], token="s3cret").server.test_client()
+    assert guarded.get("/api/studies").status_code == 401
+
+
+# ---- in the browser ----------------------------------------------------------------------------------------------
+
+def test_study_list_page(browser, server, study):
+    context, page, problems = open_page(browser, server.url + "/")
+    try:
+        link = page.wait_for_selector("#study-table a.study-link", timeout=20_000)
+        assert link.inner_text() == "dash"
+        notes = page.inner_text("#study-table td.notes")
+        assert notes == NOTES  # shown as text, not markup
+        assert page.evaluate("document.querySelectorAll('#study-table script, #study-table img').length") == 0
+        assert page.evaluate("window.__xss") is None
+        link.click()
+        page.wait_for_selector("#fig-pareto .js-plotly-plot .main-svg", timeout=20_000)
+        assert page.url.endswith("/study/dash")
+        assert not problems, problems
+    finally:
+        context.close()
+
+
+def test_study_page_renders_every_figure(browser, server, loaded):
+    context, page, problems = open_page(browser, server.url + "/study/dash")
+    try:
+        check_rendered(page, D.expected_points(loaded))
+        assert page.inner_text("#study-title") == "Study dash"
+        assert page.inner_text("#study-notes") == NOTES
+        verdicts = page.eval_on_selector_all("#guideline-table td.verdict", "els => els.map(e => e.textContent)")
+        assert len(verdicts) == 5 and set(verdicts) <= {G.HOLDS, G.CONTRADICTED, G.NOT_ENOUGH}
+        # the error text sits in the table as text: filter to the failed trial to find it
+        page.fill("#trial-table th[data-dash-column='status'] input", "failed")
+        page.keyboard.press("Enter")
+        cell = page.wait_for_selector("#trial-table td[data-dash-column='error']", timeout=10_000)
+        assert cell.inner_text() == ERROR
+        assert page.evaluate("document.querySelectorAll('#trial-table img').length") == 0
+        # sorting by a numeric column keeps numbers ordered
+        page.fill("#trial-table th[data-dash-column='status'] input", "")
+        page.keyboard.press("Enter")
+        page.click("#trial-table th[data-dash-column='lr'] .column-header--sort")
+        page.wait_for_timeout(300)
+        lrs = page.eval_on_selector_all("#trial-table td[data-dash-column='lr']", "els => els.map(e => e.textContent)")
+        values = [float(v) for v in lrs if v.strip()]
+        assert values == sorted(values) or values == sorted(values, reverse=True)
+        # switching the Pareto x axis to |gap| redraws it with every point
+        page.click("#gap-mode input[value='abs']")
+        page.wait_for_function("() => document.querySelector('#fig-pareto .js-plotly-plot').layout.xaxis.title"
+                               ".text.startsWith('|forget gap|')", timeout=10_000)
+        assert page.evaluate(POINTS_JS, "#fig-pareto .js-plotly-plot") == {
+            u: n for u, n in D.expected_points(loaded).items() if n}
+        assert not problems, problems
+    finally:
+        context.close()
+
+
+def test_unknown_study_page_says_so(browser, server):
+    context, page, problems = open_page(browser, server.url + "/study/" + "nope%3Cb%3E")
+    try:
+        page.wait_for_selector("text=Study not found", timeout=20_000)
+        assert "no study named 'nope<b>'" in page.inner_text(".error")
+        assert not problems, problems
+    finally:
+        context.close()
+
+
+def _copy_store(study, tmp_path) -> str:
+    """A private copy of the study's SQLite store (the backup API copies a WAL database consistently)."""
+    src = sqlite3.connect(str(study["root"] / "studies.db"))
+    dst_path = tmp_path / "copy.db"
+    dst = sqlite3.connect(str(dst_path))
+    src.backup(dst)
+    src.close()
+    dst.close()
+    return f"sqlite:///{dst_path}"
+
+
+def test_page_refreshes_while_the_study_runs(browser, study, loaded, tmp_path):
+    from dashboards.app import create_app
+
+    url = _copy_store(study, tmp_path)
+    store = Store(url)
+    study_id = store.study("dash").id
+    store.update_study(study_id, status="running")
+    srv = Server(create_app(url, refresh_ms=400))
+    context, page, problems = open_page(browser, srv.url + "/study/dash")
+    try:
+        expected = {u: n for u, n in D.expected_points(loaded).items() if n}
+        check_rendered(page, expected)
+        assert "refreshes every few seconds" in page.inner_text("#study-header")
+        search_id = next(s.id for s in store.study("dash").searches if s.unit == "ga_gd@in_distribution")
+        row = store.start_trial(search_id, {"lr": 5e-4, "epochs": 1, "retain_weight": 1.0})
+        metrics = {"forget_gap": 0.01, "utility_drop": 0.2, "mia_auc": 0.5, "forget_nll": 5.0, "unseen_nll": 4.99,
+                   "retain_nll": 5.3}
+        store.finish_trial(row, "stopped_at_target", {"forget_gap": 0.01, "utility_drop": 0.2},
+                           {"metrics": metrics, "wall_time_s": 1.0, "steps_done": 4, "stop_step": 4, "selected_step": 4,
+                            "curve": [{"step": 0, "forget_gap": -0.3, "forget_nll": 4.7, "unseen_nll": 5.0,
+                                       "retain_nll": 5.1}, {"step": 4, **metrics}]})
+        expected["ga_gd@in_distribution"] += 1
+        page.wait_for_function(f"() => {{ const n = ({POINTS_JS})('#fig-pareto .js-plotly-plot'); "
+                               f"return n['ga_gd@in_distribution'] === {expected['ga_gd@in_distribution']}; }}",
+                               timeout=15_000)
+        store.update_study(study_id, status="finished")
+        page.wait_for_function("() => !document.querySelector('#study-header').innerText.includes('refreshes every')",
+                               timeout=15_000)
+        assert not problems, problems
+    finally:
+        context.close()
+        srv.stop()
+
+
+def test_exported_report_renders_offline(browser, study, loaded, tmp_path):
+    from dashboards.report import export
+
+    out = export(study["store"], "dash", tmp_path / "report.html")
+    text = out.read_text(encoding="utf-8")
+    assert text.count("<script type='text/javascript'>") == 1  # plotly.js inlined once
+    assert "<script src" not in text and "<link" not in text  # nothing to fetch
+    assert "<script>window.__xss" not in text and "&lt;script&gt;window.__xss = 1&lt;/script&gt;" in text
+    shutil.copy(out, tmp_path / "moved.html")  # a self-contained file works wherever it is copied
+    context, page, problems = open_page(browser, (tmp_path / "moved.html").as_uri(), offline=True)
+    try:
+        check_rendered(page, D.expected_points(loaded))
+        assert page.inner_text("#study-notes") == NOTES
+        assert ERROR in page.inner_text("#trial-table")
+        assert page.evaluate("document.querySelectorAll('#trial-table img, #study-notes script').length") == 0
+        first = page.eval_on_selector_all("#trial-table tbody tr td:first-child", "els => els.map(e => e.textContent)")
+        page.click("#trial-table th:first-child")
+        page.click("#trial-table th:first-child")
+        again = page.eval_on_selector_all("#trial-table tbody tr td:first-child", "els => els.map(e => e.textContent)")
+        assert sorted(map(int, first)) == sorted(map(int, again)) and again == sorted(again, key=int, reverse=True)
+        assert not problems, problems
+    finally:
+        context.close()
+
+
+def test_study_page_stays_fast(browser, server):
+    """A smoke bound for this tiny study; bench/dashboard_load.py measures 500 trials."""
+    context, page, problems = open_page(browser, "about:blank")
+    try:
+        start = time.perf_counter()
+        page.goto(server.url + "/study/dash")
+        for sid in FIGURE_IDS:
+            page.wait_for_selector(f"#{sid} .js-plotly-plot .main-svg", timeout=20_000)
+        assert time.perf_counter() - start < 10
+        assert not problems, problems
+    finally:
+        context.close()
+
+
+def test_nan_free_figures(loaded):
+    """Stored NULLs (non-finite metrics) never reach a figure as NaN (JSON has no NaN)."""
+    for fig in F.all_figures(loaded).values():
+        assert "NaN" not in fig.to_json()
+    assert all(not (isinstance(v, float) and math.isnan(v)) for r in D.table_rows(loaded) for v in r.values())
