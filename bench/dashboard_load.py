@@ -30,13 +30,12 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from dashboards.headless import CHROMIUM_ARGS, BackgroundServer
 from tuner.store import Store
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 FIGURE_IDS = ("fig-pareto", "fig-robustness", "fig-curves", "fig-hypervolume", "fig-parallel", "fig-efficiency")
 UNITS = [("ga", None), ("random_label", None), ("random_model_label", None), ("adversarial", None),
          ("retain_finetune", "in_distribution"), ("retain_finetune", "general"), ("ga_gd", "in_distribution"),
@@ -140,20 +139,6 @@ def fill_store(url: str, name: str, trials: int, seed: int = 0) -> Store:
     store.update_study(study_id, status="finished", baseline=BASE, exact_retrain=EXACT,
                        data_summary={"blocks": blocks, "sources": {}})
     return store
-
-
-class Server:
-    def __init__(self, app) -> None:
-        from werkzeug.serving import make_server
-
-        self.httpd = make_server("127.0.0.1", 0, app.server, threaded=True)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.thread.join(10)
 
 
 def time_page(browser, url: str, via_list: bool = False) -> tuple[float, list[str]]:
@@ -260,7 +245,7 @@ def main() -> int:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
             app = create_app(url)
-            srv = Server(app)
+            srv = BackgroundServer(app)
             time_page(browser, srv.url + "/study/bench500")  # unmeasured: OS file cache, browser start-up
             for _ in range(args.repeats):
                 for via in ("direct", "list"):

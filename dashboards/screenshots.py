@@ -11,25 +11,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import threading
 from pathlib import Path
 from urllib.parse import quote
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+from dashboards.headless import CHROMIUM_ARGS, BackgroundServer
+
 FIGURE_IDS = ("fig-pareto", "fig-robustness", "fig-curves", "fig-hypervolume", "fig-parallel", "fig-efficiency")
 
 
 def take(storage: str, study: str, out: Path, chromium: str = "/usr/bin/chromium", width: int = 1400) -> list[Path]:
     from playwright.sync_api import sync_playwright
-    from werkzeug.serving import make_server
 
     from dashboards.app import create_app
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request lines
-    httpd = make_server("127.0.0.1", 0, create_app(storage).server, threaded=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{httpd.server_port}"
+    server = BackgroundServer(create_app(storage))
+    base = server.url
     written = []
     try:
         with sync_playwright() as p:
@@ -51,8 +48,7 @@ def take(storage: str, study: str, out: Path, chromium: str = "/usr/bin/chromium
             if errors:
                 raise RuntimeError(f"console errors while taking screenshots: {errors[:3]}")
     finally:
-        httpd.shutdown()
-        thread.join(10)
+        server.stop()
     return written
 
 

@@ -9,7 +9,6 @@ import os
 import random
 import shutil
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import yaml
 from dashboards import data as D
 from dashboards import figures as F
 from dashboards import guidelines as G
+from dashboards.headless import CHROMIUM_ARGS, BackgroundServer
 from dashboards.hypervolume import hypervolume
 from tuner.errors import TunerError
 from tuner.store import Store
@@ -26,7 +26,6 @@ from tuner.store import Store
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*dash_table.DataTable will be removed:DeprecationWarning")
 
 CHROMIUM = os.environ.get("TUNER_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 NOTES = "Escaping check: <script>window.__xss = 1</script> <img src=x onerror=\"window.__xss = 2\"> & <b>bold</b>"
 ERROR = "<img src=x onerror=\"window.__xss = 3\"> worker said: a < b & c > d"
 
@@ -80,27 +79,11 @@ def browser():
         b.close()
 
 
-class Server:
-    """The Dash app on a free loopback port, in a thread."""
-
-    def __init__(self, app) -> None:
-        from werkzeug.serving import make_server
-
-        self.httpd = make_server("127.0.0.1", 0, app.server, threaded=True)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def server(study):
     from dashboards.app import create_app
 
-    srv = Server(create_app(study["url"]))
+    srv = BackgroundServer(create_app(study["url"]))
     yield srv
     srv.stop()
 
@@ -447,7 +430,7 @@ def test_page_refreshes_while_the_study_runs(browser, study, loaded, tmp_path):
     store = Store(url)
     study_id = store.study("dash").id
     store.update_study(study_id, status="running")
-    srv = Server(create_app(url, refresh_ms=400))
+    srv = BackgroundServer(create_app(url, refresh_ms=400))
     context, page, problems = open_page(browser, srv.url + "/study/dash")
     try:
         expected = {u: n for u, n in D.expected_points(loaded).items() if n}

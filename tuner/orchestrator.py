@@ -230,7 +230,8 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         study_id = store.create_study(spec.name, spec.model, spec.seed, spec.model_dump(mode="json"), spec_text,
                                       package_versions())
     store.update_study(study_id, status="running")
-    storage = optuna.storages.RDBStorage(store.url, engine_kwargs=_optuna_engine_kwargs(store.url))
+    with store.schema_lock():  # Optuna creates its tables on first use; two new studies must not race
+        storage = optuna.storages.RDBStorage(store.url, engine_kwargs=_optuna_engine_kwargs(store.url))
     outcome = StudyOutcome(name=spec.name, storage=store.url)
     ray_dir = tempfile.mkdtemp(prefix="tuner-ray-")
     try:

@@ -6,14 +6,17 @@ writes to it; schema changes arrive as Alembic migrations, run on open.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy import create_engine, delete, event, func, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import selectinload, sessionmaker
@@ -22,6 +25,7 @@ from tuner.errors import TunerError
 from tuner.store.schema import CurvePoint, Metric, Recommendation, Search, Study, Trial
 
 FINISHED = ("completed", "stopped_at_target", "diverged", "failed")
+SCHEMA_LOCK_KEY = 7_318_442_019  # pg_advisory_lock key of schema creation
 CURVE_KEYS = ("loss", "forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap")
 
 
@@ -81,12 +85,39 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+@contextlib.contextmanager
+def schema_lock(engine: Engine) -> Iterator[None]:
+    """Serialise schema creation between processes opening one new database at once (two studies on one
+    SQLite file): a lock file beside SQLite, an advisory lock on PostgreSQL."""
+    if engine.dialect.name == "sqlite":
+        database = engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        with open(f"{database}.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    elif engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    else:
+        yield
+
+
 class Store:
     def __init__(self, url: str | None = None) -> None:
         self.url = normalise_url(url or default_url())
         self.engine = _engine(self.url)
         try:
-            migrate(self.engine)
+            with schema_lock(self.engine):
+                migrate(self.engine)
         except OperationalError as err:
             reason = str(err.orig).strip().splitlines()[0] if err.orig else "connection failed"
             raise TunerError(f"storage {safe_url(self.url)} is unreachable: {reason}") from None
@@ -94,6 +125,10 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({safe_url(self.url)})"
+
+    def schema_lock(self):
+        """For other schemas that share this database (Optuna's), created on first use."""
+        return schema_lock(self.engine)
 
     # ---- studies ---------------------------------------------------------------------------------------
     def create_study(self, name: str, model: str, seed: int, spec: dict, spec_text: str, versions: dict) -> int:
