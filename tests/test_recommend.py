@@ -113,3 +113,17 @@ def test_bad_export_and_apply_inputs(tuned, cache_dir, bench):
                "--unseen", str(data / "unseen"), "--block-size", "32", "--out", str(tmp / "o"), cache_dir=cache_dir)
     assert proc.returncode == 2 and "was tuned for model 'testbed:micro'" in proc.stderr
     assert not (tmp / "o").exists()
+
+
+def test_the_recommendation_is_stored_with_the_study(tuned):
+    from tuner.recommend import recommend_study, save
+
+    _, url = tuned
+    store = Store(url)
+    rec = recommend_study(store, "tuned")
+    save(store, "tuned", rec)
+    save(store, "tuned", rec)  # saving again replaces, never duplicates
+    stored = store.recommendations("tuned")
+    assert set(stored) == {"ga", "ga_gd@in_distribution", None}
+    assert stored[None]["trial_id"] == rec["overall"]["trial_id"]
+    assert stored["ga"]["status"] == "none" and "diverged" in stored["ga"]["reason"]
