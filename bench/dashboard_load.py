@@ -159,12 +159,17 @@ def time_page(browser, url: str, via_list: bool = False) -> tuple[float, list[st
     else:
         start = time.perf_counter()
         page.goto(url)
-    for sid in FIGURE_IDS:
-        page.wait_for_selector(f"#{sid} .js-plotly-plot .main-svg", timeout=60_000)
-    page.wait_for_selector("#trial-table td", timeout=60_000)
+    wait_rendered(page)
     elapsed = time.perf_counter() - start
     context.close()
     return elapsed, problems
+
+
+def wait_rendered(page) -> None:
+    """Every figure drawn and the trial table filled: what 'the page loaded' means here."""
+    for sid in FIGURE_IDS:
+        page.wait_for_selector(f"#{sid} .js-plotly-plot .main-svg", timeout=60_000)
+    page.wait_for_selector("#trial-table td", timeout=60_000)
 
 
 def time_revisit(browser, url: str, app) -> tuple[float, list[str]]:
@@ -182,9 +187,7 @@ def time_revisit(browser, url: str, app) -> tuple[float, list[str]]:
     page.on("pageerror", lambda e: problems.append(str(e)))
     start = time.perf_counter()
     page.goto(url)
-    for sid in FIGURE_IDS:
-        page.wait_for_selector(f"#{sid} .js-plotly-plot .main-svg", timeout=60_000)
-    page.wait_for_selector("#trial-table td", timeout=60_000)
+    wait_rendered(page)
     elapsed = time.perf_counter() - start
     context.close()
     return elapsed, problems
