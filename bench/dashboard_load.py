@@ -146,9 +146,7 @@ def time_page(browser, url: str, via_list: bool = False) -> tuple[float, list[st
     loaded) until every figure has drawn its SVG and the trial table shows rows."""
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     page = context.new_page()
-    problems: list[str] = []
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: problems.append(str(e)))
+    problems = watch_errors(page)
     if via_list:
         base, name = url.split("/study/")
         page.goto(base + "/")
@@ -163,6 +161,14 @@ def time_page(browser, url: str, via_list: bool = False) -> tuple[float, list[st
     elapsed = time.perf_counter() - start
     context.close()
     return elapsed, problems
+
+
+def watch_errors(page) -> list[str]:
+    """The console errors and uncaught exceptions of `page`, collected as they happen."""
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    return problems
 
 
 def wait_rendered(page) -> None:
@@ -182,9 +188,7 @@ def time_revisit(browser, url: str, app) -> tuple[float, list[str]]:
         warm.close()
     app.server.extensions["tuner_dashboards"].items.clear()
     page = context.new_page()
-    problems: list[str] = []
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: problems.append(str(e)))
+    problems = watch_errors(page)
     start = time.perf_counter()
     page.goto(url)
     wait_rendered(page)

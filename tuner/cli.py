@@ -399,22 +399,15 @@ def cmd_study_list(args: argparse.Namespace) -> int:
 
 
 def _print_study(store, name: str) -> None:
-    from tuner.pareto import pareto_indices
+    from tuner.pareto import front_ids
 
     rows = store.trials(name)
+    front = {i for ids in front_ids(rows, store.study(name).spec["objectives"]).values() for i in ids}
     table = Table(title=f"trials of {escape(name)}")
     for col in ("unit", "#", "status", "lr", "epochs", "λ", "forget gap", "utility drop", "MIA AUC", "steps",
                 "time s", "Pareto"):
         table.add_column(col)
-    by_unit: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        if r["status"] in ("completed", "stopped_at_target") and r["objectives"]:
-            by_unit.setdefault(r["unit"], []).append(i)
-    front = set()
-    for idx in by_unit.values():
-        points = [list(rows[i]["objectives"].values()) for i in idx]
-        front.update(idx[j] for j in pareto_indices(points))
-    for i, r in enumerate(rows):
+    for r in rows:
         m, p, res = r["metrics"], r["params"], r["result"]
 
         def fmt(key, spec=".3f", src=m):
@@ -423,7 +416,7 @@ def _print_study(store, name: str) -> None:
         table.add_row(r["unit"], str(r["number"]), r["status"], fmt("lr", ".2e", p), fmt("epochs", "d", p),
                       fmt("retain_weight", ".2f", p), fmt("forget_gap", "+.3f"), fmt("utility_drop", "+.3f"),
                       fmt("mia_auc"), str(res.get("steps_done", "-")), fmt("wall_time_s", ".1f", r),
-                      "*" if i in front else "")
+                      "*" if r["id"] in front else "")
     out.print(table)
 
 

@@ -27,7 +27,7 @@ from ray.tune import Callback  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from tuner import __version__, methods  # noqa: E402
-from tuner.pareto import pareto_indices  # noqa: E402
+from tuner.pareto import front_ids  # noqa: E402
 from tuner.spec import SamplerSpec, StudySpec, unit_name  # noqa: E402
 from tuner.store import Store  # noqa: E402
 from tuner.trial import trainable  # noqa: E402
@@ -280,13 +280,7 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
 
 
 def pareto_sizes(store: Store, name: str, objectives: list[str]) -> dict[str, int]:
-    by_unit: dict[str, list[list[float]]] = {}
-    for row in store.trials(name):
-        values = [row["objectives"].get(o) for o in objectives]
-        by_unit.setdefault(row["unit"], [])
-        if row["status"] in ("completed", "stopped_at_target") and all(v is not None for v in values):
-            by_unit[row["unit"]].append(values)
-    return {unit: len(pareto_indices(points)) for unit, points in by_unit.items()}
+    return {unit: len(ids) for unit, ids in front_ids(store.trials(name), objectives).items()}
 
 
 def _optuna_engine_kwargs(url: str) -> dict[str, Any]:
