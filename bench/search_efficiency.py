@@ -19,7 +19,7 @@ import time
 import optuna
 
 from tuner.spec import RunDefaults
-from tuner.trial import run_trial, worker_state
+from tuner.trial import prepare, run_trial
 
 
 def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
@@ -37,8 +37,8 @@ def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float]) 
     return area
 
 
-def evaluate(params: dict, study: dict) -> tuple[float, float]:
-    final = run_trial(params, study, lambda _result: None)
+def evaluate(params: dict, study: dict, prepared: dict) -> tuple[float, float]:
+    final = run_trial({**params, "unit": "unit"}, study, prepared, lambda _result: None)
     if final["status"] == "diverged":
         return math.inf, math.inf
     return final["obj_forget_gap"], final["obj_utility_drop"]
@@ -54,20 +54,22 @@ def main() -> None:
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     lr_lo, lr_hi, rw_lo, rw_hi = 1e-4, 3e-3, 0.3, 3.0
-    study = {"model": args.model, "data": None, "seed": 0, "method": args.method, "retain_source": "in_distribution",
+    study = {"model": args.model, "data": None, "seed": 0,
+             "units": {"unit": {"method": args.method, "retain_source": "in_distribution"}},
              "run": RunDefaults(device=args.device).model_dump(mode="json"), "objectives": ["forget_gap", "utility_drop"]}
+    prepared = prepare(study)
     cache: dict[tuple, tuple[float, float]] = {}
 
     def cached(lr: float, epochs: int, rw: float) -> tuple[float, float]:
         key = (round(math.log10(lr), 6), epochs, round(math.log10(rw), 6))
         if key not in cache:
-            cache[key] = evaluate({"lr": lr, "epochs": epochs, "retain_weight": rw}, study)
+            cache[key] = evaluate({"lr": lr, "epochs": epochs, "retain_weight": rw}, study, prepared)
         return cache[key]
 
     started = time.perf_counter()
     grid_lrs = [lr_lo * (lr_hi / lr_lo) ** (i / 4) for i in range(5)]
     grid = [cached(lr, e, rw) for lr, e, rw in itertools.product(grid_lrs, (1, 2, 3), (0.3, 1.0, 3.0))]
-    baseline_gap = abs(worker_state(study)["baseline"]["forget_gap"])
+    baseline_gap = abs(prepared["baseline"]["forget_gap"])
     ref = (baseline_gap, 1.0)  # doing nothing, and one nat of utility lost
 
     def curve(points: list[tuple[float, float]]) -> list[float]:

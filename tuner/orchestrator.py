@@ -24,13 +24,15 @@ for _name, _value in (("RAY_AIR_NEW_OUTPUT", "0"), ("TUNE_DISABLE_AUTO_CALLBACK_
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray.tune import Callback  # noqa: E402
+from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from tuner import __version__, methods  # noqa: E402
+from tuner.errors import TunerError  # noqa: E402
 from tuner.pareto import front_ids  # noqa: E402
 from tuner.spec import SamplerSpec, StudySpec, unit_name  # noqa: E402
 from tuner.store import Store  # noqa: E402
-from tuner.trial import trainable  # noqa: E402
+from tuner.trial import prepare, trainable  # noqa: E402
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -90,49 +92,51 @@ class StudyOutcome:
     pareto_sizes: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class UnitRun:
+    """One search unit inside the study's single Tune run: its store row, tally and Optuna searcher."""
+
+    name: str
+    search_id: int
+    tally: UnitTally
+    searcher: StudySearcher
+    remaining: int
+
+
 class StoreCallback(Callback):
     """Writes every trial's start, curve points and outcome to the store as they happen (driver side)."""
 
-    def __init__(self, store: Store, study_id: int, search_id: int, unit: str, tally: UnitTally,
-                 on_event: Event | None) -> None:
-        self.store, self.study_id, self.search_id, self.unit = store, study_id, search_id, unit
-        self.tally, self.on_event = tally, on_event
-        self.rows: dict[str, int] = {}
-        self.study_filled = False
+    def __init__(self, store: Store, units: dict[str, UnitRun], on_event: Event | None) -> None:
+        self.store, self.units, self.on_event = store, units, on_event
+        self.rows: dict[str, tuple[int, UnitRun]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into experiment state; a database handle is not state.
         return {}
 
-    def _emit(self) -> None:
-        t = self.tally
+    def _emit(self, unit: UnitRun) -> None:
+        t = unit.tally
         if self.on_event is not None:
-            self.on_event(self.unit, {"budget": t.budget, "finished": t.finished, "running": t.running,
+            self.on_event(unit.name, {"budget": t.budget, "finished": t.finished, "running": t.running,
                                       "failed": t.failed, "best": t.best})
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        unit = self.units[trial.config["unit"]]
         params = {k: trial.config[k] for k in ("lr", "epochs", "retain_weight") if k in trial.config}
-        self.rows[trial.trial_id] = self.store.start_trial(self.search_id, params)
-        self.tally.running += 1
-        self._emit()
+        self.rows[trial.trial_id] = (self.store.start_trial(unit.search_id, params), unit)
+        unit.tally.running += 1
+        self._emit(unit)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        row = self.rows.get(trial.trial_id)
-        if row is None:
-            return
-        if result.get("kind") == "curve":
-            self.store.add_curve_point(row, result["curve_point"])
-        elif result.get("kind") == "final" and not self.study_filled:
-            self.store.update_study(self.study_id, baseline=result["baseline"],
-                                    exact_retrain=result["exact_retrain"], data_summary=result["data_summary"])
-            self.study_filled = True
+        if trial.trial_id in self.rows and result.get("kind") == "curve":
+            self.store.add_curve_point(self.rows[trial.trial_id][0], result["curve_point"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        row = self.rows.pop(trial.trial_id, None)
-        if row is None:
+        if trial.trial_id not in self.rows:
             return
+        row, unit = self.rows.pop(trial.trial_id)
         result = trial.last_result or {}
-        t = self.tally
+        t = unit.tally
         t.running -= 1
         t.finished += 1
         if result.get("kind") != "final":
@@ -148,17 +152,17 @@ class StoreCallback(Callback):
                 m = payload["metrics"]
                 if t.best is None or abs(m["forget_gap"]) < abs(t.best["forget_gap"]):
                     t.best = {"forget_gap": m["forget_gap"], "utility_drop": m.get("utility_drop", math.nan)}
-        self._emit()
+        self._emit(unit)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        row = self.rows.pop(trial.trial_id, None)
-        if row is None:
+        if trial.trial_id not in self.rows:
             return
-        self.tally.running -= 1
-        self.tally.finished += 1
-        self.tally.failed += 1
+        row, unit = self.rows.pop(trial.trial_id)
+        unit.tally.running -= 1
+        unit.tally.finished += 1
+        unit.tally.failed += 1
         self.store.finish_trial(row, "failed", None, None, error=_trial_error(trial))
-        self._emit()
+        self._emit(unit)
 
 
 def _trial_error(trial) -> str:
@@ -183,6 +187,43 @@ class StudySearcher(OptunaSearch):
                 self._ot_trials.pop(trial_id, None)
                 return
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class UnitsSearcher(Searcher):
+    """All search units of a study in one Tune run: units take turns, each asking its own Optuna study.
+
+    One run (not one per unit) lets Ray reuse the trial actors, and with them the loaded model, across
+    units, and makes a wall-time budget fair to every method instead of spending it on the first ones.
+    """
+
+    def __init__(self, units: list[UnitRun], metric: list[str]) -> None:
+        super().__init__(metric=metric, mode=["min"] * len(metric))
+        self.units = units
+        self.owner: dict[str, UnitRun] = {}
+        self.turn = 0
+
+    def suggest(self, trial_id: str):
+        for k in range(len(self.units)):
+            unit = self.units[(self.turn + k) % len(self.units)]
+            if unit.remaining <= 0:
+                continue
+            config = unit.searcher.suggest(trial_id)
+            if config is None or config == Searcher.FINISHED:
+                continue
+            unit.remaining -= 1
+            self.owner[trial_id] = unit
+            self.turn = (self.turn + k + 1) % len(self.units)
+            return {**config, "unit": unit.name}
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.owner:
+            self.owner[trial_id].searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        unit = self.owner.pop(trial_id, None)
+        if unit is not None:
+            unit.searcher.on_trial_complete(trial_id, result=result, error=error)
 
 
 def _searcher(spec: StudySpec, method: str, optuna_name: str, storage: optuna.storages.BaseStorage):
@@ -216,60 +257,91 @@ def start_ray(address: str | None) -> None:
         ray.init(num_cpus=os.cpu_count(), **kwargs)
 
 
+def _context(spec: StudySpec) -> dict[str, Any]:
+    """What every worker needs to know about the study: plain data, shipped once through the object store."""
+    return {"model": spec.model, "trust_remote_code": spec.trust_remote_code,
+            "data": spec.data.model_dump(mode="json") if spec.data else None, "seed": spec.seed,
+            "units": {unit_name(m, s): {"method": m, "retain_source": s} for m, s in spec.units()},
+            "run": spec.run.model_dump(mode="json"), "objectives": list(spec.objectives),
+            "threads": max(1, int(spec.resources.cpus))}
+
+
+def _prepare(spec: StudySpec, context: dict[str, Any]) -> Any:
+    """Tokenise and evaluate the original model once, on a worker with a trial's resources (the driver
+    may have neither the data files nor a GPU). A user error there (a missing data file on the workers,
+    say) comes back as the TunerError it is."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    task = ray.remote(max_calls=1)(prepare).options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
+    try:
+        return ray.get(task.remote(context))
+    except RayTaskError as err:
+        if isinstance(err.cause, TunerError):
+            raise TunerError(str(err.cause)) from None
+        raise
+
+
+def _check_same_data(store: Store, name: str, summary: dict[str, Any]) -> None:
+    """Resuming on other data would mix incomparable trials in one study: refuse."""
+    stored = (store.study(name).data_summary or {}).get("sha256")
+    if stored and stored != summary["sha256"]:
+        changed = sorted(k for k in set(stored) | set(summary["sha256"]) if stored.get(k) != summary["sha256"].get(k))
+        raise TunerError(f"study '{name}': the data changed since the study started ({', '.join(changed)} "
+                         "differ); start a new study instead of resuming")
+
+
 def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = False,
               on_event: Event | None = None) -> StudyOutcome:
-    """Run (or resume) every search unit of the study until its trial budget is spent."""
+    """Run (or resume) every search unit of the study until its trial budget is spent.
+
+    The data is prepared before the study row is written, so a study that cannot start leaves nothing
+    behind. All units then share one Tune run.
+    """
     import ray
     from ray import tune
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if resume:
-        study_id = store.study(spec.name).id
-        store.interrupt_running(study_id, "driver stopped before the trial finished; re-run on resume")
-    else:
-        study_id = store.create_study(spec.name, spec.model, spec.seed, spec.model_dump(mode="json"), spec_text,
-                                      package_versions())
-    store.update_study(study_id, status="running")
-    with store.schema_lock():  # Optuna creates its tables on first use; two new studies must not race
-        storage = optuna.storages.RDBStorage(store.url, engine_kwargs=_optuna_engine_kwargs(store.url))
     outcome = StudyOutcome(name=spec.name, storage=store.url)
     ray_dir = tempfile.mkdtemp(prefix="tuner-ray-")
+    study_id: int | None = None
     try:
         start_ray(spec.ray_address)
-        for method, source in spec.units():
-            unit = unit_name(method, source)
-            optuna_name = f"{spec.name}/{unit}"
-            search_id = store.ensure_search(study_id, unit, method, source, optuna_name, spec.sampler.name,
-                                            spec.budget.trials, spec.space_for(method).model_dump())
-            _clean_optuna(storage, optuna_name)
-            done = store.finished_count(search_id)
-            tally = outcome.units[unit] = UnitTally(budget=spec.budget.trials, finished=done)
-            remaining = spec.budget.trials - done
-            if on_event is not None:
-                on_event(unit, {"budget": tally.budget, "finished": done, "running": 0, "failed": 0, "best": None})
-            if remaining <= 0:
-                continue
-            context = {"model": spec.model, "trust_remote_code": spec.trust_remote_code,
-                       "data": spec.data.model_dump(mode="json") if spec.data else None, "seed": spec.seed,
-                       "method": method, "retain_source": source, "run": spec.run.model_dump(mode="json"),
-                       "objectives": list(spec.objectives), "threads": max(1, int(spec.resources.cpus))}
-            runnable = tune.with_resources(tune.with_parameters(trainable, study=context),
+        context = _context(spec)
+        prepared = _prepare(spec, context)
+        if resume:
+            _check_same_data(store, spec.name, prepared["data_summary"])
+            study_id = store.study(spec.name).id
+            store.interrupt_running(study_id, "driver stopped before the trial finished; re-run on resume")
+        else:
+            study_id = store.create_study(spec.name, spec.model, spec.seed, spec.model_dump(mode="json"), spec_text,
+                                          package_versions())
+        store.update_study(study_id, status="running", baseline=prepared["baseline"],
+                           exact_retrain=prepared["exact_retrain"], data_summary=prepared["data_summary"])
+        with store.schema_lock():  # Optuna creates its tables on first use; two new studies must not race
+            storage = optuna.storages.RDBStorage(store.url, engine_kwargs=_optuna_engine_kwargs(store.url))
+        units = _unit_runs(spec, store, study_id, storage, outcome, on_event)
+        remaining = sum(u.remaining for u in units)
+        if remaining > 0:
+            runnable = tune.with_resources(tune.with_parameters(trainable, study=context, prepared=prepared),
                                            {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
             tuner = tune.Tuner(
                 runnable,
                 tune_config=tune.TuneConfig(
-                    search_alg=_searcher(spec, method, optuna_name, storage), num_samples=remaining,
-                    max_concurrent_trials=spec.concurrency, reuse_actors=True,
+                    search_alg=UnitsSearcher([u for u in units if u.remaining > 0],
+                                             [f"obj_{o}" for o in spec.objectives]),
+                    num_samples=remaining, max_concurrent_trials=spec.concurrency, reuse_actors=True,
                     time_budget_s=spec.budget.wall_time_min * 60 if spec.budget.wall_time_min else None),
-                run_config=tune.RunConfig(name=unit.replace("@", "-"), storage_path=ray_dir, verbose=0,
-                                          callbacks=[StoreCallback(store, study_id, search_id, unit, tally, on_event)],
+                run_config=tune.RunConfig(name="study", storage_path=ray_dir, verbose=0,
+                                          callbacks=[StoreCallback(store, {u.name: u for u in units}, on_event)],
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )
             tuner.fit()
         store.update_study(study_id, status="finished")
     except BaseException:
-        store.interrupt_running(study_id, "study stopped before the trial finished")
-        store.update_study(study_id, status="interrupted")
+        if study_id is not None:
+            store.interrupt_running(study_id, "study stopped before the trial finished")
+            store.update_study(study_id, status="interrupted")
         raise
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
@@ -277,6 +349,26 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
             ray.shutdown()
     outcome.pareto_sizes = pareto_sizes(store, spec.name, spec.objectives)
     return outcome
+
+
+def _unit_runs(spec: StudySpec, store: Store, study_id: int, storage: optuna.storages.RDBStorage,
+               outcome: StudyOutcome, on_event: Event | None) -> list[UnitRun]:
+    """Each unit's search row, Optuna study (runs a killed driver left open closed as failed) and the part
+    of its budget still to run."""
+    units = []
+    for method, source in spec.units():
+        unit = unit_name(method, source)
+        optuna_name = f"{spec.name}/{unit}"
+        search_id = store.ensure_search(study_id, unit, method, source, optuna_name, spec.sampler.name,
+                                        spec.budget.trials, spec.space_for(method).model_dump())
+        _clean_optuna(storage, optuna_name)
+        done = store.finished_count(search_id)
+        tally = outcome.units[unit] = UnitTally(budget=spec.budget.trials, finished=done)
+        units.append(UnitRun(unit, search_id, tally, _searcher(spec, method, optuna_name, storage),
+                             spec.budget.trials - done))
+        if on_event is not None:
+            on_event(unit, {"budget": tally.budget, "finished": done, "running": 0, "failed": 0, "best": None})
+    return units
 
 
 def pareto_sizes(store: Store, name: str, objectives: list[str]) -> dict[str, int]:

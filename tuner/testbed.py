@@ -239,7 +239,9 @@ def build(size_name: str = "micro", seed: int = 0, force: bool = False,
             "build_seconds": round(time.perf_counter() - started, 1),
         }
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if final.exists():  # force, or a concurrent builder won the race: ours replaces it atomically enough
+        if (final / "manifest.json").exists() and not force:
+            return final  # a concurrent builder (another worker) won the race; its build is identical
+        if final.exists():
             shutil.rmtree(final, ignore_errors=True)
         os.replace(work, final)
     finally:

@@ -1,22 +1,24 @@
-"""The Ray Tune trainable: one trial = one `run_unlearning` on a worker.
+"""What runs on Ray workers: the once-per-study preparation and the Ray Tune trainable (one trial = one
+`run_unlearning`).
 
-Each worker process loads the base model and tokenises the data once (a module-level cache that survives
-across trials when Ray reuses the actor); every trial starts from a pristine copy of the weights. The
-worker reads data and model itself, so driver and workers need not share a filesystem; results travel
-back only through `tune.report`.
+`prepare` runs once per study as a Ray task on a worker: it tokenises every set and evaluates the original
+model (and, on the testbed, the exact-retrain model). Its result travels to the trials through Ray's object
+store, so neither the tokenisation nor those evaluations repeat per trial or per worker. Each trial worker
+loads the base model once per process (a module-level cache that survives across trials and search units
+while Ray reuses the actor); every trial starts from a pristine copy of the weights. Workers read the model
+and data themselves, so driver and workers need not share a filesystem; results travel back only through
+`tune.report`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import socket
 from typing import Any
 
 import torch
 
-from tuner.data import DataSpec, build_data
+from tuner.data import DataSpec, UnlearnData, build_data
 from tuner.evaluation import full_metrics
 from tuner.models import Workbench, fingerprint, load, resolve
 from tuner.testbed import data_spec as testbed_data_spec
@@ -35,48 +37,59 @@ def objective_values(metrics: dict[str, float] | None, objectives: list[str]) ->
     return {f"obj_{name}": float(values[name]) for name in objectives}
 
 
-def _key(study: dict) -> str:
-    return hashlib.sha256(json.dumps([study["model"], study["data"], study["seed"]], sort_keys=True).encode()).hexdigest()
+def _device_and_dtype(study: dict[str, Any]) -> tuple[torch.device, torch.dtype]:
+    device = resolve_device(study["run"].get("device", "auto"))
+    return device, resolve_dtype(study["run"].get("dtype", "auto"), device)
 
 
-def worker_state(study: dict) -> dict[str, Any]:
-    """Model, data, baseline and (testbed) exact-retrain metrics, built once per worker process."""
-    key = _key(study)
-    if _WORKER.get("key") == key:
-        return _WORKER
-    _WORKER.clear()
-    bench = Workbench.open(study["model"], study.get("trust_remote_code", False))
+def workbench(study: dict[str, Any]) -> Workbench:
+    """The base model on this worker's device, loaded once per process."""
+    key = (study["model"], bool(study.get("trust_remote_code", False)))
+    if _WORKER.get("key") != key:
+        _WORKER.clear()
+        bench = Workbench.open(study["model"], study.get("trust_remote_code", False))
+        bench.reference.to(_device_and_dtype(study)[0])
+        _WORKER.update(key=key, bench=bench)
+    return _WORKER["bench"]
+
+
+def prepare(study: dict[str, Any]) -> dict[str, Any]:
+    """Once per study: token blocks of every set, the original model's metrics and, on the testbed, the
+    exact-retrain model's. The caller ships the result to every trial."""
+    if study.get("threads"):
+        torch.set_num_threads(int(study["threads"]))
+    bench = Workbench.open(study["model"], study.get("trust_remote_code", False))  # not cached: runs once
+    device, dtype = _device_and_dtype(study)
+    bench.reference.to(device)
     if study["data"] is not None:
         spec = DataSpec.model_validate(study["data"])
     else:
         spec = testbed_data_spec(bench.source.testbed_root)
     data = build_data(spec, bench.tokenizer, bench.reference.config, seed=study["seed"])
-    run = study["run"]
-    device = resolve_device(run.get("device", "auto"))
-    dtype = resolve_dtype(run.get("dtype", "auto"), device)
-    bench.reference.to(device)
-    batch = run.get("eval_batch_size", 16)
+    batch = study["run"].get("eval_batch_size", 16)
     baseline = full_metrics(bench.reference, data, batch, device, dtype)
     exact = None
     if bench.source.retrain_path is not None:
         retrain, _ = load(resolve(str(bench.source.retrain_path)))
         exact = full_metrics(retrain.to(device), data, batch, device, dtype)
         del retrain
-    _WORKER.update(key=key, bench=bench, data=data, baseline=baseline, exact_retrain=exact,
-                   data_summary={"blocks": data.summary(), "sources": data.sources, "sha256": data.fingerprints(),
-                                 "model": fingerprint(bench.reference.config)})
-    return _WORKER
+    summary = {"blocks": data.summary(), "sources": data.sources, "sha256": data.fingerprints(),
+               "model": fingerprint(bench.reference.config)}
+    return {"data": data, "baseline": baseline, "exact_retrain": exact, "data_summary": summary}
 
 
-def run_trial(params: dict[str, Any], study: dict[str, Any], report) -> dict[str, Any]:
-    """Run one trial and hand every curve point and the final result to `report` (tune.report in Ray)."""
+def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any], report) -> dict[str, Any]:
+    """Run one trial of the search unit named in `params["unit"]` and hand every curve point and the final
+    result to `report` (tune.report in Ray)."""
     if study.get("threads"):
         torch.set_num_threads(int(study["threads"]))
-    state = worker_state(study)
-    cfg = UnlearnConfig(method=study["method"], retain_source=study["retain_source"] or "in_distribution",
+    unit = study["units"][params["unit"]]
+    bench = workbench(study)
+    data: UnlearnData = prepared["data"]
+    baseline = prepared["baseline"]
+    cfg = UnlearnConfig(method=unit["method"], retain_source=unit["retain_source"] or "in_distribution",
                         seed=study["seed"], lr=params["lr"], epochs=params["epochs"],
                         retain_weight=params.get("retain_weight", 1.0), **study["run"])
-    baseline = state["baseline"]
     objectives = study["objectives"]
 
     def on_eval(point: dict[str, float]) -> None:
@@ -86,18 +99,15 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], report) -> dict[str
         partial.setdefault("mia_auc", 0.5)
         report({"kind": "curve", "curve_point": point, **objective_values(partial, objectives)})
 
-    result = run_unlearning(state["bench"].fresh(), state["data"], cfg, reference=state["bench"].reference,
-                            baseline=baseline, on_eval=on_eval)
-    payload = result.to_dict()
-    final = {"kind": "final", "status": result.status, "payload": payload, "host": socket.gethostname(),
-             "baseline": baseline, "exact_retrain": state["exact_retrain"], "data_summary": state["data_summary"],
+    result = run_unlearning(bench.fresh(), data, cfg, reference=bench.reference, baseline=baseline, on_eval=on_eval)
+    final = {"kind": "final", "status": result.status, "payload": result.to_dict(), "host": socket.gethostname(),
              **objective_values(result.metrics, objectives)}
     report(final)
     return final
 
 
-def trainable(config: dict[str, Any], study: dict[str, Any]) -> None:
-    """Ray Tune function trainable (bound with `tune.with_parameters(trainable, study=...)`)."""
+def trainable(config: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any]) -> None:
+    """Ray Tune function trainable (bound with `tune.with_parameters(trainable, study=..., prepared=...)`)."""
     from ray import tune
 
-    run_trial(config, study, tune.report)
+    run_trial(config, study, prepared, tune.report)
