@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tuner.errors import TunerError, describe_validation_error
+from tuner.errors import TunerError, describe_validation_error, one_line
 
 # Piped output (logs, CI) gets wide tables instead of rich's 80-column fallback.
 console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
@@ -280,10 +280,11 @@ def _print_result(result, report: dict, retrain: dict | None, target: Path) -> N
 
 # ---- tuner study ------------------------------------------------------------------------------------------
 
-def _store(args: argparse.Namespace, spec_storage: str | None = None):
+def _store(args: argparse.Namespace, spec_storage: str | None = None, create: bool = True):
+    """create=False: commands that only read (or continue) studies never create a store or its tables."""
     from tuner.store import Store
 
-    return Store(args.storage or spec_storage)
+    return Store(args.storage or spec_storage, create=create)
 
 
 class _StudyBars:
@@ -353,8 +354,14 @@ def _print_recommendation(rec: dict[str, Any], exact: dict[str, float] | None) -
     out.print(line)
 
 
+def _warn_remote_code(spec) -> None:
+    if spec.trust_remote_code:
+        console.print(f"[yellow]warning:[/] trust_remote_code: true runs Python code shipped with model "
+                      f"'{escape(spec.model)}' in every trial", highlight=False, soft_wrap=True)
+
+
 def cmd_study_run(args: argparse.Namespace) -> int:
-    from tuner.spec import load_spec
+    from tuner.spec import check_inputs, load_spec
 
     overrides = {"name": args.name, "storage": args.storage, "ray_address": args.address}
     spec, text = load_spec(args.file, overrides)
@@ -362,6 +369,8 @@ def cmd_study_run(args: argparse.Namespace) -> int:
         if args.trials < 1:
             raise TunerError("--trials must be at least 1")
         spec.budget.trials = args.trials
+    _warn_remote_code(spec)
+    check_inputs(spec, args.file)  # bad data or model: refused before the study is stored
     store = _store(args, spec.storage)
     return _run_study(spec, text, store, resume=False)
 
@@ -369,18 +378,21 @@ def cmd_study_run(args: argparse.Namespace) -> int:
 def cmd_study_resume(args: argparse.Namespace) -> int:
     from tuner.spec import validate_spec
 
-    store = _store(args)
+    store = _store(args, create=False)
     study = store.study(args.name)
     spec = validate_spec(study.spec, f"stored spec of '{args.name}'")
+    _warn_remote_code(spec)
     if args.address:
         spec.ray_address = args.address
     return _run_study(spec, study.spec_text, store, resume=True)
 
 
 def cmd_study_validate(args: argparse.Namespace) -> int:
-    from tuner.spec import load_spec, unit_name
+    from tuner.spec import check_inputs, load_spec, unit_name
 
     spec, _ = load_spec(args.file)
+    _warn_remote_code(spec)
+    check_inputs(spec, args.file, run_model_code=False)  # validating never runs a model repo's code
     units = [unit_name(m, s) for m, s in spec.units()]
     out.print(f"{args.file}: valid study '{spec.name}' on {spec.model}: {len(units)} search units "
               f"({', '.join(units)}), {spec.budget.trials} trials each, sampler {spec.sampler.name}, "
@@ -389,7 +401,7 @@ def cmd_study_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_study_list(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = _store(args, create=False)
     table = Table("name", "model", "status", "finished trials", "created")
     for row in store.list_studies():
         table.add_row(escape(row["name"]), escape(row["model"]), row["status"], str(row["trials"]),
@@ -421,7 +433,7 @@ def _print_study(store, name: str) -> None:
 
 
 def cmd_study_show(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = _store(args, create=False)
     study = store.study(args.name)
     out.print(f"study [bold]{escape(study.name)}[/] on {escape(study.model)}: {study.status}")
     _print_study(store, args.name)
@@ -431,7 +443,7 @@ def cmd_study_show(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tuner.export import build_export, render, write_atomic
 
-    doc = build_export(_store(args), args.name, args.method)
+    doc = build_export(_store(args, create=False), args.name, args.method)
     text = render(doc, args.format)
     if args.output:
         target = Path(args.output).expanduser()
@@ -547,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TunerError as err:
-        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(one_line(str(err)))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -23,7 +23,7 @@ RetainSource = Literal["in_distribution", "general"]
 class TextSource(BaseModel):
     """Where one set's text comes from: a file, a directory of files, JSONL, or an HF `datasets` spec."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str | None = Field(None, description="a text file, a JSONL file, or a directory of files")
     hf: str | None = Field(None, description="an HF datasets name, e.g. llmunlearn/unlearn_dataset")
@@ -50,7 +50,7 @@ class TextSource(BaseModel):
 class DataSpec(BaseModel):
     """The four sets of an unlearning problem and how they are cut into blocks."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     forget: TextSource
     unseen: TextSource = Field(description="same-distribution text the model never saw (approximate retraining)")

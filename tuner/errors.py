@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import ValidationError
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
 
 
 class TunerError(Exception):
     """A mistake in the user's input (a file, a field, a flag): shown as one line, exit code 2."""
+
+
+def one_line(text: str) -> str:
+    """Line breaks and other control characters (from a user's file names or values) shown escaped, so an
+    error stays one line and cannot forge further lines of output."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def describe_validation_error(err: ValidationError, source: str) -> str:
@@ -15,4 +25,4 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
     for item in err.errors():
         loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
         parts.append(f"{loc}: {item['msg']}")
-    return f"{source}: " + "; ".join(parts)
+    return one_line(f"{source}: " + "; ".join(parts))

@@ -98,14 +98,22 @@ def render(doc: dict[str, Any], fmt: str) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """All or nothing: a temp file in the target directory, renamed into place."""
+    """All or nothing: a temp file in the target directory, renamed into place. The file is written exactly
+    where -o says (no name is derived from study or method names)."""
     if not path.parent.is_dir():
         raise TunerError(f"-o: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    if path.is_dir():
+        raise TunerError(f"-o: {path} is a directory; name the file to write, e.g. {path / 'recommended.yaml'}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        raise TunerError(f"-o: cannot write in {path.parent} ({err.strerror or type(err).__name__})") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
+    except OSError as err:
+        raise TunerError(f"-o: cannot write {path} ({err.strerror or type(err).__name__})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -72,6 +72,31 @@ def check_tokenizer(model, tokenizer, name: str) -> None:
                          f"{embeddings}; they do not belong together")
 
 
+def check_local_model(name: str, trust_remote_code: bool = False, block_size: int | None = None) -> None:
+    """Before a study stores anything: a local model directory's tokenizer must fit its embedding table, and
+    the data's blocks its context. Reads config and tokenizer only (no weights); hub ids are left to the trials."""
+    from tuner.data import model_context_length
+
+    local = Path(name).expanduser()
+    if not local.exists() and not name.startswith((".", "/", "~")):
+        return  # a hub id: the trials load (and check) it
+    source = resolve(name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TunerError(f"model '{name}': could not be loaded ({first})") from None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text_config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise TunerError(f"model '{name}': tokenizer has {len(tokenizer)} tokens but the model embeds only "
+                         f"{vocab}; they do not belong together")
+    context = model_context_length(text_config)
+    if block_size is not None and context is not None and block_size > context:
+        raise TunerError(f"data.block_size {block_size} is longer than the model's context of {context} tokens")
+
+
 def fingerprint(config) -> dict[str, object]:
     """What makes a tuned configuration transferable: the architecture, not the path it was loaded from."""
     get = config.to_dict().get

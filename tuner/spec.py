@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuner import methods
 from tuner.data import DataSpec, RetainSource
-from tuner.errors import TunerError, describe_validation_error
+from tuner.errors import TunerError, describe_validation_error, one_line
 from tuner.training import Schedule
 
 Objective = Literal["forget_gap", "utility_drop", "mia_auc"]
@@ -19,7 +19,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are never a setting (`.nan` in YAML would otherwise pass every range check).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class FloatRange(_Strict):
@@ -138,7 +139,7 @@ class StudySpec(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not NAME_PATTERN.match(value):
+        if not NAME_PATTERN.fullmatch(value):  # fullmatch: `$` alone would let a trailing newline through
             raise ValueError("use 1-100 letters, digits, '_', '.', '-' (starting with a letter or digit)")
         return value
 
@@ -193,19 +194,31 @@ def unit_name(method: str, retain_source: str | None) -> str:
 
 
 def load_spec(path: str | Path, overrides: dict | None = None) -> tuple[StudySpec, str]:
-    """(spec, original text); every problem is a TunerError naming the file and the field path."""
-    p = Path(path)
+    """(spec, original text); every problem is a one-line TunerError naming the file and the field path.
+
+    YAML is read with `yaml.safe_load` only: tags such as `!!python/object` are refused, never constructed."""
+    try:
+        return _load_spec(Path(path), overrides)
+    except TunerError as err:
+        raise TunerError(one_line(str(err))) from None
+
+
+def _load_spec(p: Path, overrides: dict | None) -> tuple[StudySpec, str]:
     if not p.is_file():
         raise TunerError(f"{p}: study file not found")
     try:
         text = p.read_text(encoding="utf-8")
         doc = yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise TunerError(f"{p}: not UTF-8 text") from None
+    except UnicodeDecodeError as err:
+        raise TunerError(f"{p}: not UTF-8 text (byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise TunerError(f"{p}:{where} malformed YAML ({getattr(err, 'problem', None) or err})") from None
+    except OSError as err:
+        raise TunerError(f"{p}: cannot read the study file ({err.strerror or type(err).__name__})") from None
+    except RecursionError:
+        raise TunerError(f"{p}: malformed YAML (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise TunerError(f"{p}: a study file must be a YAML mapping")
     doc.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -213,20 +226,57 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> tuple[StudySpe
 
 
 def validate_spec(doc: dict, source: str) -> StudySpec:
+    """The spec in `doc` (parsed YAML or a stored spec), or a one-line TunerError naming `source` and the field."""
+    try:
+        return _validate(doc, source)
+    except TunerError as err:
+        raise TunerError(one_line(str(err))) from None
+
+
+def _validate(doc: dict, source: str) -> StudySpec:
     try:
         spec = StudySpec.model_validate(doc)
     except ValidationError as err:
         raise TunerError(describe_validation_error(err, source)) from None
+    except RecursionError:
+        raise TunerError(f"{source}: nested too deeply") from None
     if spec.data is not None:
         for key in ("forget", "unseen", "retain", "general"):
             src = getattr(spec.data, key)
             if src is None or src.path is None:
                 continue
-            resolved = _resolve(src.path, source)
-            if not resolved.exists():
+            try:
+                resolved = _resolve(src.path, source)
+                found = resolved.exists()
+                if found:
+                    src.path = str(resolved.resolve())  # relative to the spec file, stored absolute
+            except (OSError, ValueError, RuntimeError) as err:  # NUL bytes, names too long, symlink loops
+                raise TunerError(f"{source}: data.{key}.path: not a usable path ({type(err).__name__})") from None
+            if not found:
                 raise TunerError(f"{source}: data.{key}.path: file not found: {src.path}")
-            src.path = str(resolved.resolve())  # relative to the spec file, stored absolute
     return spec
+
+
+def check_inputs(spec: StudySpec, source: str, run_model_code: bool = True) -> None:
+    """What a study needs before anything is stored: every data file readable, UTF-8 and non-empty, and a
+    local model directory whose tokenizer fits its embeddings. Errors are one line naming `source` and the field.
+
+    Hub models are not contacted here, and the testbed is built (and checked) by the trials. With
+    `trust_remote_code: true` the model is only checked when `run_model_code` (`study run`, not `validate`)."""
+    from tuner.data import read_documents
+    from tuner.models import check_local_model
+
+    try:
+        if spec.data is not None:
+            for key in ("forget", "unseen", "retain", "general"):
+                src = getattr(spec.data, key)
+                if src is not None and src.path is not None:
+                    read_documents(src, f"data.{key}")
+        if not spec.model.startswith("testbed:") and (run_model_code or not spec.trust_remote_code):
+            check_local_model(spec.model, spec.trust_remote_code,
+                              block_size=spec.data.block_size if spec.data is not None else None)
+    except TunerError as err:
+        raise TunerError(one_line(f"{source}: {err}")) from None
 
 
 def _resolve(path: str, source: str) -> Path:

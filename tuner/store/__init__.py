@@ -16,9 +16,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, delete, event, func, select, text, update
+from sqlalchemy import create_engine, delete, event, func, inspect, select, text, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import selectinload, sessionmaker
 
 from tuner.errors import TunerError
@@ -55,14 +55,14 @@ def safe_url(url: str) -> str:
         return "<invalid storage URL>"
 
 
-def _engine(url: str) -> Engine:
+def _engine(url: str, create_folder: bool = False) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise TunerError(f"--storage: not a database URL: {safe_url(url)}") from None
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _sqlite_folder(Path(parsed.database), create_folder)
         engine = create_engine(url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")
@@ -75,6 +75,25 @@ def _engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_folder(database: Path, create: bool) -> None:
+    """The default store's folder is created on first use; an explicit URL's folder must exist (a typo in
+    --storage must not silently start a new, empty store somewhere) and be writable."""
+    folder = database.parent
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TunerError(f"storage: cannot create folder {folder} for the SQLite store "
+                             f"({err.strerror or type(err).__name__})") from None
+    if not folder.is_dir():
+        raise TunerError(f"storage: folder {folder} of the SQLite file {database.name} does not exist "
+                         "(create it first, or fix --storage)")
+    if database.is_dir():
+        raise TunerError(f"storage: {database} is a directory, not a SQLite file")
+    if not os.access(folder, os.W_OK | os.X_OK) or (database.exists() and not os.access(database, os.R_OK | os.W_OK)):
+        raise TunerError(f"storage: {database if database.exists() else folder} is not writable")
 
 
 def migrate(engine: Engine) -> None:
@@ -112,15 +131,28 @@ def schema_lock(engine: Engine) -> Iterator[None]:
 
 
 class Store:
-    def __init__(self, url: str | None = None) -> None:
+    """create=False (the read-only commands: show, export, resume) opens an existing store or fails: a
+    mistyped --storage must not leave a new SQLite file or new tables behind."""
+
+    def __init__(self, url: str | None = None, create: bool = True) -> None:
         self.url = normalise_url(url or default_url())
-        self.engine = _engine(self.url)
+        self.engine = _engine(self.url, create_folder=create and not url and not os.environ.get("TUNER_STORAGE"))
+        if not create and self.engine.dialect.name == "sqlite":
+            database = self.engine.url.database
+            if database and database != ":memory:" and not Path(database).is_file():
+                raise TunerError(f"no store at {safe_url(self.url)}: the SQLite file does not exist "
+                                 "(run `tuner study run` first, or fix --storage)")
         try:
+            if not create and not inspect(self.engine).has_table(Study.__tablename__):
+                raise TunerError(f"no store at {safe_url(self.url)}: the database has no tuner tables "
+                                 "(run `tuner study run` first, or fix --storage)")
             with schema_lock(self.engine):
                 migrate(self.engine)
         except OperationalError as err:
-            reason = str(err.orig).strip().splitlines()[0] if err.orig else "connection failed"
-            raise TunerError(f"storage {safe_url(self.url)} is unreachable: {reason}") from None
+            reason = _first_line(str(err.orig) if err.orig else "") or "connection failed"
+            raise TunerError(f"storage {safe_url(self.url)} is unreachable: {_mask(reason, self.url)}") from None
+        except OSError as err:  # the SQLite lock file beside the database
+            raise TunerError(f"storage {safe_url(self.url)}: {err.strerror or type(err).__name__}") from None
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def __repr__(self) -> str:
@@ -132,15 +164,29 @@ class Store:
 
     # ---- studies ---------------------------------------------------------------------------------------
     def create_study(self, name: str, model: str, seed: int, spec: dict, spec_text: str, versions: dict) -> int:
-        with self.sessions.begin() as s:
-            if s.scalar(select(Study.id).where(Study.name == name)) is not None:
-                raise TunerError(f"a study named '{name}' already exists in {safe_url(self.url)} "
-                                 f"(use `tuner study resume {name}` or --name NEW)")
-            study = Study(name=name, model=model, seed=seed, spec=spec, spec_text=spec_text, versions=versions,
-                          status="created")
-            s.add(study)
-            s.flush()
-            return study.id
+        """A new study row; a name already taken (also by a process that won a race to create it) is a
+        TunerError that points at `tuner study resume`. A password in the spec's storage URL is not stored."""
+        from tuner.spec import NAME_PATTERN
+
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise TunerError(f"study name {name!r}: use 1-100 letters, digits, '_', '.', '-' "
+                             "(starting with a letter or digit)")
+        spec, spec_text = _without_password(spec, spec_text)
+        try:
+            with self.sessions.begin() as s:
+                if s.scalar(select(Study.id).where(Study.name == name)) is not None:
+                    raise self._taken(name)
+                study = Study(name=name, model=model, seed=seed, spec=spec, spec_text=spec_text, versions=versions,
+                              status="created")
+                s.add(study)
+                s.flush()
+                return study.id
+        except IntegrityError:
+            raise self._taken(name) from None
+
+    def _taken(self, name: str) -> TunerError:
+        return TunerError(f"a study named '{name}' already exists in {safe_url(self.url)} "
+                          f"(use `tuner study resume {name}` or --name NEW)")
 
     def study(self, name: str) -> Study:
         with self.sessions() as s:
@@ -266,6 +312,35 @@ class Store:
         with self.sessions() as s:
             rows = s.scalars(select(Recommendation).where(Recommendation.study_id == study.id))
             return {r.method: r.payload for r in rows}
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def _mask(text: str, url: str) -> str:
+    """Drivers may echo the connection string in their messages: never its password."""
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        return text
+    return text.replace(str(password), "***") if password else text
+
+
+def _without_password(spec: dict, spec_text: str) -> tuple[dict, str]:
+    """The spec as stored: its storage URL (from the file or --storage) with the password masked."""
+    url = spec.get("storage") if isinstance(spec, dict) else None
+    if not isinstance(url, str):
+        return spec, spec_text
+    try:
+        password = make_url(normalise_url(url)).password
+    except ArgumentError:
+        return spec, spec_text
+    if not password:
+        return spec, spec_text
+    password = str(password)
+    return {**spec, "storage": safe_url(url)}, spec_text.replace(password, "***")
 
 
 def _finite(value: Any) -> float | None:
