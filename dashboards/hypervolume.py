@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tuner.pareto import pareto_indices
+from tuner.pareto import dominates, pareto_indices
 
 
 def hypervolume(points: Sequence[Sequence[float]], ref: Sequence[float]) -> float:
@@ -57,7 +57,8 @@ def history(points: Sequence[Sequence[float] | None], ref: Sequence[float]) -> l
         if p is not None:
             q = tuple(p)
             if not any(all(a <= b for a, b in zip(f, q, strict=True)) for f in front):
-                front = [front[i] for i in pareto_indices(front + [q]) if i < len(front)] + [q]
+                # the front's points do not dominate each other, so only q can push one out
+                front = [f for f in front if not dominates(q, f)] + [q]
                 volume = hypervolume(front, ref)
         out.append(volume)
     return out
