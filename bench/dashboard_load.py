@@ -147,7 +147,8 @@ PHASES_JS = """() => {
   const res = performance.getEntriesByType('resource');
   const end = part => Math.max(0, ...res.filter(e => e.name.includes(part)).map(e => e.responseEnd));
   const mark = performance.getEntriesByName('plotly-ready')[0];
-  return {'Dash bundles received': end('/_dash-component-suites/dash/'),
+  return {'Dash bundles received': Math.max(0, ...res.filter(e => e.name.includes('/_dash-component-suites/dash/')
+                                                   && !e.name.includes('/async-')).map(e => e.responseEnd)),
           'plotly.js received': end('plotly.min.js'),
           'plotly.js run': mark ? mark.startTime : null,
           'study page from server': end('/_dash-update-component'),
