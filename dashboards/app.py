@@ -11,7 +11,6 @@ from __future__ import annotations
 import hmac
 import json
 import math
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -31,40 +30,6 @@ from tuner.store import Store, safe_url
 REFRESH_MS = 5000
 # async-highlight (code highlighting in markdown cells) is not needed: the trial table has no markdown cells
 LAZY_CHUNKS = ["dash/dcc/async-graph.js", "dash/dcc/async-dropdown.js", "dash/dash_table/async-table.js"]
-# Dash's babel polyfill (core-js 2, for IE11) replaces parseInt, parseFloat, String.prototype.trim and more
-# with slower JavaScript versions in every current browser (its whitespace test predates Unicode 6.3), which
-# made Plotly draw the study page ~40 % slower (thread CPU, measured per figure). The app leaves it out; all
-# that Dash 4's bundles take from it is `regeneratorRuntime`, for one straight-line generator in their lazy-
-# component loader, which this shim runs (anything it cannot run fails loudly, and the browser tests see it).
-REGENERATOR_SHIM = """
-window.regeneratorRuntime = window.regeneratorRuntime || (function () {
-  var STOP = {};
-  function wrap(inner, outer, self, tryLocs) {
-    if (tryLocs && tryLocs.length) { throw new Error("regeneratorRuntime shim: try/catch in generators"); }
-    var ctx = {prev: 0, next: 0, sent: undefined, done: false, rval: undefined,
-      stop: function () { this.done = true; return this.rval; },
-      abrupt: function (type, arg) {
-        if (type !== "return") { throw new Error("regeneratorRuntime shim: " + type); }
-        this.rval = arg; this.next = "end"; return STOP;
-      }};
-    var gen = {
-      next: function (value) {
-        if (ctx.done) { return {value: undefined, done: true}; }
-        ctx.sent = value;
-        for (;;) {
-          var out = inner.call(self, ctx);
-          if (out !== STOP) { return {value: out, done: ctx.done}; }
-        }
-      },
-      "throw": function (err) { ctx.done = true; throw err; },
-      "return": function (value) { ctx.done = true; return {value: value, done: true}; }
-    };
-    if (typeof Symbol === "function") { gen[Symbol.iterator] = function () { return this; }; }
-    return gen;
-  }
-  return {mark: function (fn) { return fn; }, wrap: wrap};
-})();
-"""
 CSS = """
 /* The dashboards' look: plain, readable, wide tables scroll instead of squeezing. */
 body { font-family: "DejaVu Sans", Arial, sans-serif; margin: 0; color: #1f2328; background: #fff; }
@@ -96,7 +61,6 @@ INDEX = """<!DOCTYPE html>
         {%favicon%}
         {%css%}
         <style>{CSS}</style>
-        <script>{SHIM}</script>
         <script>
         // Start fetching and compiling plotly.js now, in parallel with the Dash bundles and the first server
         // round trip, instead of when the first graph mounts. dcc.Graph takes `window.Plotly` when it is set
@@ -188,7 +152,7 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
     """The Dash app over the store at `store_url` (default: $TUNER_STORAGE or the user's SQLite file).
 
     With `token`, every request needs `?token=TOKEN` once (it is then kept in a cookie) or that cookie."""
-    store = Store(store_url)
+    store = Store(store_url, create=False)  # read-only: a mistyped --storage must not create a store
     cache = StudyCache(store)
     app = Dash(__name__, title="unlearn-tuner dashboards", update_title=None, suppress_callback_exceptions=True,
                serve_locally=True, assets_folder=str(Path(__file__).with_name("no-assets")))
@@ -196,8 +160,7 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
     # CSS inline: the package ships no asset files
     app.index_string = (INDEX.replace("{CSS}", CSS).replace("{PLOTLY_URL}", plotly_url)
                         .replace("{PREFIX}", app.config.requests_pathname_prefix)
-                        .replace("{CHUNKS}", json.dumps(LAZY_CHUNKS)).replace("{SHIM}", REGENERATOR_SHIM))
-    _leave_out_polyfill(app)
+                        .replace("{CHUNKS}", json.dumps(LAZY_CHUNKS)))
     app.server.extensions["tuner_dashboards"] = cache  # for benchmarks that time a cold server
     app.layout = html.Div([
         dcc.Location(id="url", refresh=False),
@@ -250,17 +213,6 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
         return fig
 
     return app
-
-
-def _leave_out_polyfill(app: Dash) -> None:
-    """Drop the babel polyfill's script tag from the page (see REGENERATOR_SHIM for why)."""
-    interpolate = app.interpolate_index
-
-    def interpolate_index(**kwargs):
-        kwargs["scripts"] = re.sub(r'<script src="[^"]*/deps/polyfill@[^"]*"></script>\s*', "", kwargs["scripts"])
-        return interpolate(**kwargs)
-
-    app.interpolate_index = interpolate_index
 
 
 def _protect(app: Dash, token: str) -> None:

@@ -88,7 +88,7 @@ def cmd_dashboard_export(args: argparse.Namespace) -> int:
     from dashboards.report import export
     from tuner.store import Store
 
-    store = Store(getattr(args, "storage", None))
+    store = Store(getattr(args, "storage", None), create=False)
     path = export(store, args.name, args.output, abs_gap=args.abs_gap)
     size = path.stat().st_size / 1e6
     print(f"wrote {path} ({size:.1f} MB, self-contained: opens offline)")

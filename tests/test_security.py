@@ -210,6 +210,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_dashboards_never_create_a_store(tmp_path, cache_dir):
+    """The dashboards only read: pointed at a store that is not there, they say so and leave nothing behind."""
+    missing = tmp_path / "typo.db"
+    for args in (["dashboard", "--storage", f"sqlite:///{missing}", "--port", "1"],
+                 ["dashboard", "export", "any", "--storage", f"sqlite:///{missing}", "-o", tmp_path / "r.html"]):
+        out = tuner(*args, cache_dir=cache_dir)
+        assert out.returncode == 2 and "no store at" in out.stderr, out.stderr
+        assert not missing.exists() and not (tmp_path / "r.html").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_password_in_the_storage_url_never_reaches_the_output(tmp_path, cache_dir):
     spec = spec_file(tmp_path)
     commands = [("study", "run", spec, "--storage", CLOSED), ("study", "resume", "sec", "--storage", CLOSED),

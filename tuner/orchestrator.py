@@ -7,6 +7,7 @@ Resuming is a new Tuner on the same Optuna studies, with the budget reduced by t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -30,11 +31,13 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 from tuner import __version__, methods  # noqa: E402
 from tuner.errors import TunerError  # noqa: E402
 from tuner.pareto import front_ids  # noqa: E402
+from tuner.retry import TRANSIENT, with_retry  # noqa: E402
 from tuner.spec import SamplerSpec, StudySpec, unit_name  # noqa: E402
 from tuner.store import Store  # noqa: E402
 from tuner.trial import prepare, trainable  # noqa: E402
 
 Event = Callable[[str, dict[str, Any]], None]
+OPTUNA_TRANSIENT = (*TRANSIENT, optuna.exceptions.StorageInternalError)
 
 
 def make_sampler(spec: SamplerSpec, budget: int, seed: int) -> optuna.samplers.BaseSampler:
@@ -146,7 +149,7 @@ class StoreCallback(Callback):
             payload = result["payload"]
             objectives = {k[4:]: v for k, v in result.items() if k.startswith("obj_")}
             self.store.finish_trial(row, result["status"], objectives, payload)
-            if result["status"] == "diverged":
+            if result["status"] in ("diverged", "failed"):
                 t.failed += 1
             elif payload.get("metrics"):
                 m = payload["metrics"]
@@ -177,16 +180,29 @@ def _trial_error(trial) -> str:
 
 
 class StudySearcher(OptunaSearch):
-    """A diverged trial is told to Optuna as FAIL (NaN would leave it RUNNING forever)."""
+    """OptunaSearch that tells a diverged or failed trial as FAIL (NaN would leave it RUNNING forever) and
+    waits out a briefly unavailable database instead of dropping the tell (Tune's version logs and moves on,
+    which leaves the sampler blind to that trial)."""
+
+    def suggest(self, trial_id: str):
+        return with_retry(lambda: super(StudySearcher, self).suggest(trial_id), "asking Optuna", OPTUNA_TRANSIENT)
 
     def on_trial_complete(self, trial_id, result=None, error=False):
-        if result and not error and trial_id in self._ot_trials:
-            values = [result.get(m) for m in self._metric]
-            if result.get("status") == "diverged" or any(v is None or not math.isfinite(v) for v in values):
-                self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.FAIL)
-                self._ot_trials.pop(trial_id, None)
-                return
-        super().on_trial_complete(trial_id, result=result, error=error)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        values = [result.get(m) for m in self._metric] if result else None
+        failed = (error or values is None or (result or {}).get("status") in ("diverged", "failed")
+                  or any(v is None or not math.isfinite(v) for v in values))
+        state = TrialState.FAIL if failed else TrialState.COMPLETE
+        with_retry(lambda: _tell(self._ot_study, ot_trial, None if failed else values, state), "telling Optuna",
+                   OPTUNA_TRANSIENT)
+        self._completed_trials.add(trial_id)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # an earlier attempt got through
+        study.tell(trial, values, state=state)
 
 
 class UnitsSearcher(Searcher):
@@ -254,7 +270,9 @@ def start_ray(address: str | None) -> None:
         ray.init(address=address, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+        # "local": a fresh instance even when `ray start` left a cluster on this machine (plain ray.init()
+        # would join that one).
+        ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
 
 
 def _context(spec: StudySpec) -> dict[str, Any]:

@@ -81,7 +81,8 @@ class SamplerSpec(_Strict):
 
 class Budget(_Strict):
     trials: int = Field(12, ge=1, description="trials per search unit (method, retain source)")
-    wall_time_min: float | None = Field(None, gt=0, description="wall-time limit per search unit")
+    wall_time_min: float | None = Field(None, gt=0,
+                                       description="wall-time limit for the whole study; units take turns")
 
 
 class Resources(_Strict):

@@ -57,8 +57,9 @@ class IndexStream:
         self.n, self.gen, self.buffer = n, torch.Generator().manual_seed(seed), torch.empty(0, dtype=torch.long)
 
     def take(self, k: int) -> torch.Tensor:
-        while self.buffer.numel() < k:
-            self.buffer = torch.cat([self.buffer, torch.randperm(self.n, generator=self.gen)])
+        if self.buffer.numel() < k:  # one cat, not one per epoch: batches far larger than the set stay cheap
+            epochs = -(-(k - self.buffer.numel()) // self.n)
+            self.buffer = torch.cat([self.buffer, *(torch.randperm(self.n, generator=self.gen) for _ in range(epochs))])
         out, self.buffer = self.buffer[:k], self.buffer[k:]
         return out
 

@@ -99,11 +99,54 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
         partial.setdefault("mia_auc", 0.5)
         report({"kind": "curve", "curve_point": point, **objective_values(partial, objectives)})
 
-    result = run_unlearning(bench.fresh(), data, cfg, reference=bench.reference, baseline=baseline, on_eval=on_eval)
-    final = {"kind": "final", "status": result.status, "payload": result.to_dict(), "host": socket.gethostname(),
-             **objective_values(result.metrics, objectives)}
+    try:
+        result = run_unlearning(bench.fresh(), data, cfg, reference=bench.reference, baseline=baseline,
+                                on_eval=on_eval)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        final = {"kind": "final", "status": "failed", "payload": {"reason": _oom_reason(err, cfg)},
+                 **objective_values(None, objectives)}
+        _release_memory()
+        report(final)
+        return final
+    payload = result.to_dict()
+    payload.setdefault("environment", {}).update(host=socket.gethostname(), ray_node=_ray_node())
+    final = {"kind": "final", "status": result.status, "payload": payload, **objective_values(result.metrics, objectives)}
     report(final)
     return final
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text \
+        or "out of memory" in text.lower()
+
+
+def _oom_reason(err: BaseException, cfg: UnlearnConfig) -> str:
+    """An out-of-memory trial is a setting the user can fix: say which, keeping the effective batch."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return (f"out of memory with batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} ({first}); "
+            f"halve run.batch_size and double run.grad_accum: the same effective batch gives the same result")
+
+
+def _release_memory() -> None:
+    """Let the worker run its next trial after an OOM: drop the failed run's tensors and cached blocks."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _ray_node() -> str | None:
+    """Which Ray node ran the trial (hostnames repeat when several nodes share a machine)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
 
 
 def trainable(config: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """The study store: SQLAlchemy 2 over a SQLite file (default) or PostgreSQL (by URL).
 
 It is the single source of truth that dashboards, `study show` and exports read. Only the study driver
-writes to it; schema changes arrive as Alembic migrations, run on open.
+writes to it; schema changes arrive as Alembic migrations, run on open. The driver's reads and writes wait
+out a database that is briefly away (tuner/retry.py); every such method is idempotent but `start_trial`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import selectinload, sessionmaker
 
 from tuner.errors import TunerError
+from tuner.retry import retrying
 from tuner.store.schema import CurvePoint, Metric, Recommendation, Search, Study, Trial
 
 FINISHED = ("completed", "stopped_at_target", "diverged", "failed")
@@ -188,6 +190,7 @@ class Store:
         return TunerError(f"a study named '{name}' already exists in {safe_url(self.url)} "
                           f"(use `tuner study resume {name}` or --name NEW)")
 
+    @retrying
     def study(self, name: str) -> Study:
         with self.sessions() as s:
             study = s.scalar(select(Study).where(Study.name == name).options(selectinload(Study.searches)))
@@ -207,12 +210,14 @@ class Store:
             return [{"name": st.name, "model": st.model, "status": st.status, "trials": counts.get(st.id, 0),
                      "created_at": st.created_at} for st in s.scalars(select(Study).order_by(Study.created_at))]
 
+    @retrying
     def update_study(self, study_id: int, **fields: Any) -> None:
         with self.sessions.begin() as s:
             s.execute(update(Study).where(Study.id == study_id).values(**fields,
                                                                        updated_at=datetime.now(timezone.utc)))
 
     # ---- searches and trials ---------------------------------------------------------------------------
+    @retrying
     def ensure_search(self, study_id: int, unit: str, method: str, retain_source: str | None, optuna_study: str,
                       sampler: str, budget: int, space: dict) -> int:
         with self.sessions.begin() as s:
@@ -225,11 +230,13 @@ class Store:
             s.flush()
             return search.id
 
+    @retrying
     def finished_count(self, search_id: int) -> int:
         with self.sessions() as s:
             return s.scalar(select(func.count(Trial.id)).where(Trial.search_id == search_id,
                                                                Trial.status.in_(FINISHED))) or 0
 
+    @retrying
     def start_trial(self, search_id: int, params: dict, host: str | None = None) -> int:
         """A new trial row numbered after the search's last one."""
         with self.sessions.begin() as s:
@@ -241,12 +248,14 @@ class Store:
             s.flush()
             return trial.id
 
+    @retrying
     def add_curve_point(self, trial_id: int, point: dict[str, float]) -> None:
         with self.sessions.begin() as s:
             step = int(point["step"])
             if s.get(CurvePoint, (trial_id, step)) is None:
                 s.add(CurvePoint(trial_id=trial_id, step=step, **{k: _finite(point.get(k)) for k in CURVE_KEYS}))
 
+    @retrying
     def finish_trial(self, trial_id: int, status: str, objectives: dict | None, payload: dict | None,
                      error: str | None = None) -> None:
         """Record a trial's outcome, final metrics and whole curve in one transaction."""
@@ -262,6 +271,7 @@ class Store:
                                                         "train_time_s", "eval_time_s", "environment", "config")
                             if k in payload}
             trial.device = env.get("device_name") or env.get("device")
+            trial.host = env.get("host") or trial.host
             trial.world_size = env.get("world_size")
             trial.effective_batch = env.get("effective_batch")
             trial.wall_time_s = payload.get("wall_time_s")
@@ -273,6 +283,7 @@ class Store:
                     s.add(CurvePoint(trial_id=trial_id, step=int(point["step"]),
                                      **{k: _finite(point.get(k)) for k in CURVE_KEYS}))
 
+    @retrying
     def interrupt_running(self, study_id: int, reason: str) -> int:
         """Trials left 'running' by a driver that died: marked interrupted (not counted, not lost)."""
         with self.sessions.begin() as s:
@@ -281,6 +292,7 @@ class Store:
                             .values(status="interrupted", error=reason, finished_at=datetime.now(timezone.utc)))
             return res.rowcount or 0
 
+    @retrying
     def trials(self, study_name: str) -> list[dict[str, Any]]:
         """Every trial of a study as a flat row: unit, params, status, objectives, metrics, timings."""
         study = self.study(study_name)
@@ -300,6 +312,7 @@ class Store:
             points = s.scalars(select(CurvePoint).where(CurvePoint.trial_id == trial_id).order_by(CurvePoint.step))
             return [{"step": p.step, **{k: getattr(p, k) for k in CURVE_KEYS}} for p in points]
 
+    @retrying
     def replace_recommendations(self, study_id: int, items: list[tuple[str | None, int | None, dict]]) -> None:
         """The study's recommendations (unit or None for overall, trial, payload), replacing older ones."""
         with self.sessions.begin() as s:

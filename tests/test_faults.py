@@ -1,0 +1,117 @@
+"""Faults during a study: a trial process killed, a trial out of memory. Each study runs through the real
+CLI (local Ray, Optuna, SQLite); the fault is injected into the real trial process from outside.
+(Driver killed and resumed, and a diverging method: tests/test_study.py. A worker node lost:
+tests/test_cluster.py. The database restarting: tests/test_store_outage.py.)"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+import yaml
+
+from tuner.store import Store
+
+TUNER = str(Path(sys.executable).with_name("tuner"))
+
+
+def start_study(tmp_path: Path, name: str, trials: int, **run) -> tuple[subprocess.Popen, str]:
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": name, "model": "testbed:micro", "methods": ["ga_gd"], "retain_sources": ["in_distribution"],
+        "budget": {"trials": trials}, "concurrency": 1, "sampler": {"name": "random"},
+        "search": {"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 3, "high": 4}},
+        "run": {"device": "cpu", "eval_every": 4, **run}}))
+    url = f"sqlite:///{tmp_path / 'faults.db'}"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([TUNER, "study", "run", str(spec), "--storage", url], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, url
+
+
+def find_trial(proc: subprocess.Popen) -> psutil.Process | None:
+    """The Ray actor running the trainable, once it is inside a trial (its title says so)."""
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "ImplicitFunc.train" in " ".join(child.cmdline()):
+                return child
+    return None
+
+
+def trial_process(proc: subprocess.Popen, timeout: float = 300) -> psutil.Process:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        found = find_trial(proc)
+        if found is not None:
+            return found
+        time.sleep(0.2)
+    pytest.fail("no trial process appeared")
+
+
+def wait_for_step(store_url: str, name: str, timeout: float = 300) -> None:
+    """Until the running trial has reported a curve point: the fault then lands mid-training."""
+    store, deadline = Store(store_url), time.time() + timeout
+    while time.time() < deadline:
+        try:
+            running = [r for r in store.trials(name) if r["status"] == "running"]
+        except Exception:
+            running = []
+        if running and store.curve(running[0]["id"]):
+            return
+        time.sleep(0.2)
+    pytest.fail("the trial never reported a curve point")
+
+
+def test_a_trial_killed_mid_run_is_failed_with_a_reason_and_the_study_goes_on(tmp_path, cache_dir, bench):
+    proc, url = start_study(tmp_path, "killed-trial", trials=3)
+    victim = trial_process(proc)
+    wait_for_step(url, "killed-trial")
+    victim.send_signal(signal.SIGKILL)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    store = Store(url)
+    rows = store.trials("killed-trial")
+    assert [r["number"] for r in rows] == [1, 2, 3]  # nothing lost, nothing counted twice
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["number"] == 1, rows
+    assert "died" in failed[0]["error"].lower() or "killed" in failed[0]["error"].lower(), failed[0]["error"]
+    assert all(r["status"] in ("completed", "stopped_at_target") and r["metrics"] for r in rows[1:])
+    states = [t.state for t in optuna.load_study(study_name="killed-trial/ga_gd@in_distribution", storage=url).trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and states.count(optuna.trial.TrialState.COMPLETE) == 2
+    assert store.study("killed-trial").status == "finished"
+
+
+def test_a_trial_out_of_memory_is_failed_with_advice_and_the_study_completes(tmp_path, cache_dir, bench):
+    # An oversized batch: its embeddings alone need 2**21 x 64 x 64 x 4 bytes = 32 GiB, more than this
+    # machine has, so the allocator refuses at once, as CUDA does on a full GPU.
+    batch = 2**21
+    proc, url = start_study(tmp_path, "oom-trial", trials=2, batch_size=batch)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        # On a machine with more memory than that, a cap on the trial process keeps the test honest.
+        victim = find_trial(proc)
+        if victim is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.rlimit(psutil.RLIMIT_AS, (victim.memory_info().vms + 4 * 2**30,) * 2)
+            break
+        time.sleep(0.05)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    store = Store(url)
+    rows = store.trials("oom-trial")
+    assert [r["status"] for r in rows] == ["failed", "failed"], rows
+    for r in rows:
+        assert f"out of memory with batch_size {batch}" in r["error"] and "grad_accum" in r["error"], r["error"]
+        assert not r["metrics"]
+    assert store.study("oom-trial").status == "finished"
+    states = [t.state for t in optuna.load_study(study_name="oom-trial/ga_gd@in_distribution", storage=url).trials]
+    assert states == [optuna.trial.TrialState.FAIL] * 2
