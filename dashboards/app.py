@@ -21,7 +21,7 @@ from dash import Dash, Input, Output, State, ctx, dash_table, dcc, html
 from dash.dash_table.Format import Format, Scheme
 from dash.exceptions import PreventUpdate
 
-from dashboards import api, figures, queries
+from dashboards import api, figures, plotlyjs, queries
 from dashboards.data import TABLE_COLUMNS, StudyData, fmt, load_study, table_rows
 from dashboards.page import SECTIONS, VERDICT_COLOURS, guideline_rows, header_facts, recommendation_rows
 from tuner.errors import TunerError
@@ -62,6 +62,14 @@ INDEX = """<!DOCTYPE html>
         {%css%}
         <style>{CSS}</style>
         <script>
+        // Dash ships core-js 2 (for IE11), which replaces the browser's own trim and parseInt/parseFloat with
+        // slower JavaScript in every current browser (its whitespace test predates Unicode 6.3); Plotly calls
+        // them for every point and label it draws. Keep the browser's own and put them back after Dash's
+        // scripts (see NATIVE_RESTORE below).
+        window.__tunerNative = {trim: String.prototype.trim, trimStart: String.prototype.trimStart,
+          trimEnd: String.prototype.trimEnd, parseInt: window.parseInt, parseFloat: window.parseFloat};
+        </script>
+        <script>
         // Start fetching and compiling plotly.js now, in parallel with the Dash bundles and the first server
         // round trip, instead of when the first graph mounts. dcc.Graph takes `window.Plotly` when it is set
         // (a promise is adopted); the bundle replaces it with the real object when it has run. The lazy
@@ -89,10 +97,19 @@ INDEX = """<!DOCTYPE html>
         <footer>
             {%config%}
             {%scripts%}
+            <script>{NATIVE_RESTORE}</script>
             {%renderer%}
         </footer>
     </body>
 </html>"""
+# Runs after Dash's scripts, before its renderer draws anything: the browser's own functions back in place.
+NATIVE_RESTORE = """(function (n) {
+  if (!n) { return; }
+  var S = String.prototype;
+  S.trim = n.trim; S.trimStart = n.trimStart; S.trimEnd = n.trimEnd; S.trimLeft = n.trimStart;
+  S.trimRight = n.trimEnd; window.parseInt = Number.parseInt = n.parseInt;
+  window.parseFloat = Number.parseFloat = n.parseFloat;
+})(window.__tunerNative);"""
 # shown with the table's "Toggle Columns" button; fewer columns draw faster
 HIDDEN_COLUMNS = ("unseen_nll", "retain_nll", "selected_step", "effective_batch", "world_size", "device")
 NUMERIC = {"id", "number", "lr", "epochs", "retain_weight", "forget_gap", "utility_drop", "mia_auc", "forget_nll",
@@ -156,11 +173,11 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
     cache = StudyCache(store)
     app = Dash(__name__, title="unlearn-tuner dashboards", update_title=None, suppress_callback_exceptions=True,
                serve_locally=True, assets_folder=str(Path(__file__).with_name("no-assets")))
-    plotly_url = f"{app.config.requests_pathname_prefix}_dash-component-suites/plotly/package_data/plotly.min.js"
+    plotly_url = _serve_plotlyjs(app)
     # CSS inline: the package ships no asset files
     app.index_string = (INDEX.replace("{CSS}", CSS).replace("{PLOTLY_URL}", plotly_url)
                         .replace("{PREFIX}", app.config.requests_pathname_prefix)
-                        .replace("{CHUNKS}", json.dumps(LAZY_CHUNKS)))
+                        .replace("{CHUNKS}", json.dumps(LAZY_CHUNKS)).replace("{NATIVE_RESTORE}", NATIVE_RESTORE))
     app.server.extensions["tuner_dashboards"] = cache  # for benchmarks that time a cold server
     app.layout = html.Div([
         dcc.Location(id="url", refresh=False),
@@ -213,6 +230,19 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
         return fig
 
     return app
+
+
+def _serve_plotlyjs(app: Dash) -> str:
+    """The URL of the plotly.js bundle the pages load (see dashboards/plotlyjs.py)."""
+    prefix = app.config.requests_pathname_prefix
+    if not plotlyjs.use_basic():
+        return f"{prefix}_dash-component-suites/plotly/package_data/plotly.min.js"
+    from flask import send_file
+
+    name = f"plotly-basic-{plotlyjs.basic_version()}.min.js"  # versioned name: safe to cache for long
+    app.server.add_url_rule(f"{prefix}_tuner/{name}", "tuner_plotlyjs",
+                            lambda: send_file(plotlyjs.BASIC, mimetype="text/javascript", max_age=31536000))
+    return f"{prefix}_tuner/{name}"
 
 
 def _protect(app: Dash, token: str) -> None:

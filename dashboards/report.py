@@ -13,7 +13,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from dashboards import figures
+from dashboards import figures, plotlyjs
 from dashboards.data import TABLE_COLUMNS, StudyData, load_study, table_rows
 from dashboards.page import SECTIONS, VERDICT_COLOURS, guideline_rows, header_facts, recommendation_rows
 from tuner.errors import TunerError
@@ -61,9 +61,7 @@ def e(value: object) -> str:
 
 
 def _plotlyjs() -> str:
-    from plotly.offline import get_plotlyjs
-
-    return get_plotlyjs()
+    return plotlyjs.source()
 
 
 def figure_html(fig: go.Figure, div_id: str) -> str:

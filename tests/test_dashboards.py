@@ -18,6 +18,7 @@ import yaml
 from dashboards import data as D
 from dashboards import figures as F
 from dashboards import guidelines as G
+from dashboards import plotlyjs
 from dashboards.headless import CHROMIUM_ARGS, BackgroundServer
 from dashboards.hypervolume import hypervolume
 from tuner.errors import TunerError
@@ -182,6 +183,8 @@ def test_every_figure_builds_and_escapes_stored_text(loaded):
         raw = fig.to_plotly_json()
         # built unvalidated for speed: validate here; a "magic underscore" key (line_width) would be rewritten
         assert go.Figure(raw).to_plotly_json() == raw
+        # the pages load plotly.js's basic bundle: a trace type outside it would not draw
+        assert {t["type"] for t in raw["data"]} <= plotlyjs.BASIC_TRACE_TYPES
     for fig in figs.values():
         text = fig.to_json()
         assert "<img" not in text and "<script" not in text  # plotly's JSON escapes <, but check the source too
@@ -373,6 +376,9 @@ def test_study_page_renders_every_figure(browser, server, loaded):
     context, page, problems = open_page(browser, server.url + "/study/dash")
     try:
         check_rendered(page, D.expected_points(loaded))
+        # drawn by plotly.js's basic bundle (a quarter of the full one), the version the plotly package bundles
+        assert page.evaluate("Plotly.version") == plotlyjs.full_version()
+        assert page.evaluate("[...document.scripts].some(s => s.src.includes('/_tuner/plotly-basic-'))")
         assert page.inner_text("#study-title") == "Study dash"
         assert page.inner_text("#study-notes") == NOTES
         verdicts = page.eval_on_selector_all("#guideline-table td.verdict", "els => els.map(e => e.textContent)")
