@@ -144,3 +144,15 @@ def test_losing_a_worker_node_mid_study_fails_its_trial_and_the_study_completes(
     done = [r for r in rows if r["status"] in ("completed", "stopped_at_target")]
     assert len(done) == 6 - len(failed) and len(done) >= 4
     assert store.study("lose-node").status == "finished"
+
+
+def test_ray_client_addresses_are_refused_before_anything_is_stored(tmp_path, cache_dir):
+    """ray:// would run Tune's loop (and the store writes) on the head, away from the driver: a clear no."""
+    spec = spec_file(tmp_path, "client", trials=1, epochs=(1, 1))
+    db = tmp_path / "client.db"
+    env = {**os.environ, "TUNER_CACHE": str(cache_dir)}
+    for args, extra in (([f"--address=ray://127.0.0.1:{free_port()}"], {}), ([], {"RAY_ADDRESS": "ray://head:10001"})):
+        out = subprocess.run([str(BIN / "tuner"), "study", "run", str(spec), "--storage", f"sqlite:///{db}", *args],
+                             env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "Ray Client addresses (ray://) are not supported" in out.stderr, out.stderr
+        assert "--address HEAD_IP:6379" in out.stderr and not db.exists()

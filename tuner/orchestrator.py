@@ -32,7 +32,7 @@ from tuner import __version__, methods  # noqa: E402
 from tuner.errors import TunerError  # noqa: E402
 from tuner.pareto import front_ids  # noqa: E402
 from tuner.retry import TRANSIENT, with_retry  # noqa: E402
-from tuner.spec import SamplerSpec, StudySpec, unit_name  # noqa: E402
+from tuner.spec import SamplerSpec, StudySpec, ray_address_problem, unit_name  # noqa: E402
 from tuner.store import Store  # noqa: E402
 from tuner.trial import prepare, trainable  # noqa: E402
 
@@ -266,6 +266,9 @@ def start_ray(address: str | None) -> None:
         return
     kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     address = address or os.environ.get("RAY_ADDRESS")
+    problem = ray_address_problem(address)
+    if problem:
+        raise TunerError(f"{'--address' if address != os.environ.get('RAY_ADDRESS') else 'RAY_ADDRESS'}: {problem}")
     if address:
         ray.init(address=address, **kwargs)
     else:

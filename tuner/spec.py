@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -116,6 +117,16 @@ class RunDefaults(_Strict):
     eval_batch_size: int = Field(16, gt=0)
 
 
+def ray_address_problem(address: str | None) -> str | None:
+    """Ray Client (ray://) would run Ray Tune's loop, and with it the store writes, on the head node, away
+    from this process's progress display: the driver must be on a node of the cluster instead."""
+    if address and address.strip().startswith("ray://"):
+        return ("Ray Client addresses (ray://) are not supported: run `tuner study run` on a node of the "
+                "cluster with --address HEAD_IP:6379 (the GCS port), or submit it as a Ray Job "
+                "(`ray job submit -- tuner study run FILE`, which sets RAY_ADDRESS)")
+    return None
+
+
 class StudySpec(_Strict):
     name: str
     model: str = Field(description="HF id, local directory, or testbed:micro|small")
@@ -134,8 +145,16 @@ class StudySpec(_Strict):
     concurrency: int = Field(2, ge=1, description="trials running at once")
     seed: int = 0
     storage: str | None = Field(None, description="SQLAlchemy URL; default: the user's SQLite file")
-    ray_address: str | None = None
+    ray_address: str | None = Field(None, description="an existing Ray cluster, HOST:PORT of its head (or auto)")
     target: Target = Target()
+
+    @field_validator("ray_address")
+    @classmethod
+    def _driver_on_the_cluster(cls, value: str | None) -> str | None:
+        problem = ray_address_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("name")
     @classmethod
@@ -267,6 +286,9 @@ def check_inputs(spec: StudySpec, source: str, run_model_code: bool = True) -> N
     from tuner.data import read_documents
     from tuner.models import check_local_model
 
+    problem = None if spec.ray_address else ray_address_problem(os.environ.get("RAY_ADDRESS"))
+    if problem:
+        raise TunerError(f"RAY_ADDRESS: {problem}")
     try:
         if spec.data is not None:
             for key in ("forget", "unseen", "retain", "general"):
