@@ -17,6 +17,7 @@ import optuna
 import psutil
 import pytest
 import yaml
+from procs import wait_for_step
 
 from tuner.store import Store
 
@@ -57,24 +58,10 @@ def trial_process(proc: subprocess.Popen, timeout: float = 300) -> psutil.Proces
     pytest.fail("no trial process appeared")
 
 
-def wait_for_step(store_url: str, name: str, timeout: float = 300) -> None:
-    """Until the running trial has reported a curve point: the fault then lands mid-training."""
-    store, deadline = Store(store_url), time.time() + timeout
-    while time.time() < deadline:
-        try:
-            running = [r for r in store.trials(name) if r["status"] == "running"]
-        except Exception:
-            running = []
-        if running and store.curve(running[0]["id"]):
-            return
-        time.sleep(0.2)
-    pytest.fail("the trial never reported a curve point")
-
-
 def test_a_trial_killed_mid_run_is_failed_with_a_reason_and_the_study_goes_on(tmp_path, cache_dir, bench):
     proc, url = start_study(tmp_path, "killed-trial", trials=2)
     victim = trial_process(proc)
-    wait_for_step(url, "killed-trial")
+    wait_for_step(Store(url), "killed-trial", proc)
     victim.send_signal(signal.SIGKILL)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output

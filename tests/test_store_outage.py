@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from procs import free_port
+from procs import free_port, wait_for_step
 
 from tuner.store import Store
 
@@ -77,18 +77,8 @@ def test_a_study_rides_out_a_database_restart(tmp_path, cache_dir, bench, postgr
     proc = subprocess.Popen([TUNER, "study", "run", str(spec), "--storage", postgres.url],
                             env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    store, deadline = Store(postgres.url), time.time() + 300
-    while time.time() < deadline:  # stop the database once the first trial is reporting its curve
-        try:
-            running = [r for r in store.trials("outage") if r["status"] == "running"]
-        except Exception:
-            running = []
-        if running and store.curve(running[0]["id"]):
-            break
-        assert proc.poll() is None, proc.communicate()[0]
-        time.sleep(0.2)
-    else:
-        pytest.fail("the first trial never reported")
+    store = Store(postgres.url)
+    wait_for_step(store, "outage", proc)  # stop the database once the first trial is reporting its curve
     store.engine.dispose()
     postgres.stop()
     time.sleep(8)  # the trial keeps reporting into a driver whose database is gone
