@@ -149,7 +149,7 @@ PHASES_JS = """() => {
   const mark = performance.getEntriesByName('plotly-ready')[0];
   return {'Dash bundles received': Math.max(0, ...res.filter(e => e.name.includes('/_dash-component-suites/dash/')
                                                    && !e.name.includes('/async-')).map(e => e.responseEnd)),
-          'plotly.js received': end('plotly.min.js'),
+          'plotly.js received': Math.max(end('/_tuner/plotly'), end('plotly.min.js')),
           'plotly.js run': mark ? mark.startTime : null,
           'study page from server': end('/_dash-update-component'),
           'every figure drawn': performance.now()};
