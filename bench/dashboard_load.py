@@ -10,9 +10,11 @@ plateau below the target; large GA steps diverge), NOT from training. Nothing el
 the Dash app and the browser are the real ones.
 
 Timed: from navigation to the moment every figure of the study page has drawn its SVG and the trial
-table is there, in a new browser context (empty browser cache) each time.
-  cold: a new app instance each time (empty server-side study cache: store read, figures, guideline checks)
-  warm: the same app again (the server answers from its cache)
+table is there, in a new browser context (empty browser cache) each time. The app is served from a process
+of its own, as `tuner dashboard` serves it (a server inside this process would share its interpreter lock
+with the Playwright driver, which `tuner dashboard` never does).
+  cold: the server's study cache emptied first (store read, figures, guideline checks)
+  warm: the server answers from its cache
 Also timed: the server-side steps alone, and `tuner dashboard export` of the same study.
 
     python bench/dashboard_load.py                  # 500 trials, 5 repeats each
@@ -27,13 +29,16 @@ import math
 import os
 import platform
 import random
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-from dashboards.headless import CHROMIUM_ARGS, BackgroundServer
+from dashboards.headless import CHROMIUM_ARGS
 from tuner.store import Store
 
 FIGURE_IDS = ("fig-pareto", "fig-robustness", "fig-curves", "fig-hypervolume", "fig-parallel", "fig-efficiency")
@@ -188,14 +193,18 @@ def watch_errors(page) -> list[str]:
     return problems
 
 
+RENDERED_JS = """(ids) => ids.every(id => document.querySelector('#' + id + ' .js-plotly-plot .main-svg'))
+                   && document.querySelector('#trial-table td') !== null"""
+
+
 def wait_rendered(page) -> None:
-    """Every figure drawn and the trial table filled: what 'the page loaded' means here."""
-    for sid in FIGURE_IDS:
-        page.wait_for_selector(f"#{sid} .js-plotly-plot .main-svg", timeout=60_000)
-    page.wait_for_selector("#trial-table td", timeout=60_000)
+    """Every figure drawn and the trial table filled: what 'the page loaded' means here. One check, run by
+    the page at each animation frame, so the time is not padded by one driver round trip per figure (Plotly
+    draws a figure in the task that creates its SVG, so the SVG is there only when the figure is drawn)."""
+    page.wait_for_function(RENDERED_JS, arg=list(FIGURE_IDS), polling="raf", timeout=60_000)
 
 
-def time_revisit(browser, url: str, app) -> tuple[float, list[str]]:
+def time_revisit(browser, url: str, server: AppServer) -> tuple[float, list[str]]:
     """A returning user: the browser opened the page twice before; the server cache is emptied first."""
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     for _ in range(2):
@@ -203,7 +212,7 @@ def time_revisit(browser, url: str, app) -> tuple[float, list[str]]:
         warm.goto(url)
         warm.wait_for_selector("#fig-pareto .js-plotly-plot .main-svg", timeout=60_000)
         warm.close()
-    app.server.extensions["tuner_dashboards"].items.clear()
+    server.clear_cache()
     page = context.new_page()
     problems = watch_errors(page)
     start = time.perf_counter()
@@ -214,13 +223,66 @@ def time_revisit(browser, url: str, app) -> tuple[float, list[str]]:
     return elapsed, problems
 
 
+class AppServer:
+    """The Dash app of `dashboards.app.create_app` in a process of its own (this file with `--serve`), plus
+    one benchmark-only route that empties its study cache, so a cold load needs no restart."""
+
+    def __init__(self, store_url: str) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", store_url, "--port", str(self.port)],
+                                     stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/api/studies", timeout=5).read()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the benchmark's dashboard server did not start") from None
+                time.sleep(0.2)
+
+    def clear_cache(self) -> None:
+        urllib.request.urlopen(self.url + "/_bench/clear-cache", timeout=30).read()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def serve(store_url: str, port: int) -> None:
+    """The `--serve` side of AppServer: the app as `tuner dashboard` runs it, plus the cache-clearing route."""
+    import logging
+
+    from dashboards.app import create_app
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    app = create_app(store_url)
+    cache = app.server.extensions["tuner_dashboards"]
+
+    def clear() -> str:
+        with cache.lock:
+            cache.items.clear()
+        return "cleared"
+
+    app.server.add_url_rule("/_bench/clear-cache", "bench_clear_cache", clear)
+    app.run(host="127.0.0.1", port=port, debug=False)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--limit", type=float, default=2.0, help="seconds the study page must load within")
+    ap.add_argument("--serve", metavar="STORE_URL", help=argparse.SUPPRESS)  # the app's own process
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve:
+        serve(args.serve, args.port)
+        return 0
     if not Path(args.chromium).exists():
         print(f"{args.chromium} not found: run scripts/install-chromium.sh", file=sys.stderr)
         return 2
@@ -233,7 +295,6 @@ def main() -> int:
     from dashboards import data as D
     from dashboards import figures as F
     from dashboards import guidelines as G
-    from dashboards.app import create_app
     from dashboards.report import export
 
     print(f"NOTE: the {args.trials} trial rows below are SYNTHETIC (made up by a formula shaped like real testbed "
@@ -269,12 +330,11 @@ def main() -> int:
         phases: dict[str, list[float]] = {}
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
-            app = create_app(url)
-            srv = BackgroundServer(app)
+            srv = AppServer(url)
             time_page(browser, srv.url + "/study/bench500")  # unmeasured: OS file cache, browser start-up
             for _ in range(args.repeats):
                 for via in ("direct", "list"):
-                    app.server.extensions["tuner_dashboards"].items.clear()
+                    srv.clear_cache()
                     for server_state in ("cold", "warm"):
                         elapsed, errs, marks = time_page(browser, srv.url + "/study/bench500",
                                                          via_list=via == "list")
@@ -283,7 +343,7 @@ def main() -> int:
                         if via == "direct" and server_state == "cold":
                             for k, v in marks.items():
                                 phases.setdefault(k, []).append(v)
-                elapsed, errs = time_revisit(browser, srv.url + "/study/bench500", app)
+                elapsed, errs = time_revisit(browser, srv.url + "/study/bench500", srv)
                 times["revisit-cold"].append(elapsed)
                 problems += errs
             srv.stop()

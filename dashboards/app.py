@@ -270,11 +270,14 @@ def _serve_plotlyjs(app: Dash) -> str:
     prefix = app.config.requests_pathname_prefix
     if not plotlyjs.use_basic():
         return f"{prefix}_dash-component-suites/plotly/package_data/plotly.min.js"
-    from flask import send_file
+    from flask import Response
 
     name = f"plotly-basic-{plotlyjs.basic_version()}.min.js"  # versioned name: safe to cache for long
-    app.server.add_url_rule(f"{prefix}_tuner/{name}", "tuner_plotlyjs",
-                            lambda: send_file(plotlyjs.BASIC, mimetype="text/javascript", max_age=31536000))
+    # Held in memory and sent in one write: streamed from the file in 8 KB blocks, each block waited for
+    # the interpreter lock while the server built the study page, and the bundle arrived late.
+    body = Path(plotlyjs.BASIC).read_bytes()
+    app.server.add_url_rule(f"{prefix}_tuner/{name}", "tuner_plotlyjs", lambda: Response(
+        body, mimetype="text/javascript", headers={"Cache-Control": "public, max-age=31536000, immutable"}))
     return f"{prefix}_tuner/{name}"
 
 

@@ -63,7 +63,8 @@ def figure(traces: list[dict], layout: dict[str, Any], title: str, height: int,
            margin: dict[str, int] | None = None) -> go.Figure:
     """A figure from plain trace and layout dicts, with the dashboards' title, size, template and font."""
     layout = {"xaxis": {}, "yaxis": {}, **layout,
-              "title": dict(text=title, x=0.01, xanchor="left", font=dict(size=15)), "height": height,
+              "title": dict(text=title, x=0.01, xanchor="left", y=1, yref="container", yanchor="top", pad=dict(t=12),
+                            font=dict(size=15)), "height": height,
               "template": TEMPLATE, "font": FONT, "hoverlabel": dict(align="left"),
               "margin": margin or dict(l=70, r=20, t=70, b=55)}
     return go.Figure(data=traces, layout=layout, _validate=False)
@@ -226,6 +227,9 @@ def robustness(data: StudyData, columns: int = 5) -> go.Figure:
     lrs = [r["params"]["lr"] for u in units for r in u.rows if r["params"].get("lr")]
     lo, hi = (math.log10(min(lrs)), math.log10(max(lrs))) if lrs else (-5, -2)
     pad = max(0.1, (hi - lo) * 0.08)
+    # epochs share one range too, so only the first column labels them (fewer labels also draw faster)
+    epochs = [r["params"]["epochs"] for u in units for r in u.rows if r["params"].get("epochs") is not None]
+    epochs_range = [min(epochs) - 0.5, max(epochs) + 0.5] if epochs else None
     layout: dict[str, Any] = {}
     traces, shapes, notes = [], [], []
     shown: set[str] = set()
@@ -247,8 +251,10 @@ def robustness(data: StudyData, columns: int = 5) -> go.Figure:
             yaxis = dict(domain=[y1 - height, y1], anchor=xa, tickfont=dict(size=9),
                          title=_title(("epochs" if param == "epochs" else "retain weight λ")
                                       if col == 0 or param != "epochs" else "", 10))
-            yaxis.update(dict(type="linear", dtick=1) if param == "epochs" else dict(type="log",
-                                                                                     tickvals=list(LAMBDA_TICKS)))
+            if param == "epochs":
+                yaxis.update(type="linear", dtick=1, range=epochs_range, showticklabels=col == 0)
+            else:  # a retain-weight panel may stand alone in its row: it keeps its labels
+                yaxis.update(type="log", tickvals=list(LAMBDA_TICKS))
             layout[f"yaxis{'' if idx == 1 else idx}"] = yaxis
             if param == "epochs":
                 notes.append(dict(text=f"<b>{esc(u.name)}</b><br>{len(u.successes)}/{len(u.finished)} succeed, "
