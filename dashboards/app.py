@@ -19,19 +19,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from dash import Dash, Input, Output, State, ctx, dash_table, dcc, html
-from dash.dash_table.Format import Format, Scheme
+from dash import ALL, Dash, Input, Output, State, ctx, dcc, html
 from dash.exceptions import PreventUpdate
 
-from dashboards import api, figures, plotlyjs, queries
-from dashboards.data import TABLE_COLUMNS, StudyData, fmt, load_study, table_rows
+from dashboards import api, figures, plotlyjs, queries, trialtable
+from dashboards.data import StudyData, fmt, load_study, table_rows
 from dashboards.page import SECTIONS, VERDICT_COLOURS, guideline_rows, header_facts, recommendation_rows
 from tuner.errors import TunerError
 from tuner.store import Store, safe_url
 
 REFRESH_MS = 5000
-# async-highlight (code highlighting in markdown cells) is not needed: the trial table has no markdown cells
-LAZY_CHUNKS = ["dash/dcc/async-graph.js", "dash/dcc/async-dropdown.js", "dash/dash_table/async-table.js"]
+LAZY_CHUNKS = ["dash/dcc/async-graph.js", "dash/dcc/async-dropdown.js"]
 CSS = """
 /* The dashboards' look: plain, readable, wide tables scroll instead of squeezing. */
 body { font-family: "DejaVu Sans", Arial, sans-serif; margin: 0; color: #1f2328; background: #fff; }
@@ -112,13 +110,6 @@ NATIVE_RESTORE = """(function (n) {
   S.trimRight = n.trimEnd; window.parseInt = Number.parseInt = n.parseInt;
   window.parseFloat = Number.parseFloat = n.parseFloat;
 })(window.__tunerNative);"""
-# shown with the table's "Toggle Columns" button; fewer columns draw faster
-HIDDEN_COLUMNS = ("unseen_nll", "retain_nll", "selected_step", "effective_batch", "world_size", "device")
-NUMERIC = {"id", "number", "lr", "epochs", "retain_weight", "forget_gap", "utility_drop", "mia_auc", "forget_nll",
-           "unseen_nll", "retain_nll", "steps", "stop_step", "selected_step", "device_s", "tokens",
-           "effective_batch", "world_size"}
-
-
 class StudyCache:
     """The last few studies loaded, keyed by (name, fingerprint): a refresh that finds nothing new costs one
     small query, and the study page's callbacks share one load. A value being built is built once: a second
@@ -207,7 +198,7 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
                serve_locally=True, assets_folder=str(Path(__file__).with_name("no-assets")))
     plotly_url = _serve_plotlyjs(app)
     # CSS inline: the package ships no asset files
-    app.index_string = (INDEX.replace("{CSS}", CSS).replace("{PLOTLY_URL}", plotly_url)
+    app.index_string = (INDEX.replace("{CSS}", CSS + trialtable.CSS).replace("{PLOTLY_URL}", plotly_url)
                         .replace("{PREFIX}", app.config.requests_pathname_prefix)
                         .replace("{CHUNKS}", json.dumps(LAZY_CHUNKS)).replace("{NATIVE_RESTORE}", NATIVE_RESTORE))
     app.server.extensions["tuner_dashboards"] = cache  # for benchmarks that time a cold server
@@ -241,7 +232,7 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
     @app.callback(
         Output("study-header", "children"), Output("fig-pareto", "figure"), Output("fig-robustness", "figure"),
         Output("fig-hypervolume", "figure"), Output("fig-parallel", "figure"), Output("fig-efficiency", "figure"),
-        Output("trial-table", "data"), Output("curve-trials", "options"), Output("study-refresh", "disabled"),
+        Output("curve-trials", "options"), Output("study-refresh", "disabled"),
         Output("study-stamp", "data"),
         Input("study-refresh", "n_intervals"), Input("gap-mode", "value"),
         State("study-name", "data"), State("study-stamp", "data"), State("curve-trials", "value"),
@@ -251,8 +242,32 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
         if ctx.triggered_id == "study-refresh" and list(stamp) == list(last_stamp or []):
             raise PreventUpdate
         return (study_header(data), figs["fig-pareto"], figs["fig-robustness"], figs["fig-hypervolume"],
-                figs["fig-parallel"], figs["fig-efficiency"], table_rows(data), curve_options(data, curve_ids),
+                figs["fig-parallel"], figs["fig-efficiency"], curve_options(data, curve_ids),
                 not data.running, list(stamp))
+
+    @app.callback(Output("trial-tbody", "children"), Output("trial-page-label", "children"),
+                  Output("trial-filter-problem", "children"), Output("trial-view", "data"),
+                  Output({"type": "trial-sort", "column": ALL}, "children"),
+                  Input({"type": "trial-sort", "column": ALL}, "n_clicks"), Input("trial-filter", "value"),
+                  Input("trial-prev", "n_clicks"), Input("trial-next", "n_clicks"), Input("study-stamp", "data"),
+                  State("trial-view", "data"), State("study-name", "data"), prevent_initial_call=True)
+    def refresh_trials(_sorts, filter_text, _prev, _next, _stamp, view_data, name):
+        view = trialtable.View.from_data(view_data)
+        trigger = ctx.triggered_id
+        if isinstance(trigger, dict):  # a column header
+            view = view.sorted_by(trigger["column"])
+        elif trigger == "trial-filter":
+            view = trialtable.View(view.sort, view.descending, filter_text or "", 0)
+        elif trigger in ("trial-prev", "trial-next"):
+            view = trialtable.View(view.sort, view.descending, view.filter,
+                                   max(0, view.page + (1 if trigger == "trial-next" else -1)))
+        _, data = cache.study(name)
+        rows, label, view, problem = trialtable.body(table_rows(data), view)
+        return rows, label, problem, view.as_data(), trialtable.sort_marks(view)
+
+    @app.callback(Output("trial-wrap", "className"), Input("trial-columns", "value"), prevent_initial_call=True)
+    def toggle_columns(value):
+        return "trial-wrap wrap" + (" all-columns" if value else "")
 
     @app.callback(Output("fig-curves", "figure"), Input("curve-trials", "value"), Input("study-stamp", "data"),
                   State("study-name", "data"), prevent_initial_call=True)
@@ -377,9 +392,10 @@ def study_page(cache: StudyCache, name: str, refresh_ms: int) -> html.Div:
             graph["fig-curves"]]),
         _section("fig-hypervolume", sections, [graph["fig-hypervolume"]]),
         _section("fig-parallel", sections, [graph["fig-parallel"]]),
-        html.Section([html.H2("4c. Trials"), html.P("Sort by clicking a column header; filter by typing under it "
-                                                    "(e.g. > 0.1, or a status).", className="lead"),
-                      trial_table(data)], id="trials"),
+        html.Section([html.H2("4c. Trials"), html.P("Sort by clicking a column header (again to reverse); filter "
+                                                    "with terms like status = failed, forget_gap > 0.1 or a unit "
+                                                    "name, separated by commas.", className="lead"),
+                      trialtable.layout(table_rows(data))], id="trials"),
         _section("fig-efficiency", sections, [graph["fig-efficiency"]]),
     ])
 
@@ -447,31 +463,6 @@ def curve_options(data: StudyData, keep: list[int] | None = None) -> list[dict[s
                  + (" ★" if r["id"] in picked else ""))
         out.append({"label": label, "value": r["id"]})
     return out
-
-
-def trial_table(data: StudyData) -> dash_table.DataTable:
-    columns = []
-    for key, label in TABLE_COLUMNS:
-        col: dict[str, Any] = {"name": label, "id": key, "hideable": True}
-        if key in NUMERIC:
-            col["type"] = "numeric"
-            if key == "lr":
-                col["format"] = Format(precision=3, scheme=Scheme.exponent)
-            elif key in ("forget_gap", "utility_drop", "mia_auc", "forget_nll", "unseen_nll", "retain_nll"):
-                col["format"] = Format(precision=4, scheme=Scheme.fixed)
-        columns.append(col)
-    rows = table_rows(data)
-    return dash_table.DataTable(
-        id="trial-table", columns=columns, data=rows, sort_action="native", filter_action="native",
-        page_size=15, style_table={"overflowX": "auto"}, sort_mode="multi", hidden_columns=list(HIDDEN_COLUMNS),
-        style_cell={"fontFamily": "DejaVu Sans, Arial, sans-serif", "fontSize": 12, "padding": "3px 6px",
-                    "maxWidth": 320, "overflow": "hidden", "textOverflow": "ellipsis"},
-        style_header={"fontWeight": "600", "backgroundColor": "#f6f8fa"},
-        style_cell_conditional=[{"if": {"column_id": key}, "textAlign": "left"} for key, _ in TABLE_COLUMNS
-                                if key not in NUMERIC],
-        style_data_conditional=[{"if": {"column_id": "error"}, "color": "#cf222e"}],
-        tooltip_data=[{"error": {"value": r["error"], "type": "text"}} if r["error"] else {} for r in rows],
-        tooltip_duration=None)
 
 
 def serve(store_url: str | None, host: str = "127.0.0.1", port: int = 8050, token: str | None = None) -> None:

@@ -7,7 +7,6 @@ Plotly's, which escapes `<`, `>` and `/` itself.
 from __future__ import annotations
 
 import html
-import math
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import plotly.graph_objects as go
 from dashboards import figures, plotlyjs
 from dashboards.data import TABLE_COLUMNS, StudyData, load_study, table_rows
 from dashboards.page import SECTIONS, VERDICT_COLOURS, guideline_rows, header_facts, recommendation_rows
+from dashboards.trialtable import cell_text
 from tuner.errors import TunerError
 from tuner.store import Store
 
@@ -128,23 +128,13 @@ def _trial_table(data: StudyData) -> str:
         for key, _ in TABLE_COLUMNS:
             v = r.get(key)
             numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
-            shown = _num(v, key) if numeric else e(v)
+            shown = e(cell_text(key, v))
             cls = " class='num'" if numeric else (" class='err'" if key == "error" and v else "")
             cells.append(f"<td{cls} data-v='{e('' if v is None else v)}'>{shown}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f"<section id='trials'><h2>4c. Trials ({len(rows)})</h2><p class='lead'>Click a column header to sort."
             f"</p><div class='wrap'><table class='sortable' id='trial-table'><thead><tr>{head}</tr></thead><tbody>"
             + "".join(body) + "</tbody></table></div></section>")
-
-
-def _num(v: float, key: str) -> str:
-    if isinstance(v, float) and not math.isfinite(v):
-        return e(v)
-    if key == "lr":
-        return f"{v:.3e}"
-    if isinstance(v, int):
-        return f"{v:,}" if key == "tokens" else str(v)
-    return f"{v:.4g}"
 
 
 def export(store: Store, name: str, output: str | Path, abs_gap: bool = False) -> Path:

@@ -24,8 +24,6 @@ from dashboards.hypervolume import hypervolume
 from tuner.errors import TunerError
 from tuner.store import Store
 
-pytestmark = pytest.mark.filterwarnings("ignore:(?s).*dash_table.DataTable will be removed:DeprecationWarning")
-
 CHROMIUM = os.environ.get("TUNER_CHROMIUM", "/usr/bin/chromium")
 NOTES = "Escaping check: <script>window.__xss = 1</script> <img src=x onerror=\"window.__xss = 2\"> & <b>bold</b>"
 ERROR = "<img src=x onerror=\"window.__xss = 3\"> worker said: a < b & c > d"
@@ -353,6 +351,29 @@ def test_json_endpoints_serve_studies_pareto_points_and_recommendation(study, lo
     assert guarded.get("/api/studies").status_code == 401
 
 
+def test_trial_table_filters_sorts_and_pages():
+    from dashboards import trialtable as T
+
+    rows = [{"id": i, "unit": "ga" if i % 2 else "ga_gd@general", "status": "failed" if i == 7 else "completed",
+             "outcome": "", "lr": None if i == 3 else i * 1e-4, "forget_gap": i / 100, "error": "boom" if i == 7 else ""}
+            for i in range(1, 41)]
+    assert [r["id"] for r in T.apply(rows, T.View(filter="status = failed"))] == [7]
+    # a column by its label or key, values in any case
+    assert [r["id"] for r in T.apply(rows, T.View(filter="forget gap >= 0.38, unit = GA"))] == [39]
+    assert {r["id"] for r in T.apply(rows, T.View(filter="BOOM"))} == {7}  # bare text searches the error too
+    by_lr = T.apply(rows, T.View(sort="lr", descending=True))
+    assert by_lr[0]["id"] == 40 and by_lr[-1]["id"] == 3  # an empty cell sorts last either way
+    assert T.apply(rows, T.View(sort="lr"))[-1]["id"] == 3
+    for bad, says in (("lr > tiny", "lr is a number"), ("unit > ga", "use = or !="), ("nope = 1", "unknown column")):
+        with pytest.raises(T.FilterError, match=says):
+            T.apply(rows, T.View(filter=bad))
+    trs, label, view, problem = T.body(rows, T.View(page=9))
+    assert view.page == 2 and len(trs) == 10 and label.startswith("trials 31–40 of 40") and problem is None
+    trs, label, _, problem = T.body(rows, T.View(filter="nope = 1"))
+    assert "unknown column 'nope'" in problem and len(trs) == T.PAGE_SIZE  # the whole table, not nothing
+    assert T.View(sort="lr").sorted_by("lr").descending and not T.View(sort="lr").sorted_by("id").descending
+
+
 # ---- in the browser ----------------------------------------------------------------------------------------------
 
 def test_study_list_page(browser, server, study):
@@ -384,19 +405,30 @@ def test_study_page_renders_every_figure(browser, server, loaded):
         verdicts = page.eval_on_selector_all("#guideline-table td.verdict", "els => els.map(e => e.textContent)")
         assert len(verdicts) == 5 and set(verdicts) <= {G.HOLDS, G.CONTRADICTED, G.NOT_ENOUGH}
         # the error text sits in the table as text: filter to the failed trial to find it
-        page.fill("#trial-table th[data-dash-column='status'] input", "failed")
+        page.fill("#trial-filter", "status = failed")
         page.keyboard.press("Enter")
-        cell = page.wait_for_selector("#trial-table td[data-dash-column='error']", timeout=10_000)
-        assert cell.inner_text() == ERROR
+        page.wait_for_function("() => document.querySelectorAll('#trial-tbody tr').length === 1", timeout=10_000)
+        cell = page.wait_for_selector("#trial-table td[data-column='error']", timeout=10_000)
+        assert cell.inner_text() == ERROR and cell.get_attribute("title") == ERROR
         assert page.evaluate("document.querySelectorAll('#trial-table img').length") == 0
-        # sorting by a numeric column keeps numbers ordered
-        page.fill("#trial-table th[data-dash-column='status'] input", "")
+        # a term the table cannot apply says which, and the table shows every trial meanwhile
+        page.fill("#trial-filter", "forget_gapp > 0.1")
         page.keyboard.press("Enter")
-        page.click("#trial-table th[data-dash-column='lr'] .column-header--sort")
-        page.wait_for_timeout(300)
-        lrs = page.eval_on_selector_all("#trial-table td[data-dash-column='lr']", "els => els.map(e => e.textContent)")
-        values = [float(v) for v in lrs if v.strip()]
-        assert values == sorted(values) or values == sorted(values, reverse=True)
+        page.wait_for_selector("#trial-filter-problem:has-text(\"unknown column 'forget_gapp'\")", timeout=10_000)
+        # sorting by a numeric column orders the numbers, a second click reverses them
+        page.fill("#trial-filter", "")
+        page.keyboard.press("Enter")
+        for direction in ("▲", "▼"):
+            page.click("#trial-table th[data-column='lr'] button")
+            page.wait_for_selector(f"#trial-table th[data-column='lr'] button:has-text('{direction}')", timeout=10_000)
+            lrs = page.eval_on_selector_all("#trial-tbody td[data-column='lr']", "els => els.map(e => e.textContent)")
+            values = [float(v) for v in lrs if v.strip()]
+            assert len(values) == len([r for r in loaded.rows if r["params"].get("lr") is not None][:15])
+            assert values == sorted(values, reverse=direction == "▼")
+        # optional columns are hidden until asked for
+        assert not page.is_visible("#trial-table th[data-column='device']")
+        page.click("#trial-columns input")
+        page.wait_for_selector("#trial-table th[data-column='device']", state="visible", timeout=10_000)
         # switching the Pareto x axis to |gap| redraws it with every point
         page.click("#gap-mode input[value='abs']")
         page.wait_for_function("() => document.querySelector('#fig-pareto .js-plotly-plot').layout.xaxis.title"

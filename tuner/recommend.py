@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from tuner.store import Store
 
 OK_STATUSES = ("completed", "stopped_at_target")
@@ -55,19 +57,20 @@ def scaled_params(rows: list[dict[str, Any]]) -> list[list[float]]:
 
 
 def robustness(rows: list[dict[str, Any]], success: list[bool], bandwidth: float) -> list[float | None]:
-    """Kernel-weighted share of *other* trials nearby that also succeed; None with no other trial."""
-    coords = scaled_params(rows)
-    out = []
-    for i, ci in enumerate(coords):
-        num = den = 0.0
-        for j, cj in enumerate(coords):
-            if i == j:
-                continue
-            w = math.exp(-sum((a - b) ** 2 for a, b in zip(ci, cj, strict=True)) / (2 * bandwidth ** 2))
-            num += w * success[j]
-            den += w
-        out.append(num / den if den > 1e-9 else None)
-    return out
+    """Kernel-weighted share of *other* trials nearby that also succeed; None with no other trial.
+
+    All pairs at once with numpy: the dashboards recompute it on every load, and pure-Python pairs took most
+    of a 2000-trial page's server time."""
+    if not rows:
+        return []
+    scaled = scaled_params(rows)
+    coords = np.array(scaled, dtype=float).reshape(len(rows), len(scaled[0]))  # (trials, params), params may be 0
+    squared = ((coords[:, None, :] - coords[None, :, :]) ** 2).sum(axis=-1)
+    weights = np.exp(-squared / (2 * bandwidth ** 2))
+    np.fill_diagonal(weights, 0.0)
+    num = weights @ np.asarray(success, dtype=float)
+    den = weights.sum(axis=1)
+    return [float(n / d) if d > 1e-9 else None for n, d in zip(num, den, strict=True)]
 
 
 def window_width(rows: list[dict[str, Any]], success: list[bool]) -> float:
