@@ -65,7 +65,9 @@ def robustness(rows: list[dict[str, Any]], success: list[bool], bandwidth: float
         return []
     scaled = scaled_params(rows)
     coords = np.array(scaled, dtype=float).reshape(len(rows), len(scaled[0]))  # (trials, params), params may be 0
-    squared = ((coords[:, None, :] - coords[None, :, :]) ** 2).sum(axis=-1)
+    squared = np.zeros((len(rows), len(rows)))
+    for column in coords.T:  # one parameter at a time: memory stays (trials x trials)
+        squared += (column[:, None] - column[None, :]) ** 2
     weights = np.exp(-squared / (2 * bandwidth ** 2))
     np.fill_diagonal(weights, 0.0)
     num = weights @ np.asarray(success, dtype=float)
