@@ -206,7 +206,11 @@ def _references(data: StudyData, abs_gap: bool) -> list[dict]:
 def robustness(data: StudyData, columns: int = 5) -> go.Figure:
     """Per unit, learning rate × epochs (and × retain weight where there is one) coloured by outcome; the lr
     span of the unit's successes (in the band, utility drop within tolerance: its success window) is shaded.
-    All panels share one lr axis range, so the windows compare side by side."""
+
+    The panels are small multiples on shared axes: one lr axis per column and one axis per row of panels
+    (epochs, or λ), each with one range for the whole figure, labelled on the outer panels. Windows compare
+    side by side, zoom acts on a whole column or row, and the figure has 8 axes instead of one pair per
+    panel (plotly.js draws a clip path for every x-y axis pair, so 28 axes cost 224 of them)."""
     units = [u for u in data.units.values() if u.rows]
     title = "Robustness map: where each method succeeds (guidelines 2 and 3)"
     if not units:
@@ -224,62 +228,64 @@ def robustness(data: StudyData, columns: int = 5) -> go.Figure:
     hs, vs, block_gap = 0.035, inner_px / plot_px, block_px / plot_px
     width = (1 - hs * (cols - 1)) / cols
     height = panel_px / plot_px
-    lrs = [r["params"]["lr"] for u in units for r in u.rows if r["params"].get("lr")]
-    lo, hi = (math.log10(min(lrs)), math.log10(max(lrs))) if lrs else (-5, -2)
-    pad = max(0.1, (hi - lo) * 0.08)
-    # epochs share one range too, so only the first column labels them (fewer labels also draw faster)
+    ranges = {"lr": _log_range(units, "lr"), "retain_weight": _log_range(units, "retain_weight")}
     epochs = [r["params"]["epochs"] for u in units for r in u.rows if r["params"].get("epochs") is not None]
-    epochs_range = [min(epochs) - 0.5, max(epochs) + 0.5] if epochs else None
-    layout: dict[str, Any] = {}
-    traces, shapes, notes = [], [], []
-    shown: set[str] = set()
+    ranges["epochs"] = [min(epochs) - 0.5, max(epochs) + 0.5] if epochs else None
+    # which panels exist: (panel row, column) -> (unit, the parameter on y)
+    panels: dict[tuple[int, int], tuple[Any, str]] = {}
     for i, u in enumerate(units):
         block, col = divmod(i, cols)
-        x0 = col * (width + hs)
-        panels = [(first_row[block], "epochs")]
+        panels[first_row[block], col] = (u, "epochs")
         if u.has_lambda:
-            panels.append((first_row[block] + 1, "retain_weight"))
-        for row, param in panels:
-            idx = row * cols + col + 1
-            xa, ya = ("x", "y") if idx == 1 else (f"x{idx}", f"y{idx}")
-            y1 = 1 - row * height - (row - block) * vs - block * block_gap
-            bottom = param == "retain_weight" or not u.has_lambda
-            layout[f"xaxis{'' if idx == 1 else idx}"] = dict(
-                type="log", range=[lo - pad, hi + pad], domain=[x0, x0 + width], anchor=ya, tickfont=dict(size=9),
-                tickformat=".0e", nticks=5, tickangle=0, showticklabels=bottom,
-                title=_title("learning rate" if bottom else "", 10))
-            yaxis = dict(domain=[y1 - height, y1], anchor=xa, tickfont=dict(size=9),
-                         title=_title(("epochs" if param == "epochs" else "retain weight λ")
-                                      if col == 0 or param != "epochs" else "", 10))
-            if param == "epochs":
-                yaxis.update(type="linear", dtick=1, range=epochs_range, showticklabels=col == 0)
-            else:  # a retain-weight panel may stand alone in its row: it keeps its labels
-                yaxis.update(type="log", tickvals=list(LAMBDA_TICKS))
-            layout[f"yaxis{'' if idx == 1 else idx}"] = yaxis
-            if param == "epochs":
-                notes.append(dict(text=f"<b>{esc(u.name)}</b><br>{len(u.successes)}/{len(u.finished)} succeed, "
-                                       f"window {u.window_decades:.2f} decades of lr",
-                                  x=x0 + width / 2, y=y1, xref="paper", yref="paper", xanchor="center",
-                                  yanchor="bottom", showarrow=False, font=dict(size=11)))
-            # one trace per panel, coloured point by point (a trace per outcome and panel draws slower)
-            rs = [r for r in u.rows if r["map_class"] in MAP_CLASSES and r["params"].get("lr") is not None
-                  and r["params"].get(param) is not None]
-            rs.sort(key=lambda r: MAP_CLASSES.index(r["map_class"]))
-            damaged = [r["map_class"] == "in_band_damaged" for r in rs]
-            traces.append(dict(
-                type="scatter", x=[r["params"]["lr"] for r in rs], y=[r["params"][param] for r in rs],
-                mode="markers", showlegend=False, xaxis=xa, yaxis=ya,
-                marker=dict(color=[OUTCOME_COLOURS[r["map_class"]] for r in rs], size=9,
-                            symbol=["x" if r["map_class"] in ("diverged", "failed") else "circle" for r in rs],
-                            line=dict(color=["#d62728" if d else "white" for d in damaged],
-                                      width=[1.5 if d else 0.5 for d in damaged])),
-                hovertext=[hover_short(r) for r in rs], hovertemplate="%{hovertext}<extra></extra>",
-                customdata=[r["map_class"] for r in rs], meta={"unit": u.name, "role": "trials", "y": param}))
-            shown.update(r["map_class"] for r in rs)
-            ok = [r["params"]["lr"] for r in u.successes if r["params"].get("lr")]
-            if ok:
-                shapes.append(dict(type="rect", xref=xa, yref=f"{ya} domain", x0=min(ok) / 1.08, x1=max(ok) * 1.08,
-                                   y0=0, y1=1, fillcolor=BAND_FILL, line=dict(width=0), layer="below"))
+            panels[first_row[block] + 1, col] = (u, "retain_weight")
+    layout: dict[str, Any] = {}
+    for col in range(cols):  # one lr axis per column, drawn under the column's lowest panel
+        bottom = max(row for row, c in panels if c == col)
+        x0 = col * (width + hs)
+        layout[_axis_key("x", col)] = dict(
+            type="log", range=ranges["lr"], domain=[x0, x0 + width], anchor=_axis_id("y", bottom),
+            tickfont=dict(size=9), tickformat=".0e", nticks=5, tickangle=0, title=_title("learning rate", 10))
+    for row in range(rows_n):  # one axis per row of panels, drawn left of the row's first panel
+        block = max(b for b in range(blocks) if first_row[b] <= row)
+        param = "epochs" if row == first_row[block] else "retain_weight"
+        y1 = 1 - row * height - (row - block) * vs - block * block_gap
+        first = min(c for r, c in panels if r == row)
+        yaxis = dict(domain=[y1 - height, y1], anchor=_axis_id("x", first), tickfont=dict(size=9),
+                     title=_title("epochs" if param == "epochs" else "retain weight λ", 10))
+        if param == "epochs":
+            yaxis.update(type="linear", dtick=1, range=ranges["epochs"])
+        else:
+            yaxis.update(type="log", tickvals=list(LAMBDA_TICKS), range=ranges["retain_weight"])
+        layout[_axis_key("y", row)] = yaxis
+    traces, shapes, notes = [], [], []
+    shown: set[str] = set()
+    for (row, col), (u, param) in sorted(panels.items()):
+        xa, ya = _axis_id("x", col), _axis_id("y", row)
+        if param == "epochs":
+            x0, y1 = col * (width + hs), layout[_axis_key("y", row)]["domain"][1]
+            notes.append(dict(text=f"<b>{esc(u.name)}</b><br>{len(u.successes)}/{len(u.finished)} succeed, "
+                                   f"window {u.window_decades:.2f} decades of lr",
+                              x=x0 + width / 2, y=y1, xref="paper", yref="paper", xanchor="center",
+                              yanchor="bottom", showarrow=False, font=dict(size=11)))
+        # one trace per panel, coloured point by point (a trace per outcome and panel draws slower)
+        rs = [r for r in u.rows if r["map_class"] in MAP_CLASSES and r["params"].get("lr") is not None
+              and r["params"].get(param) is not None]
+        rs.sort(key=lambda r: MAP_CLASSES.index(r["map_class"]))
+        damaged = [r["map_class"] == "in_band_damaged" for r in rs]
+        traces.append(dict(
+            type="scatter", x=[r["params"]["lr"] for r in rs], y=[r["params"][param] for r in rs],
+            mode="markers", showlegend=False, xaxis=xa, yaxis=ya,
+            marker=dict(color=[OUTCOME_COLOURS[r["map_class"]] for r in rs], size=9,
+                        symbol=["x" if r["map_class"] in ("diverged", "failed") else "circle" for r in rs],
+                        line=dict(color=["#d62728" if d else "white" for d in damaged],
+                                  width=[1.5 if d else 0.5 for d in damaged])),
+            hovertext=[hover_short(r) for r in rs], hovertemplate="%{hovertext}<extra></extra>",
+            customdata=[r["map_class"] for r in rs], meta={"unit": u.name, "role": "trials", "y": param}))
+        shown.update(r["map_class"] for r in rs)
+        ok = [r["params"]["lr"] for r in u.successes if r["params"].get("lr")]
+        if ok:
+            shapes.append(dict(type="rect", xref=xa, yref=f"{ya} domain", x0=min(ok) / 1.08, x1=max(ok) * 1.08,
+                               y0=0, y1=1, fillcolor=BAND_FILL, line=dict(width=0), layer="below"))
     for cls in MAP_CLASSES:  # the legend: one entry per outcome that occurs
         if cls in shown:
             traces.append(dict(type="scatter", x=[None], y=[None], mode="markers", name=OUTCOME_LABELS[cls],
@@ -292,6 +298,25 @@ def robustness(data: StudyData, columns: int = 5) -> go.Figure:
                   legend=dict(orientation="h", y=1 + 48 / plot_px, yanchor="bottom", x=1, xanchor="right",
                               itemclick=False, itemdoubleclick=False))
     return figure(traces, layout, title, plot_px + 150, margin=dict(l=55, r=20, t=110, b=40))
+
+
+def _axis_id(letter: str, index: int) -> str:
+    """Plotly's id of the index-th (0-based) x or y axis: 'x', 'x2', ..."""
+    return letter if index == 0 else f"{letter}{index + 1}"
+
+
+def _axis_key(letter: str, index: int) -> str:
+    return f"{letter}axis" if index == 0 else f"{letter}axis{index + 1}"
+
+
+def _log_range(units: list, param: str) -> list[float] | None:
+    """A log axis range covering every trial's `param`, padded by 8% (at least 0.1 decade) each side."""
+    values = [r["params"][param] for u in units for r in u.rows if (r["params"].get(param) or 0) > 0]
+    if not values:
+        return None
+    lo, hi = math.log10(min(values)), math.log10(max(values))
+    pad = max(0.1, (hi - lo) * 0.08)
+    return [lo - pad, hi + pad]
 
 
 # ---- 3. Unlearning curves ---------------------------------------------------------------------------------------

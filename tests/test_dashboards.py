@@ -193,6 +193,13 @@ def test_every_figure_builds_and_escapes_stored_text(loaded):
               for h, cls in zip(t.hovertext, t.customdata, strict=True) if cls == "failed"]
     assert failed and "&lt;img src=x" in failed[0] and "<img" not in failed[0]
     shown = sum(len(t.x) for t in robust.data if (t.meta or {}).get("role") == "trials" and t.meta["y"] == "epochs")
+    # small multiples on shared axes: one lr axis per column, one axis per row of panels, one range each
+    layout = robust.layout.to_plotly_json()
+    units = [u for u in loaded.units.values() if u.rows]
+    x_axes = [v for k, v in layout.items() if k.startswith("xaxis")]
+    y_axes = [v for k, v in layout.items() if k.startswith("yaxis")]
+    assert len(x_axes) == min(5, len(units)) and len({tuple(a["range"]) for a in x_axes}) == 1
+    assert len(y_axes) == math.ceil(len(units) / 5) * (1 + any(u.has_lambda for u in units))
     assert shown == sum(r["status"] not in ("running", "interrupted") for r in loaded.rows)
     curves = F.curves(loaded)
     assert any((t.meta or {}).get("role") == "forget_nll" for t in curves.data)
