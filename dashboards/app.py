@@ -15,6 +15,7 @@ import math
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -257,10 +258,9 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
         if isinstance(trigger, dict):  # a column header
             view = view.sorted_by(trigger["column"])
         elif trigger == "trial-filter":
-            view = trialtable.View(view.sort, view.descending, filter_text or "", 0)
+            view = replace(view, filter=filter_text or "", page=0)
         elif trigger in ("trial-prev", "trial-next"):
-            view = trialtable.View(view.sort, view.descending, view.filter,
-                                   max(0, view.page + (1 if trigger == "trial-next" else -1)))
+            view = replace(view, page=max(0, view.page + (1 if trigger == "trial-next" else -1)))
         _, data = cache.study(name)
         rows, label, view, problem = trialtable.body(table_rows(data), view)
         return rows, label, problem, view.as_data(), trialtable.sort_marks(view)

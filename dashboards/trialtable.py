@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dash import dcc, html
@@ -70,7 +70,7 @@ class View:
     def sorted_by(self, column: str) -> View:
         """Clicking a header: that column ascending, or the other way round if it already sorts the table."""
         descending = not self.descending if column == self.sort else False
-        return View(column, descending, self.filter, 0)
+        return replace(self, sort=column, descending=descending, page=0)
 
 
 def column_key(name: str) -> str:
@@ -153,9 +153,9 @@ def body(rows: list[dict[str, Any]], view: View) -> tuple[list[html.Tr], str, Vi
     try:
         shown = apply(rows, view)
     except FilterError as err:
-        problem, shown = str(err), apply(rows, View(view.sort, view.descending, "", 0))
+        problem, shown = str(err), apply(rows, replace(view, filter="", page=0))
     pages = max(1, math.ceil(len(shown) / PAGE_SIZE))
-    view = View(view.sort, view.descending, view.filter, min(view.page, pages - 1))
+    view = replace(view, page=min(view.page, pages - 1))
     first = view.page * PAGE_SIZE
     page_rows = shown[first:first + PAGE_SIZE]
     trs = [html.Tr([_cell(key, r.get(key)) for key, _ in TABLE_COLUMNS]) for r in page_rows]
