@@ -161,12 +161,16 @@ PHASES_JS = """() => {
 }"""
 
 
-def time_page(browser, url: str, via_list: bool = False) -> tuple[float, list[str], dict[str, float]]:
+def time_page(browser, url: str, via_list: bool = False, slowdown: float = 1.0) -> tuple[float, list[str],
+                                                                                  dict[str, float]]:
     """Seconds from navigation (or, `via_list`, from clicking the study in the list page, the app already
     loaded) until every figure has drawn its SVG and the trial table shows rows; and, for a typed URL, the
-    milestones of PHASES_JS."""
+    milestones of PHASES_JS. `slowdown` > 1 runs the page's CPU that many times slower (Chromium's own
+    DevTools throttling of the renderer): how much room the load leaves for a slower machine."""
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     page = context.new_page()
+    if slowdown > 1:
+        context.new_cdp_session(page).send("Emulation.setCPUThrottlingRate", {"rate": slowdown})
     problems = watch_errors(page)
     if via_list:
         base, name = url.split("/study/")
@@ -277,6 +281,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--limit", type=float, default=2.0, help="seconds the study page must load within")
+    ap.add_argument("--slowdown", type=float, default=1.5,
+                    help="also time typed-URL loads with the browser's CPU throttled this many times (Chromium "
+                         "DevTools emulation), to show the room left for a slower machine; 1 skips it")
     ap.add_argument("--serve", metavar="STORE_URL", help=argparse.SUPPRESS)  # the app's own process
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -325,7 +332,7 @@ def main() -> int:
               + ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in server_times.items()))
 
         times: dict[str, list[float]] = {"direct-cold": [], "direct-warm": [], "list-cold": [], "list-warm": [],
-                                         "revisit-cold": []}
+                                         "revisit-cold": [], "direct-slow": []}
         problems: list[str] = []
         phases: dict[str, list[float]] = {}
         with sync_playwright() as p:
@@ -346,6 +353,11 @@ def main() -> int:
                 elapsed, errs = time_revisit(browser, srv.url + "/study/bench500", srv)
                 times["revisit-cold"].append(elapsed)
                 problems += errs
+                if args.slowdown > 1:
+                    srv.clear_cache()
+                    elapsed, errs, _ = time_page(browser, srv.url + "/study/bench500", slowdown=args.slowdown)
+                    times["direct-slow"].append(elapsed)
+                    problems += errs
             srv.stop()
             out = Path(tmp) / "report.html"
             t = time.perf_counter()
@@ -379,6 +391,9 @@ def main() -> int:
     print("  " + line("typed URL, warm server", times["direct-warm"]))
     print("  " + line("typed URL again in a browser that opened it before (HTTP and code caches), cold server",
                       times["revisit-cold"]))
+    if times["direct-slow"]:
+        print("  " + line(f"typed URL, cold server, browser CPU throttled {args.slowdown:g}x (a slower machine's "
+                          "browser; not part of PASS/FAIL)", times["direct-slow"]))
     print("typed URL, cold server, medians in ms since navigation: " + ", ".join(
         f"{k} {statistics.median(v):.0f}" for k, v in phases.items() if None not in v))
     print(f"export: {export_s:.2f} s to write {out.name} ({args.trials} trials); offline open to every figure drawn: "
