@@ -61,3 +61,73 @@ def test_unreachable_storage_is_one_line_without_the_password():
         Store("postgresql+psycopg://admin:s3cret@127.0.0.1:1/none")
     assert "unreachable" in str(err.value) and "s3cret" not in str(err.value)
     assert "s3cret" not in safe_url("postgresql://admin:s3cret@db/x")
+
+
+def test_start_trial_retried_after_a_lost_commit_adds_one_row(store_url, monkeypatch):
+    """The database commits the new trial but its answer is lost (a restart at that moment): the retry
+    must find that row, not add a second trial for the same Ray trial."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    monkeypatch.setenv("TUNER_STORE_RETRY_S", "30")
+    store = Store(store_url)
+    study_id = store.create_study("lost", "testbed:micro", 0, {"name": "lost"}, "name: lost\n", {})
+    search = store.ensure_search(study_id, "ga", "ga", None, "lost/ga", "tpe", 3, {})
+    lost = []
+
+    def answer_lost(session) -> None:
+        if not lost:
+            lost.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    event.listen(store.sessions, "after_commit", answer_lost)
+    trial = store.start_trial(search, {"lr": 1e-3, "epochs": 1})
+    event.remove(store.sessions, "after_commit", answer_lost)
+    assert lost == [True]  # the first attempt did commit and then failed
+    rows = store.trials("lost")
+    assert [(r["id"], r["number"]) for r in rows] == [(trial, 1)]
+    assert store.start_trial(search, {"lr": 2e-3, "epochs": 1}) != trial
+    assert [r["number"] for r in store.trials("lost")] == [1, 2]
+
+
+def test_a_store_written_before_the_start_key_is_upgraded(store_url):
+    """A store made at schema revision 0001 (before trials had a start key) opens, keeps its trials and
+    takes new ones."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    import tuner.store as store_module
+
+    engine = create_engine(store_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(store_module.Path(store_module.__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text("INSERT INTO tuner_studies (id, name, status, model, seed, spec, spec_text, created_at, "
+                          "updated_at) VALUES (1, 'old', 'finished', 'm', 0, '{}', '', '2026-11-22', '2026-11-22')"))
+        conn.execute(text("INSERT INTO tuner_searches (id, study_id, unit, method, optuna_study, sampler, budget, "
+                          "space) VALUES (1, 1, 'ga', 'ga', 'old/ga', 'tpe', 2, '{}')"))
+        conn.execute(text("INSERT INTO tuner_trials (search_id, number, status, params, started_at) "
+                          "VALUES (1, 1, 'completed', '{\"lr\": 0.001}', '2026-11-22')"))
+    engine.dispose()
+    store = Store(store_url)
+    assert "start_key" in {c["name"] for c in inspect(store.engine).get_columns("tuner_trials")}
+    store.start_trial(1, {"lr": 2e-3, "epochs": 1})
+    assert [(r["number"], r["params"]["lr"]) for r in store.trials("old")] == [(1, 0.001), (2, 0.002)]
+
+
+def test_the_migrations_build_the_schema_the_code_declares(store_url):
+    """Alembic finds nothing to add or drop between the migrated database and tuner.store.schema."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from tuner.store.schema import Base
+
+    store = Store(store_url)
+    with store.engine.connect() as conn:
+        ours = lambda name, type_, parent: type_ != "table" or (name.startswith("tuner_")  # noqa: E731
+                                                                and name != "tuner_alembic_version")
+        ctx = MigrationContext.configure(conn, opts={"include_name": ours})
+        assert compare_metadata(ctx, Base.metadata) == []

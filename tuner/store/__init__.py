@@ -2,7 +2,7 @@
 
 It is the single source of truth that dashboards, `study show` and exports read. Only the study driver
 writes to it; schema changes arrive as Alembic migrations, run on open. The driver's reads and writes wait
-out a database that is briefly away (tuner/retry.py); every such method is idempotent but `start_trial`.
+out a database that is briefly away (tuner/retry.py); each such method is safe to repeat.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -236,14 +237,23 @@ class Store:
             return s.scalar(select(func.count(Trial.id)).where(Trial.search_id == search_id,
                                                                Trial.status.in_(FINISHED))) or 0
 
-    @retrying
     def start_trial(self, search_id: int, params: dict, host: str | None = None) -> int:
-        """A new trial row numbered after the search's last one."""
+        """A new trial row numbered after the search's last one.
+
+        Safe to retry: the key is drawn once per call, so a retry after a commit whose answer the database
+        never delivered (a restart at that moment) returns the row that commit made, not a second one."""
+        return self._start_trial(search_id, params, host, uuid.uuid4().hex)
+
+    @retrying
+    def _start_trial(self, search_id: int, params: dict, host: str | None, key: str) -> int:
         with self.sessions.begin() as s:
+            found = s.scalar(select(Trial.id).where(Trial.start_key == key))
+            if found is not None:
+                return found
             number = (s.scalar(select(func.max(Trial.number)).where(Trial.search_id == search_id)) or 0) + 1
             trial = Trial(search_id=search_id, number=number, status="running", params=params,
                           lr=params.get("lr"), epochs=params.get("epochs"), retain_weight=params.get("retain_weight"),
-                          host=host)
+                          host=host, start_key=key)
             s.add(trial)
             s.flush()
             return trial.id

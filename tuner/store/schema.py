@@ -79,6 +79,9 @@ class Trial(Base):
     wall_time_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # one per `Store.start_trial` call, shared by its retries: a retry after a commit whose answer was lost
+    # finds this row instead of adding a second (NULL on rows from before migration 0002)
+    start_key: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True, index=True)
 
     search: Mapped[Search] = relationship(back_populates="trials")
     metrics: Mapped[list[Metric]] = relationship(back_populates="trial", cascade="all, delete-orphan")
