@@ -120,6 +120,7 @@ class StudyCache:
         self.store, self.size = store, size
         self.items: OrderedDict[tuple, Any] = OrderedDict()
         self.building: dict[tuple, Future] = {}
+        self.queued: set[str] = set()  # names waiting for the prefetch worker
         self.lock = threading.Lock()
         self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuner-prefetch")
 
@@ -151,16 +152,27 @@ class StudyCache:
         pending.set_result(value)
         return value
 
-    def prefetch(self, name: str) -> None:
+    def prefetch(self, name: str) -> bool:
         """Start building a study page's data and figures in the background. Called when the browser asks for
         the page's HTML: the server then works while the browser parses the Dash bundles, instead of after
-        the page's first callback arrives (about half a second later)."""
+        the page's first callback arrives (about half a second later).
+
+        At most `size` names wait at once and a name waits once: a burst of page requests (a reload storm, a
+        crawler) cannot queue unbounded work. A request left out loses nothing but the head start: the page's
+        own callback builds the study. False when left out."""
+        with self.lock:
+            if name in self.queued or len(self.queued) >= self.size:
+                return False
+            self.queued.add(name)
 
         def build() -> None:
+            with self.lock:
+                self.queued.discard(name)
             with contextlib.suppress(Exception):  # the page's own callback reports a bad name or store error
                 self.figures(name, abs_gap=False)
 
         self.prefetcher.submit(build)
+        return True
 
     def _stamp(self, name: str) -> tuple:
         stamp = queries.study_stamp(self.store, name)

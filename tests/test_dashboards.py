@@ -548,6 +548,24 @@ def test_page_request_starts_building_the_study(study):
     assert not guarded_cache.items
 
 
+def test_prefetch_queue_is_bounded(study):
+    """A burst of page requests queues at most `size` prefetches and each name once; the rest are left to
+    the pages' own callbacks, and a queued name is still built."""
+    import threading
+
+    from dashboards.app import StudyCache
+
+    cache = StudyCache(study["store"], size=4)
+    gate = threading.Event()
+    cache.prefetcher.submit(gate.wait, 10)  # the worker is busy: everything below waits in the queue
+    assert [cache.prefetch("dash") for _ in range(3)] == [True, False, False]
+    assert [cache.prefetch(f"crawler-{i}") for i in range(10)] == [True] * 3 + [False] * 7
+    gate.set()
+    cache.prefetcher.submit(lambda: None).result()  # one worker, in order: the queue has drained
+    assert {key[0] for key in cache.items} == {"dash"}
+    assert cache.prefetch("crawler-9")  # room again
+
+
 def test_study_cache_builds_a_value_once_for_concurrent_callers(study):
     """The prefetch and the page's callback arriving together share one build; a failed build is not cached."""
     import threading
