@@ -258,11 +258,9 @@ class AppServer:
 
 def serve(store_url: str, port: int) -> None:
     """The `--serve` side of AppServer: the app as `tuner dashboard` runs it, plus the cache-clearing route."""
-    import logging
-
     from dashboards.app import create_app
+    from dashboards.server import serve
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     app = create_app(store_url)
     cache = app.server.extensions["tuner_dashboards"]
 
@@ -272,7 +270,7 @@ def serve(store_url: str, port: int) -> None:
         return "cleared"
 
     app.server.add_url_rule("/_bench/clear-cache", "bench_clear_cache", clear)
-    app.run(host="127.0.0.1", port=port, debug=False)
+    serve(app, "127.0.0.1", port)
 
 
 def main() -> int:
@@ -293,11 +291,7 @@ def main() -> int:
     if not Path(args.chromium).exists():
         print(f"{args.chromium} not found: run scripts/install-chromium.sh", file=sys.stderr)
         return 2
-    import logging
-
     from playwright.sync_api import sync_playwright
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log lines in the output
 
     from dashboards import data as D
     from dashboards import figures as F

@@ -55,6 +55,7 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from dashboards.app import create_app
+    from dashboards.server import serve
     from tuner.store import safe_url
 
     if not 0 < args.port < 65536:
@@ -66,7 +67,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     app = create_app(args.storage, token=args.token)
     url = f"http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
     print(f"dashboards for {safe_url(_store_url(args))} at {url} (Ctrl+C to stop)", file=sys.stderr)
-    app.run(host=args.host, port=args.port, debug=False)
+    serve(app, args.host, args.port)
     return 0
 
 

@@ -9,12 +9,12 @@ Writes `dashboard-list.png` and `dashboard-study.png` (the whole page). Needs /u
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from dashboards.headless import CHROMIUM_ARGS, BackgroundServer
+from dashboards.headless import CHROMIUM_ARGS
+from dashboards.server import BackgroundServer
 
 FIGURE_IDS = ("fig-pareto", "fig-robustness", "fig-curves", "fig-hypervolume", "fig-parallel", "fig-efficiency")
 
@@ -24,7 +24,6 @@ def take(storage: str, study: str, out: Path, chromium: str = "/usr/bin/chromium
 
     from dashboards.app import create_app
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request lines
     server = BackgroundServer(create_app(storage))
     base = server.url
     written = []

@@ -19,8 +19,9 @@ from dashboards import data as D
 from dashboards import figures as F
 from dashboards import guidelines as G
 from dashboards import plotlyjs
-from dashboards.headless import CHROMIUM_ARGS, BackgroundServer
+from dashboards.headless import CHROMIUM_ARGS
 from dashboards.hypervolume import hypervolume
+from dashboards.server import BackgroundServer
 from tuner.errors import TunerError
 from tuner.store import Store
 
@@ -298,6 +299,41 @@ def _parse(argv):
     parser = argparse.ArgumentParser(prog="tuner")
     add_parser(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(argv)
+
+
+def test_tuner_dashboard_serves_until_ctrl_c(study):
+    """`tuner dashboard` as a user runs it: one line saying where the dashboards are, the study page served
+    (by waitress, not Flask's development server and its warning), and Ctrl+C ends it with status 0."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tuner = Path(sys.executable).with_name("tuner")
+    proc = subprocess.Popen([str(tuner), "dashboard", "--storage", study["url"], "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/study/dash", timeout=5) as reply:
+                    page, server = reply.read().decode(), reply.headers["Server"]
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.3)
+        assert "_dash-config" in page and server == "unlearn-tuner"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert err.strip() == f"dashboards for {study['url']} at http://127.0.0.1:{port}/ (Ctrl+C to stop)"
+    assert "development server" not in out + err
 
 
 def test_cli_export_and_user_mistakes(study, tmp_path):

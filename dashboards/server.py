@@ -1,0 +1,50 @@
+"""Serving the dashboards with waitress: a production WSGI server, pure Python, one process with threads.
+
+Flask's built-in server is for development (it says so on start) and `tuner dashboard` is what the compose
+file's dashboard service runs. One process, not gunicorn's workers: the study cache and its prefetch live in
+the process, so a page's callbacks find the study its HTML request started building.
+"""
+
+from __future__ import annotations
+
+import threading
+
+THREADS = 8  # a cold page asks for ~15 bundles at once; more threads than cores only wait on I/O here
+
+
+def create(app, host: str, port: int):
+    """A waitress server for a Dash app, bound (port 0: a free one, see `.effective_port`) but not yet run."""
+    from waitress import create_server
+
+    return create_server(app.server, host=host, port=port, threads=THREADS, ident="unlearn-tuner",
+                         clear_untrusted_proxy_headers=True)
+
+
+def serve(app, host: str, port: int) -> None:
+    """Serve until Ctrl+C."""
+    server = create(app, host, port)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.task_dispatcher.shutdown()
+
+
+class BackgroundServer:
+    """The same server on 127.0.0.1 (a free port) in a thread until `stop()`: for the browser tests, the
+    screenshots and the load benchmark, so they exercise what `tuner dashboard` runs."""
+
+    def __init__(self, app) -> None:
+        self.server = create(app, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        # closing every channel (the listening socket and open connections) empties the loop's map, so
+        # `run` returns; then the worker threads are told to finish
+        for channel in list(self.server._map.values()):
+            channel.close()
+        self.server.task_dispatcher.shutdown()
+        self.thread.join(10)
