@@ -231,13 +231,13 @@ class AppServer:
     """The Dash app of `dashboards.app.create_app` in a process of its own (this file with `--serve`), plus
     one benchmark-only route that empties its study cache, so a cold load needs no restart."""
 
-    def __init__(self, store_url: str) -> None:
+    def __init__(self, store_url: str, server: str = "waitress") -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", store_url, "--port", str(self.port)],
-                                     stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", store_url, "--port", str(self.port),
+                                      "--server", server], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -256,8 +256,9 @@ class AppServer:
         self.proc.wait(30)
 
 
-def serve(store_url: str, port: int) -> None:
-    """The `--serve` side of AppServer: the app as `tuner dashboard` runs it, plus the cache-clearing route."""
+def serve(store_url: str, port: int, server: str) -> None:
+    """The `--serve` side of AppServer: the app as `tuner dashboard` runs it (or on Flask's development
+    server, for comparison), plus the cache-clearing route."""
     from dashboards.app import create_app
     from dashboards.server import serve
 
@@ -270,7 +271,13 @@ def serve(store_url: str, port: int) -> None:
         return "cleared"
 
     app.server.add_url_rule("/_bench/clear-cache", "bench_clear_cache", clear)
-    serve(app, "127.0.0.1", port)
+    if server == "flask":
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request lines
+        app.run(host="127.0.0.1", port=port, debug=False)
+    else:
+        serve(app, "127.0.0.1", port)
 
 
 def main() -> int:
@@ -282,11 +289,14 @@ def main() -> int:
     ap.add_argument("--slowdown", type=float, default=1.5,
                     help="also time typed-URL loads with the browser's CPU throttled this many times (Chromium "
                          "DevTools emulation), to show the room left for a slower machine; 1 skips it")
+    ap.add_argument("--server", choices=("waitress", "flask"), default="waitress",
+                    help="serve the app as `tuner dashboard` does (waitress), or with Flask's development server "
+                         "for comparison")
     ap.add_argument("--serve", metavar="STORE_URL", help=argparse.SUPPRESS)  # the app's own process
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve, args.port)
+        serve(args.serve, args.port, args.server)
         return 0
     if not Path(args.chromium).exists():
         print(f"{args.chromium} not found: run scripts/install-chromium.sh", file=sys.stderr)
@@ -331,7 +341,7 @@ def main() -> int:
         phases: dict[str, list[float]] = {}
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
-            srv = AppServer(url)
+            srv = AppServer(url, args.server)
             time_page(browser, srv.url + "/study/bench500")  # unmeasured: OS file cache, browser start-up
             for _ in range(args.repeats):
                 for via in ("direct", "list"):
@@ -375,7 +385,8 @@ def main() -> int:
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, browser "
-          f"{version} {args.chromium}; load average during the run {load} (other processes slow every number)")
+          f"{version} {args.chromium}; server {args.server}; load average during the run {load} (other processes "
+          "slow every number)")
     print("study page, until every figure has drawn and the trial table shows rows (new browser context each time):")
     print("  " + line("opened from the study list (app loaded), cold server (store read, figures, checks)",
                       times["list-cold"]))
