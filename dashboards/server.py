@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-THREADS = 8  # a cold page asks for ~15 bundles at once; more threads than cores only wait on I/O here
+THREADS = 8  # a cold page asks for ~15 files at once; the threads mostly wait on sockets, not the CPU
 
 
 def create(app, host: str, port: int):
