@@ -259,8 +259,8 @@ class AppServer:
 def serve(store_url: str, port: int, server: str) -> None:
     """The `--serve` side of AppServer: the app as `tuner dashboard` runs it (or on Flask's development
     server, for comparison), plus the cache-clearing route."""
+    from dashboards import server as production
     from dashboards.app import create_app
-    from dashboards.server import serve
 
     app = create_app(store_url)
     cache = app.server.extensions["tuner_dashboards"]
@@ -277,7 +277,7 @@ def serve(store_url: str, port: int, server: str) -> None:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request lines
         app.run(host="127.0.0.1", port=port, debug=False)
     else:
-        serve(app, "127.0.0.1", port)
+        production.serve(app, "127.0.0.1", port)
 
 
 def main() -> int:
