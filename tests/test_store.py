@@ -93,18 +93,13 @@ def test_start_trial_retried_after_a_lost_commit_adds_one_row(store_url, monkeyp
 def test_a_store_written_before_the_start_key_is_upgraded(store_url):
     """A store made at schema revision 0001 (before trials had a start key) opens, keeps its trials and
     takes new ones."""
-    from alembic import command
-    from alembic.config import Config
     from sqlalchemy import create_engine, text
 
-    import tuner.store as store_module
+    from tuner.store import migrate
 
     engine = create_engine(store_url)
-    cfg = Config()
-    cfg.set_main_option("script_location", str(store_module.Path(store_module.__file__).parent / "migrations"))
+    migrate(engine, "0001")
     with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0001")
         conn.execute(text("INSERT INTO tuner_studies (id, name, status, model, seed, spec, spec_text, created_at, "
                           "updated_at) VALUES (1, 'old', 'finished', 'm', 0, '{}', '', '2026-11-22', '2026-11-22')"))
         conn.execute(text("INSERT INTO tuner_searches (id, study_id, unit, method, optuna_study, sampler, budget, "

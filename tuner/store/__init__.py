@@ -99,12 +99,13 @@ def _sqlite_folder(database: Path, create: bool) -> None:
         raise TunerError(f"storage: {database if database.exists() else folder} is not writable")
 
 
-def migrate(engine: Engine) -> None:
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to `revision` (the newest by default; tests build older stores with an older one)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
 
 
 @contextlib.contextmanager
