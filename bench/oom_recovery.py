@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from tuner.spec import RunDefaults
+from tuner.settings import RunSettings
 from tuner.trial import prepare, run_trial
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     study = {"model": "testbed:micro", "data": None, "seed": 0, "objectives": ["forget_gap", "utility_drop"],
              "units": {"u": {"method": "ga_gd", "retain_source": "in_distribution"}},
-             "run": RunDefaults(device=args.device).model_dump(mode="json")}
+             "run": RunSettings(device=args.device).model_dump(mode="json")}
     prepared = prepare(study)
     cuda = torch.device(args.device).type == "cuda"
     oversized = args.oversized or (2**23 if cuda else 2**21)

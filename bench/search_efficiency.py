@@ -18,7 +18,7 @@ import time
 
 import optuna
 
-from tuner.spec import RunDefaults
+from tuner.settings import RunSettings
 from tuner.trial import prepare, run_trial
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     lr_lo, lr_hi, rw_lo, rw_hi = 1e-4, 3e-3, 0.3, 3.0
     study = {"model": args.model, "data": None, "seed": 0,
              "units": {"unit": {"method": args.method, "retain_source": "in_distribution"}},
-             "run": RunDefaults(device=args.device).model_dump(mode="json"), "objectives": ["forget_gap", "utility_drop"]}
+             "run": RunSettings(device=args.device).model_dump(mode="json"), "objectives": ["forget_gap", "utility_drop"]}
     prepared = prepare(study)
     cache: dict[tuple, tuple[float, float]] = {}
 

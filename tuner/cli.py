@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tuner.errors import TunerError, describe_validation_error, one_line
+from tuner.precision import OPTIMIZER_HELP, OPTIMIZERS, PRECISION_HELP, PRECISIONS
 
 # Piped output (logs, CI) gets wide tables instead of rich's 80-column fallback.
 console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
@@ -97,7 +98,8 @@ def cmd_testbed_show(args: argparse.Namespace) -> int:
 UNLEARN_FLAGS = {  # CLI flag dest -> UnlearnConfig field
     "method": "method", "lr": "lr", "epochs": "epochs", "max_steps": "max_steps", "retain_weight": "retain_weight",
     "retain_source": "retain_source", "batch_size": "batch_size", "grad_accum": "grad_accum", "seed": "seed",
-    "device": "device", "dtype": "dtype", "eval_every": "eval_every", "checkpoint": "checkpoint",
+    "device": "device", "precision": "precision", "optimizer": "optimizer", "eval_every": "eval_every",
+    "checkpoint": "checkpoint",
     "schedule": "schedule", "warmup_ratio": "warmup_ratio", "gradient_checkpointing": "gradient_checkpointing",
 }
 
@@ -129,6 +131,11 @@ def unlearn_config(args: argparse.Namespace):
             fields[name] = value
     if args.no_stop_at_target:
         fields["stop_at_target"] = False
+    if args.lora_r is not None:
+        lora = {"r": args.lora_r, "alpha": args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r}
+        if args.lora_target_modules:
+            lora["target_modules"] = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+        fields["lora"] = lora
     for required in ("method", "lr"):
         if required not in fields:
             raise TunerError(f"--{required.replace('_', '-')} is required (or give --config FILE)")
@@ -204,34 +211,66 @@ def _metric_table(result, retrain: dict[str, float] | None) -> Table:
     return table
 
 
+def _unlearn_plan(args: argparse.Namespace, cfg, source, device):
+    """The run's memory plan from the model config alone, with the GPU it is checked against."""
+    from tuner import memory, methods, testbed
+    from tuner.precision import planned_precision, resolve_precision
+
+    shape = memory.model_shape(args.model, cfg, args.trust_remote_code)
+    block_size = args.block_size or (testbed.data_spec(source.testbed_root).block_size
+                                     if source.testbed_root is not None else 128)
+    capacity = int(args.gpu_memory_gb * 1e9) if args.gpu_memory_gb else memory.device_capacity(device)
+    # planning here for a GPU named by --gpu-memory-gb: `auto` is what it becomes there
+    precision = (resolve_precision(cfg.precision, device).name if device.type == "cuda"
+                 else planned_precision(cfg.precision, on_gpu=capacity is not None))
+    run = memory.run_shape([methods.get(cfg.method)], cfg, precision, block_size, gpu=capacity is not None)
+    return shape, run, memory.plan(shape, run, capacity)
+
+
 def cmd_unlearn(args: argparse.Namespace) -> int:
+    from tuner import memory
     from tuner.data import build_data
     from tuner.evaluation import full_metrics
     from tuner.models import Workbench, load, resolve
-    from tuner.unlearn import resolve_device, resolve_dtype, run_unlearning
+    from tuner.precision import resolve_precision
+    from tuner.unlearn import resolve_device, run_unlearning
 
     cfg, provenance = unlearn_config(args)
-    target = _prepare_out(args.out, args.overwrite)
+    if not args.dry_run and not args.out:
+        raise TunerError("--out is required (or pass --dry-run to print the memory plan only)")
+    target = None if args.dry_run else _prepare_out(args.out, args.overwrite)
     if args.trust_remote_code:
         console.print("[yellow]warning:[/] --trust-remote-code runs Python code shipped with the model")
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     with _progress() as progress:
         bars = _Bars(progress)
-        bench = Workbench.open(args.model, args.trust_remote_code, build_progress=bars)
+        source = resolve(args.model, build_progress=bars)
+        shape, run, plan = _unlearn_plan(args, cfg, source, device)
+    if args.dry_run:
+        for line in memory.plan_lines(plan):
+            out.print(line, highlight=False)
+        if not plan.fits:
+            raise TunerError(memory.refusal(shape, run, plan.capacity))
+        return 0
+    if not plan.fits:
+        raise TunerError(memory.refusal(shape, run, plan.capacity))
+    with _progress() as progress:
+        bars = _Bars(progress)
+        bench = Workbench.from_source(source, args.trust_remote_code, dtype=precision.compute)
         _check_tuned_for(provenance, bench, args.config)
         spec = data_spec_from_args(args, bench.source)
-        data = build_data(spec, bench.tokenizer, bench.reference.config, seed=cfg.seed)
-        model = bench.fresh()
+        data = build_data(spec, bench.tokenizer, bench.original.config, seed=cfg.seed)
+        model, reference = bench.trainee(cfg, precision)
 
         def on_progress(step: int, total: int, logs: dict[str, float]) -> None:
             bars(f"unlearn {cfg.method}", step, total, f"loss {logs['loss']:.3f}")
 
-        result = run_unlearning(model, data, cfg, reference=bench.reference, on_progress=on_progress)
+        result = run_unlearning(model, data, cfg, reference=reference, on_progress=on_progress)
         retrain = None
         if bench.source.retrain_path is not None:
-            retrain_model, _ = load(resolve(str(bench.source.retrain_path)))
-            device = resolve_device(cfg.device)
-            retrain = full_metrics(retrain_model.to(device), data, cfg.eval_batch_size, device,
-                                   resolve_dtype(cfg.dtype, device))
+            retrain_model, _ = load(resolve(str(bench.source.retrain_path)), torch_dtype=precision.compute)
+            retrain = full_metrics(retrain_model.to(device), data, cfg.eval_batch_size, device, precision.compute)
 
     report = result.to_dict()
     report.update({"model": args.model, "data": data.sources, "blocks": data.summary(), "exact_retrain": retrain})
@@ -245,7 +284,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     staging = Path(tempfile.mkdtemp(prefix=".unlearn-", dir=target.parent))
     try:
         if result.metrics is not None:
-            model.save_pretrained(staging / "model")
+            # a LoRA run saves the unlearned model whole (adapters merged), like a full run
+            saved = model.merge_and_unload() if cfg.lora is not None else model
+            saved.save_pretrained(staging / "model")
             bench.tokenizer.save_pretrained(staging / "model")
         (staging / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
         if target.exists():
@@ -257,13 +298,23 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_text(mem: dict[str, Any]) -> str:
+    if not mem:
+        return ""
+    text = f"; memory plan {mem['plan_gib']['total']:.2f} GiB"
+    return text + (f", measured peak {mem['peak_gib']:.2f} GiB" if mem.get("peak_gib") is not None else "")
+
+
 def _print_result(result, report: dict, retrain: dict | None, target: Path) -> None:
     out.print(_metric_table(result, retrain))
     env = result.environment
     out.print(f"steps {result.steps_done}/{result.planned_steps}, kept step {result.selected_step}"
               + (f", reached the approximate-retraining point at step {result.stop_step}" if result.stop_step else "")
-              + f"; {result.wall_time_s:.1f} s on {env['device']} ({env['dtype']}), effective batch "
+              + f"; {result.wall_time_s:.1f} s on {env['device']}, effective batch "
               f"{env['effective_batch']}, {result.train_tokens:,} training tokens")
+    out.print(f"precision {env['precision']} (weights {env['weights_dtype']}, compute {env['compute_dtype']}), "
+              f"optimizer {env['optimizer']}" + (f", LoRA r={env['lora']['r']}" if env.get("lora") else "")
+              + _memory_text(env.get("memory") or {}))
     if result.status == "diverged":
         out.print(f"[red]diverged[/]: {result.reason}; no model saved")
     elif result.metrics is not None:
@@ -371,6 +422,9 @@ def cmd_study_run(args: argparse.Namespace) -> int:
         spec.budget.trials = args.trials
     _warn_remote_code(spec)
     check_inputs(spec, args.file)  # bad data or model: refused before the study is stored
+    plan = _study_plan(spec)
+    if plan is not None and plan.refusal():
+        raise TunerError(f"{args.file}: {plan.refusal()}")
     store = _store(args, spec.storage)
     return _run_study(spec, text, store, resume=False)
 
@@ -388,6 +442,7 @@ def cmd_study_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_study_validate(args: argparse.Namespace) -> int:
+    from tuner.memory import plan_lines as memory_lines
     from tuner.spec import check_inputs, load_spec, unit_name
 
     spec, _ = load_spec(args.file)
@@ -397,7 +452,31 @@ def cmd_study_validate(args: argparse.Namespace) -> int:
     out.print(f"{args.file}: valid study '{spec.name}' on {spec.model}: {len(units)} search units "
               f"({', '.join(units)}), {spec.budget.trials} trials each, sampler {spec.sampler.name}, "
               f"objectives {', '.join(spec.objectives)}")
+    if spec.trust_remote_code:
+        out.print("memory plan: not made (it would run the model repository's code; `study run` makes it)")
+        return 0
+    plan = _study_plan(spec)
+    if plan is not None:
+        for line in memory_lines(plan.plan):
+            out.print(line, highlight=False)
+        if plan.refusal():
+            raise TunerError(f"{args.file}: {plan.refusal()}")
     return 0
+
+
+def _study_plan(spec):
+    """The study's memory plan (None when a hub model's config cannot be read here, e.g. offline: then each
+    trial checks the plan against its own GPU before loading)."""
+    from tuner.memory import plan_study
+
+    try:
+        return plan_study(spec)
+    except TunerError as err:
+        if Path(spec.model).expanduser().exists() or spec.model.startswith("testbed:"):
+            raise
+        console.print(f"[yellow]note:[/] no memory plan ({escape(one_line(str(err)))}); each trial checks its GPU",
+                      highlight=False, soft_wrap=True)
+        return None
 
 
 def cmd_study_list(args: argparse.Namespace) -> int:
@@ -479,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Unlearn the forget set from a model with one method and one setting, print "
                        "before/after metrics, save the model (HF format) and metrics.json.")
     u.add_argument("--model", required=True, help="local HF model directory, hub id, or testbed:micro|small")
-    u.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    u.add_argument("--out", help="output directory (must not exist or be empty); required unless --dry-run")
     u.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     u.add_argument("--config", help="YAML/JSON run settings (e.g. an exported recommendation); flags override")
     u.add_argument("--method", help="one of `tuner methods`")
@@ -494,7 +573,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--warmup-ratio", type=float, help="share of steps spent warming up (default 0.03)")
     u.add_argument("--seed", type=int)
     u.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    u.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="auto: bf16 on a capable GPU, fp32 on CPU")
+    u.add_argument("--precision", choices=list(PRECISIONS), help=PRECISION_HELP + " (default auto)")
+    u.add_argument("--optimizer", choices=list(OPTIMIZERS), help=OPTIMIZER_HELP + " (default adamw)")
+    u.add_argument("--lora-r", type=int, help="train LoRA adapters of this rank instead of all weights (peft)")
+    u.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
+    u.add_argument("--lora-target-modules", help="comma-separated module names to adapt (default: all linear "
+                   "layers but the lm_head)")
+    u.add_argument("--dry-run", action="store_true", help="print the memory plan and stop; exit 2 if it cannot fit")
+    u.add_argument("--gpu-memory-gb", type=float, help="check the plan against a GPU of this many GB (default: the "
+                   "GPU in use)")
     u.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None)
     u.add_argument("--eval-every", type=int, help="steps between evaluations (default: about 10 per run)")
     u.add_argument("--checkpoint", choices=["best", "last"],

@@ -14,6 +14,8 @@ import transformers
 
 from tuner import testbed
 from tuner.errors import TunerError
+from tuner.lora import AdaptersOff, LoraSpec, attach
+from tuner.precision import PrecisionPlan
 
 
 @dataclass
@@ -106,27 +108,72 @@ def fingerprint(config) -> dict[str, object]:
 
 
 class Workbench:
-    """The base model, loaded once per process; `fresh()` gives a trainable copy with pristine weights.
+    """The base model, loaded once per process in the compute dtype; each run gets a trainable model with
+    pristine weights and its frozen reference from `trainee`.
 
-    The pristine model doubles as the frozen reference that ga_kl and adversarial need, so a study holds two
-    copies of the weights, not one per trial.
+    The pristine model doubles as the frozen reference that ga_kl and adversarial need, so a process holds two
+    copies of the weights, not one per trial. With LoRA it holds one: the adapters are attached to the pristine
+    model in place, and the reference is that model with its adapters switched off.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, source: ModelSource) -> None:
         self.source = source
         self.tokenizer = tokenizer
-        self.reference = model.eval().requires_grad_(False)
+        self.original = model.eval().requires_grad_(False)
         self._working: torch.nn.Module | None = None
+        self._adapted: tuple[LoraSpec, torch.nn.Module, dict[str, torch.Tensor]] | None = None
 
     @classmethod
-    def open(cls, name: str, trust_remote_code: bool = False, build_progress=None) -> Workbench:
-        source = resolve(name, build_progress)
-        model, tokenizer = load(source, trust_remote_code)
+    def open(cls, name: str, trust_remote_code: bool = False, build_progress=None,
+             dtype: torch.dtype | None = None) -> Workbench:
+        """`dtype`: the compute dtype the original is kept in (None: as stored)."""
+        return cls.from_source(resolve(name, build_progress), trust_remote_code, dtype)
+
+    @classmethod
+    def from_source(cls, source: ModelSource, trust_remote_code: bool = False,
+                    dtype: torch.dtype | None = None) -> Workbench:
+        model, tokenizer = load(source, trust_remote_code, dtype)
         return cls(model, tokenizer, source)
 
-    def fresh(self) -> torch.nn.Module:
-        if self._working is None:
-            self._working = copy.deepcopy(self.reference)
+    @property
+    def reference(self) -> torch.nn.Module:
+        """The frozen original model (with LoRA attached: the same model with its adapters off)."""
+        return AdaptersOff(self._adapted[1]) if self._adapted is not None else self.original
+
+    def fresh(self, weights: torch.dtype = torch.float32) -> torch.nn.Module:
+        """A trainable full copy of the pristine weights, in `weights` (the precision's master dtype)."""
+        self._detach_adapters()
+        if self._working is None or next(self._working.parameters()).dtype != weights:
+            self._working = None  # free the old copy before making the new one
+            self._working = copy.deepcopy(self.original).to(weights)
         else:
-            self._working.load_state_dict(self.reference.state_dict())
+            self._working.load_state_dict(self.original.state_dict())
         return self._working.train().requires_grad_(True)
+
+    def adapted(self, spec: LoraSpec, weights: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The original with LoRA adapters in `weights` dtype, reset to the same initial values every run."""
+        if self._adapted is None or self._adapted[0] != spec:
+            self._detach_adapters()
+            self._working = None  # LoRA needs no full trainable copy
+            model = attach(self.original, spec, weights)
+            initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self._adapted = (spec, model, initial)
+        _, model, initial = self._adapted
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in initial:
+                    p.copy_(initial[name])
+        return model.train()
+
+    def trainee(self, settings, precision: PrecisionPlan) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(trainable model, frozen reference) for one run with `settings.lora` under `precision`."""
+        if settings.lora is not None:
+            model = self.adapted(settings.lora, precision.weights)
+        else:
+            model = self.fresh(precision.weights)
+        return model, self.reference
+
+    def _detach_adapters(self) -> None:
+        if self._adapted is not None:
+            self.original = self._adapted[1].unload().eval().requires_grad_(False)
+            self._adapted = None

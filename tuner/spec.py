@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tuner import methods
 from tuner.data import DataSpec, RetainSource
 from tuner.errors import TunerError, describe_validation_error, one_line
-from tuner.training import Schedule
+from tuner.settings import RunSettings
 
 Objective = Literal["forget_gap", "utility_drop", "mia_auc"]
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -89,6 +89,9 @@ class Budget(_Strict):
 class Resources(_Strict):
     cpus: float = Field(1.0, gt=0)
     gpus: float = Field(0.0, ge=0, description="fractions allowed, e.g. 0.5 shares a GPU by two trials")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="memory of each GPU the trials get (GB as the vendor counts, 80 for an A100-80GB): "
+        "`study validate` and `study run` check the memory plan against it; trials always check their own GPU")
 
 
 class Target(_Strict):
@@ -97,24 +100,6 @@ class Target(_Strict):
     mia_tolerance: float = Field(0.1, gt=0, description="|MIA AUC - 0.5| within this is indistinguishable")
     min_robustness: float = Field(0.5, ge=0, le=1, description="share of succeeding neighbours for 'robust'")
     neighbourhood: float = Field(0.25, gt=0, description="kernel width in hyperparameter space scaled to [0, 1]")
-
-
-class RunDefaults(_Strict):
-    """The fixed settings of every trial (see `tuner unlearn --help`)."""
-
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    schedule: Schedule = "linear"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    eval_every: int | None = Field(None, gt=0)
-    stop_at_target: bool = True
-    checkpoint: Literal["best", "last"] = "best"
-    eval_batch_size: int = Field(16, gt=0)
 
 
 def ray_address_problem(address: str | None) -> str | None:
@@ -140,7 +125,7 @@ class StudySpec(_Strict):
     objectives: list[Objective] = ["forget_gap", "utility_drop"]
     sampler: SamplerSpec = SamplerSpec()
     budget: Budget = Budget()
-    run: RunDefaults = RunDefaults()
+    run: RunSettings = RunSettings()
     resources: Resources = Resources()
     concurrency: int = Field(2, ge=1, description="trials running at once")
     seed: int = 0

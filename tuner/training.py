@@ -15,7 +15,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from tuner.errors import TunerError
 from tuner.evaluation import autocast_for
+from tuner.precision import Optimizer
 
 Schedule = Literal["linear", "cosine", "constant"]
 
@@ -31,6 +33,7 @@ class OptimConfig(BaseModel):
     schedule: Schedule = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: Optimizer = "adamw"
 
 
 @dataclass
@@ -80,9 +83,44 @@ def lr_multiplier(schedule: Schedule, warmup_steps: int, total_steps: int) -> Ca
     return factor
 
 
-def make_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
+def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over `params`. On bf16 weights a plain AdamW rounds updates below half an ulp away, so bf16
+    weights always get torchao's AdamW with bf16 stochastic rounding (unbiased: E[w_new] = w + Δw)."""
+    bf16_weights = any(p.dtype == torch.bfloat16 for p in params)
+    if cfg.optimizer == "adamw" and not bf16_weights:
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                 fused=device.type == "cuda")
+    optim = _torchao_optim()
+    # `_AdamW` is torchao's documented entry point for full-precision states with bf16 stochastic rounding.
+    cls = optim.AdamW8bit if cfg.optimizer == "adamw8bit" else optim._AdamW
+    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, bf16_stochastic_round=bf16_weights)
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """What is recorded with a trial: the class that actually ran, e.g. `torch.optim.AdamW`."""
+    cls = type(optimizer)
+    return f"{cls.__module__.split('.')[0]}.optim.{cls.__name__}"
+
+
+def _torchao_optim():
+    import logging
+
+    # torchao announces at import each GPU kernel library it cannot load; on CPU that is expected noise.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    try:
+        from torchao import optim
+    except ImportError as err:
+        raise TunerError(f"optimizer settings need torchao ({err}); pip install 'torchao>=0.14'") from None
+    return optim
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """torchao keeps the lr as a tensor (so its compiled step is not recompiled per value): fill it in place."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def run_loop(
@@ -94,22 +132,22 @@ def run_loop(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     after_step: Callable[[int, dict[str, float]], bool] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> LoopOutcome:
     """Run `total_steps` optimiser steps; `micro_loss(step, micro)` builds each micro-batch's loss.
 
     `after_step(step_number, logs)` is called after every optimiser step (1-based) and may return True to
-    stop (the approximate-retraining point was reached).
+    stop (the approximate-retraining point was reached). `optimizer` defaults to `make_optimizer(cfg)`.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg, device)
+    optimizer = optimizer or make_optimizer(params, cfg, device)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     factor = lr_multiplier(cfg.schedule, warmup, total_steps)
     outcome = LoopOutcome(steps_done=0)
     model.train()
     for step in range(total_steps):
         lr = cfg.lr * factor(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         total = torch.zeros((), device=device)
         parts: dict[str, torch.Tensor] = {}  # named loss parts, averaged over micro-batches
         for micro in range(grad_accum):

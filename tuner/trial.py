@@ -18,11 +18,16 @@ from typing import Any
 
 import torch
 
+from tuner import methods
 from tuner.data import DataSpec, UnlearnData, build_data
 from tuner.evaluation import full_metrics
+from tuner.memory import device_capacity, model_shape, refusal, run_shape
+from tuner.memory import plan as memory_plan
 from tuner.models import Workbench, fingerprint, load, resolve
+from tuner.precision import PrecisionPlan, resolve_precision
+from tuner.settings import RunSettings
 from tuner.testbed import data_spec as testbed_data_spec
-from tuner.unlearn import UnlearnConfig, resolve_device, resolve_dtype, run_unlearning
+from tuner.unlearn import UnlearnConfig, resolve_device, run_unlearning
 
 _WORKER: dict[str, Any] = {}
 
@@ -37,20 +42,34 @@ def objective_values(metrics: dict[str, float] | None, objectives: list[str]) ->
     return {f"obj_{name}": float(values[name]) for name in objectives}
 
 
-def _device_and_dtype(study: dict[str, Any]) -> tuple[torch.device, torch.dtype]:
-    device = resolve_device(study["run"].get("device", "auto"))
-    return device, resolve_dtype(study["run"].get("dtype", "auto"), device)
+def _device_and_precision(study: dict[str, Any]) -> tuple[torch.device, PrecisionPlan]:
+    settings = RunSettings.model_validate(study["run"])
+    device = resolve_device(settings.device)
+    return device, resolve_precision(settings.precision, device)
 
 
 def workbench(study: dict[str, Any]) -> Workbench:
-    """The base model on this worker's device, loaded once per process."""
-    key = (study["model"], bool(study.get("trust_remote_code", False)))
+    """The base model on this worker's device in the compute dtype, loaded once per process."""
+    device, precision = _device_and_precision(study)
+    key = (study["model"], bool(study.get("trust_remote_code", False)), precision.compute)
     if _WORKER.get("key") != key:
         _WORKER.clear()
-        bench = Workbench.open(study["model"], study.get("trust_remote_code", False))
-        bench.reference.to(_device_and_dtype(study)[0])
+        bench = Workbench.open(study["model"], study.get("trust_remote_code", False), dtype=precision.compute)
+        bench.original.to(device)
         _WORKER.update(key=key, bench=bench)
     return _WORKER["bench"]
+
+
+def memory_refusal(study: dict[str, Any], method: str, block_size: int) -> str | None:
+    """Before a trial loads anything: the one-line refusal when its memory plan cannot fit this worker's GPU."""
+    device, precision = _device_and_precision(study)
+    capacity = device_capacity(device)
+    if capacity is None:
+        return None
+    settings = RunSettings.model_validate(study["run"])
+    shape = model_shape(study["model"], settings, bool(study.get("trust_remote_code", False)))
+    run = run_shape([methods.get(method)], settings, precision.name, block_size)
+    return None if memory_plan(shape, run, capacity).fits else refusal(shape, run, capacity)
 
 
 def prepare(study: dict[str, Any]) -> dict[str, Any]:
@@ -58,9 +77,11 @@ def prepare(study: dict[str, Any]) -> dict[str, Any]:
     exact-retrain model's. The caller ships the result to every trial."""
     if study.get("threads"):
         torch.set_num_threads(int(study["threads"]))
-    bench = Workbench.open(study["model"], study.get("trust_remote_code", False))  # not cached: runs once
-    device, dtype = _device_and_dtype(study)
-    bench.reference.to(device)
+    device, precision = _device_and_precision(study)
+    dtype = precision.compute
+    # not cached: runs once
+    bench = Workbench.open(study["model"], study.get("trust_remote_code", False), dtype=dtype)
+    bench.original.to(device)
     if study["data"] is not None:
         spec = DataSpec.model_validate(study["data"])
     else:
@@ -70,7 +91,7 @@ def prepare(study: dict[str, Any]) -> dict[str, Any]:
     baseline = full_metrics(bench.reference, data, batch, device, dtype)
     exact = None
     if bench.source.retrain_path is not None:
-        retrain, _ = load(resolve(str(bench.source.retrain_path)))
+        retrain, _ = load(resolve(str(bench.source.retrain_path)), torch_dtype=dtype)
         exact = full_metrics(retrain.to(device), data, batch, device, dtype)
         del retrain
     summary = {"blocks": data.summary(), "sources": data.sources, "sha256": data.fingerprints(),
@@ -84,13 +105,19 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
     if study.get("threads"):
         torch.set_num_threads(int(study["threads"]))
     unit = study["units"][params["unit"]]
-    bench = workbench(study)
     data: UnlearnData = prepared["data"]
+    objectives = study["objectives"]
+    refused = memory_refusal(study, unit["method"], data.block_size)
+    if refused is not None:
+        final = {"kind": "final", "status": "failed", "payload": {"reason": refused},
+                 **objective_values(None, objectives)}
+        report(final)
+        return final
+    bench = workbench(study)
     baseline = prepared["baseline"]
     cfg = UnlearnConfig(method=unit["method"], retain_source=unit["retain_source"] or "in_distribution",
                         seed=study["seed"], lr=params["lr"], epochs=params["epochs"],
                         retain_weight=params.get("retain_weight", 1.0), **study["run"])
-    objectives = study["objectives"]
 
     def on_eval(point: dict[str, float]) -> None:
         partial = dict(point)
@@ -100,8 +127,8 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
         report({"kind": "curve", "curve_point": point, **objective_values(partial, objectives)})
 
     try:
-        result = run_unlearning(bench.fresh(), data, cfg, reference=bench.reference, baseline=baseline,
-                                on_eval=on_eval)
+        model, reference = bench.trainee(cfg, _device_and_precision(study)[1])
+        result = run_unlearning(model, data, cfg, reference=reference, baseline=baseline, on_eval=on_eval)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         if not _out_of_memory(err):
             raise

@@ -15,22 +15,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from tuner import methods
 from tuner.data import RetainSource, UnlearnData
 from tuner.errors import TunerError
 from tuner.evaluation import curve_point, full_metrics
+from tuner.memory import GIB, ModelShape, device_capacity, measured_peak, run_shape
+from tuner.memory import plan as memory_plan
 from tuner.methods.base import Batch, MethodContext
-from tuner.training import IndexStream, OptimConfig, Schedule, run_loop
+from tuner.precision import PrecisionPlan, resolve_precision
+from tuner.settings import RunSettings
+from tuner.training import IndexStream, make_optimizer, optimizer_name, run_loop
 
 Status = Literal["completed", "stopped_at_target", "diverged"]
 
 
-class UnlearnConfig(BaseModel):
+class UnlearnConfig(RunSettings):
     """Everything that defines one run; also the format of an exported recommendation's `config`."""
-
-    model_config = ConfigDict(extra="forbid")
 
     method: str
     lr: float = Field(gt=0, description="peak learning rate of AdamW")
@@ -38,21 +40,7 @@ class UnlearnConfig(BaseModel):
     max_steps: int | None = Field(None, gt=0, description="optimiser steps; overrides epochs when given")
     retain_weight: float = Field(1.0, ge=0, description="λ, the weight of the retain term (ga_gd, ga_kl)")
     retain_source: RetainSource = "in_distribution"
-    batch_size: int = Field(8, gt=0, description="blocks per micro-batch")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    schedule: Schedule = "linear"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    eval_every: int | None = Field(None, gt=0, description="steps between evaluations (default: ~10 per run)")
-    stop_at_target: bool = Field(True, description="stop once the forget gap reaches 0 (guideline 1)")
-    checkpoint: Literal["best", "last"] = Field(
-        "best", description="best: keep the evaluated step closest to the target; last: the final weights")
-    eval_batch_size: int = Field(16, gt=0)
 
     @field_validator("method")
     @classmethod
@@ -61,10 +49,6 @@ class UnlearnConfig(BaseModel):
         if value not in names:
             raise ValueError(f"unknown method '{value}' (choose from: {', '.join(names)})")
         return value
-
-    def optim(self) -> OptimConfig:
-        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
-                           schedule=self.schedule, max_grad_norm=self.max_grad_norm)
 
     def effective_batch(self, world_size: int = 1) -> int:
         return self.batch_size * self.grad_accum * world_size
@@ -110,24 +94,43 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "fp32" or (name == "auto" and device.type != "cuda"):
-        return torch.float32
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        if name == "bf16":
-            raise TunerError("dtype bf16 requested but this GPU does not support bfloat16")
-        return torch.float32
-    return torch.bfloat16
-
-
-def describe_environment(device: torch.device, dtype: torch.dtype, cfg: UnlearnConfig) -> dict[str, Any]:
+def describe_environment(device: torch.device, precision: PrecisionPlan, cfg: UnlearnConfig,
+                         optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     return {
         "device": str(device), "device_name": name, "world_size": 1,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "effective_batch": cfg.effective_batch(),
-        "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+        "precision": precision.name, "weights_dtype": _dtype_name(precision.weights),
+        "compute_dtype": _dtype_name(precision.compute), "optimizer": optimizer_name(optimizer),
+        "lora": cfg.lora.model_dump() if cfg.lora is not None else None,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def trainable_in(model: torch.nn.Module, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Cast the trainable parameters to `dtype` (the precision's master weights), whatever the checkpoint's
+    storage dtype; frozen ones (a LoRA base) stay as they are. Returns the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return params
+
+
+def memory_record(model: torch.nn.Module, cfg: UnlearnConfig, method_cls, precision: PrecisionPlan,
+                  block_size: int, device: torch.device) -> dict[str, Any]:
+    """The memory plan of this run next to the measured peak, stored with every result."""
+    shape = ModelShape.from_config(model.config, loras=[cfg.lora] if cfg.lora is not None else None)
+    run = run_shape([method_cls], cfg, precision.name, block_size, gpu=device.type == "cuda")
+    planned = memory_plan(shape, run, device_capacity(device))
+    peak = measured_peak(device)
+    return {"plan_gib": planned.gib(), "peak_gib": round(peak / GIB, 3) if peak is not None else None,
+            "capacity_gib": round(planned.capacity / GIB, 3) if planned.capacity else None}
 
 
 def run_unlearning(
@@ -145,16 +148,21 @@ def run_unlearning(
     method_cls = methods.get(cfg.method)
     method = method_cls()
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    precision = resolve_precision(cfg.precision, device)
+    dtype = precision.compute
     retain = data.retain_for(cfg.retain_source) if method_cls.uses_retain else None
     if method_cls.needs_reference and reference is None:
         raise ValueError(f"method '{cfg.method}' needs the frozen original model as `reference`")
     torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model.to(device)
+    params = trainable_in(model, precision.weights)
     if reference is not None:
         reference.to(device).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: works when the inputs of a layer need no gradient (a frozen LoRA base)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     eval_tokens = 0
 
     def evaluated_tokens() -> int:
@@ -210,13 +218,17 @@ def run_unlearning(
             return True
         if cfg.checkpoint == "best" and abs(point["forget_gap"]) < state["best_gap"]:
             state["best_gap"], state["best_step"] = abs(point["forget_gap"]), step
-            state["best_weights"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            # only what training changes: all weights, or a LoRA run's adapters
+            state["best_weights"] = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                                     if p.requires_grad}
         if cfg.stop_at_target and point["forget_gap"] >= 0:
             state["stop_step"] = step
             return True
         return False
 
-    outcome = run_loop(model, micro_loss, total_steps, cfg.grad_accum, cfg.optim(), device, dtype, after_step)
+    optimizer = make_optimizer(params, cfg.optim(cfg.lr), device)
+    outcome = run_loop(model, micro_loss, total_steps, cfg.grad_accum, cfg.optim(cfg.lr), device, dtype, after_step,
+                       optimizer=optimizer)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
 
@@ -226,7 +238,10 @@ def run_unlearning(
     selected = outcome.steps_done
     if diverged_step is None:
         if cfg.checkpoint == "best" and state["best_weights"] is not None and state["best_step"] != selected:
-            model.load_state_dict(state["best_weights"])
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in state["best_weights"]:
+                        p.copy_(state["best_weights"][name])
             selected = state["best_step"]
         t = time.perf_counter()
         metrics = full_metrics(model, data, cfg.eval_batch_size, device, dtype, baseline)
@@ -240,5 +255,7 @@ def run_unlearning(
         stop_step=state["stop_step"], diverged_step=diverged_step, reason=reason, metrics=metrics,
         baseline=baseline, curve=curve, train_tokens=outcome.steps_done * cfg.grad_accum * tokens_per_micro,
         eval_tokens=eval_tokens, wall_time_s=wall, train_time_s=max(0.0, wall - eval_time), eval_time_s=eval_time,
-        environment=describe_environment(device, dtype, cfg), config=cfg.model_dump(),
+        environment={**describe_environment(device, precision, cfg, optimizer),
+                     "memory": memory_record(model, cfg, method_cls, precision, data.block_size, device)},
+        config=cfg.model_dump(),
     )

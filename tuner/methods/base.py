@@ -47,6 +47,7 @@ class UnlearningMethod:
     has_retain_term: ClassVar[bool] = False  # the retain term is weighted by retain_weight (λ)
     uses_retain: ClassVar[bool] = False  # reads retain batches at all (retain_finetune does, without λ)
     needs_reference: ClassVar[bool] = False
+    reference_distributions: ClassVar[bool] = False  # holds the reference's full next-token distributions (KL)
 
     def __init__(self) -> None:
         self.ctx: MethodContext | None = None

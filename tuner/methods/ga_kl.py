@@ -12,6 +12,7 @@ class GradientAscentKL(UnlearningMethod):
     has_retain_term = True
     uses_retain = True
     needs_reference = True
+    reference_distributions = True
 
     def loss(self, model, batch: Batch) -> LossOut:
         forget_nll = nll_term(model, batch.forget)
