@@ -48,12 +48,14 @@ def baseline(bench, data):
 @pytest.fixture
 def unlearn(bench, data, baseline):
     """Run one unlearning from pristine weights: unlearn(method=..., lr=..., **config)."""
+    from tuner.precision import resolve_precision
     from tuner.unlearn import UnlearnConfig, run_unlearning
 
     def run(**fields):
         fields.setdefault("device", "cpu")
         cfg = UnlearnConfig(**fields)
-        return run_unlearning(bench.fresh(), data, cfg, reference=bench.reference, baseline=baseline)
+        model, reference = bench.trainee(cfg, resolve_precision(cfg.precision, torch.device(cfg.device)))
+        return run_unlearning(model, data, cfg, reference=reference, baseline=baseline)
 
     return run
 
