@@ -28,7 +28,7 @@ def main() -> None:
     data = build_data(testbed.data_spec(bench.source.testbed_root), bench.tokenizer, bench.reference.config)
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     print(f"{args.model}, lr {args.lr}, {args.steps} steps, batch 8; device {name}, torch {torch.__version__}")
-    print(f"{'method':<20} {'device':<6} {'dtype':<9} {'status':<10} {'gap before':>10} {'gap after':>10} "
+    print(f"{'method':<20} {'device':<6} {'precision':<9} {'status':<10} {'gap before':>10} {'gap after':>10} "
           f"{'util drop':>10} {'seconds':>8}")
     for method in methods.available():
         for device in ("cpu", args.device):
@@ -37,7 +37,7 @@ def main() -> None:
             started = time.perf_counter()
             result = run_unlearning(bench.fresh(), data, cfg, reference=bench.reference)
             m = result.metrics or {}
-            print(f"{method:<20} {device:<6} {result.environment['dtype']:<9} {result.status:<10} "
+            print(f"{method:<20} {device:<6} {result.environment['precision']:<9} {result.status:<10} "
                   f"{result.baseline['forget_gap']:>+10.3f} {m.get('forget_gap', float('nan')):>+10.3f} "
                   f"{m.get('utility_drop', float('nan')):>+10.3f} {time.perf_counter() - started:>8.2f}")
 

@@ -22,11 +22,11 @@ from dashboards.data import TABLE_COLUMNS
 
 PAGE_SIZE = 15
 # shown with the "all columns" box: fewer columns are easier to read
-OPTIONAL = ("unseen_nll", "retain_nll", "selected_step", "effective_batch", "world_size", "device")
+OPTIONAL = ("unseen_nll", "retain_nll", "selected_step", "effective_batch", "world_size", "device", "precision")
 NUMERIC = {"id", "number", "lr", "epochs", "retain_weight", "forget_gap", "utility_drop", "mia_auc", "forget_nll",
            "unseen_nll", "retain_nll", "steps", "stop_step", "selected_step", "device_s", "tokens",
            "effective_batch", "world_size"}
-TEXT_SEARCHED = ("unit", "status", "outcome", "error")
+TEXT_SEARCHED = ("unit", "status", "outcome", "precision", "error")
 LABELS = dict(TABLE_COLUMNS)
 _TERM = re.compile(r"^\s*([A-Za-zλ_ .-]+?)\s*(!=|>=|<=|=|>|<)\s*(.+?)\s*$")
 _OPS = {"=": lambda a, b: a == b, "!=": lambda a, b: a != b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,

@@ -294,8 +294,10 @@ class StudyPlan:
 def plan_study(spec) -> StudyPlan:
     """The memory plan of one trial of `spec` (a StudySpec), for `study validate` and before `study run`.
 
-    It plans for a GPU (`auto` precision is mixed there) when the study asks for GPUs or names their memory."""
+    It plans for a GPU (`auto` precision is mixed there) when the study asks for GPUs or names their memory;
+    trials that share a GPU (`gpus: 0.5`) each get their share of its memory."""
     from tuner import methods
+    from tuner.spec import gpu_share
     from tuner.testbed import SIZES
 
     settings = spec.run
@@ -307,7 +309,8 @@ def plan_study(spec) -> StudyPlan:
     on_gpu = spec.resources.gpus > 0 or spec.resources.gpu_memory_gb is not None
     run = run_shape([methods.get(m) for m in spec.methods], settings, planned_precision(settings.precision, on_gpu),
                     block_size, gpu=on_gpu)
-    capacity = int(spec.resources.gpu_memory_gb * 1e9) if spec.resources.gpu_memory_gb else None
+    share = gpu_share(spec.resources.gpus)
+    capacity = int(spec.resources.gpu_memory_gb * 1e9 * share) if spec.resources.gpu_memory_gb else None
     return StudyPlan(shape, run, plan(shape, run, capacity))
 
 

@@ -32,7 +32,7 @@ from tuner import __version__, methods  # noqa: E402
 from tuner.errors import TunerError  # noqa: E402
 from tuner.pareto import front_ids  # noqa: E402
 from tuner.retry import TRANSIENT, with_retry  # noqa: E402
-from tuner.spec import SamplerSpec, StudySpec, ray_address_problem, unit_name  # noqa: E402
+from tuner.spec import SamplerSpec, StudySpec, gpu_share, ray_address_problem, unit_name  # noqa: E402
 from tuner.store import Store  # noqa: E402
 from tuner.trial import prepare, trainable  # noqa: E402
 
@@ -284,7 +284,7 @@ def _context(spec: StudySpec) -> dict[str, Any]:
             "data": spec.data.model_dump(mode="json") if spec.data else None, "seed": spec.seed,
             "units": {unit_name(m, s): {"method": m, "retain_source": s} for m, s in spec.units()},
             "run": spec.run.model_dump(mode="json"), "objectives": list(spec.objectives),
-            "threads": max(1, int(spec.resources.cpus))}
+            "threads": max(1, int(spec.resources.cpus)), "gpu_share": gpu_share(spec.resources.gpus)}
 
 
 def _prepare(spec: StudySpec, context: dict[str, Any]) -> Any:

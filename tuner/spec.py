@@ -102,6 +102,11 @@ class Target(_Strict):
     neighbourhood: float = Field(0.25, gt=0, description="kernel width in hyperparameter space scaled to [0, 1]")
 
 
+def gpu_share(gpus: float) -> float:
+    """The share of one GPU's memory a trial may use: `gpus: 0.5` puts two trials on each GPU."""
+    return min(1.0, gpus) if gpus > 0 else 1.0
+
+
 def ray_address_problem(address: str | None) -> str | None:
     """Ray Client (ray://) would run Ray Tune's loop, and with it the store writes, on the head node, away
     from this process's progress display: the driver must be on a node of the cluster instead."""

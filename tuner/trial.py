@@ -66,6 +66,7 @@ def memory_refusal(study: dict[str, Any], method: str, block_size: int) -> str |
     capacity = device_capacity(device)
     if capacity is None:
         return None
+    capacity = int(capacity * study.get("gpu_share", 1.0))  # trials sharing a GPU share its memory
     settings = RunSettings.model_validate(study["run"])
     shape = model_shape(study["model"], settings, bool(study.get("trust_remote_code", False)))
     run = run_shape([methods.get(method)], settings, precision.name, block_size)

@@ -130,6 +130,8 @@ def memory_record(model: torch.nn.Module, cfg: UnlearnConfig, method_cls, precis
     planned = memory_plan(shape, run, device_capacity(device))
     peak = measured_peak(device)
     return {"plan_gib": planned.gib(), "peak_gib": round(peak / GIB, 3) if peak is not None else None,
+            # above 1: the plan under-estimated this run (the allocator's peak, without the CUDA context)
+            "peak_vs_plan": round(peak / (planned.total - planned.parts["cuda runtime"]), 3) if peak else None,
             "capacity_gib": round(planned.capacity / GIB, 3) if planned.capacity else None}
 
 
