@@ -11,7 +11,7 @@ from tuner.cli import main
 from tuner.lora import LoraSpec
 from tuner.memory import ACTIVATION_COEFFS, ModelShape, RunShape, plan, refusal, ways_out
 
-GB80 = int(80e9)
+GPU80 = 79 * 1024**3  # an "80 GB" H100 as torch counts it: 79.2 GiB
 
 
 def llama3_8b() -> transformers.LlamaConfig:
@@ -33,21 +33,21 @@ def test_8b_counts_its_parameters_from_the_config_alone(shape_8b):
 
 def test_8b_mixed_full_finetuning_is_refused_on_80gb_with_ways_out(shape_8b):
     run = RunShape(precision="mixed", batch_size=1, block_size=2048, gradient_checkpointing=True)
-    assert not plan(shape_8b, run, GB80).fits
-    text = refusal(shape_8b, run, GB80)
+    assert not plan(shape_8b, run, GPU80).fits
+    text = refusal(shape_8b, run, GPU80)
     assert "\n" not in text and "does not fit" in text
     assert "run.lora" in text and "run.optimizer: adamw8bit" in text
-    options = ways_out(shape_8b, run, GB80)
+    options = ways_out(shape_8b, run, GPU80)
     assert any("lora" in t for t, _ in options) and any("adamw8bit" in t for t, _ in options)
     for _, accepted in options:  # every way out it names is one the plan accepts
-        assert plan(shape_8b, accepted.run, GB80).fits
+        assert plan(shape_8b, accepted.run, GPU80).fits
     assert plan(shape_8b, RunShape(precision="mixed", batch_size=1, block_size=2048, gradient_checkpointing=True,
-                                   lora=LoraSpec()), GB80).fits
+                                   lora=LoraSpec()), GPU80).fits
 
 
 def test_more_workers_per_trial_is_a_way_out_when_allowed(shape_8b):
     run = RunShape(precision="mixed", batch_size=1, block_size=2048, gradient_checkpointing=True)
-    options = ways_out(shape_8b, run, GB80, max_workers=8)
+    options = ways_out(shape_8b, run, GPU80, max_workers=8)
     assert any("workers per trial" in t for t, _ in options)
 
 
@@ -93,7 +93,7 @@ def test_unlearn_dry_run_and_validate_refuse_an_8b_config_in_one_line(bench, tmp
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "a.txt").write_text("some text to forget " * 50)
     code = main(["unlearn", "--model", str(model_dir), "--method", "ga_kl", "--lr", "1e-5", "--dry-run",
-                 "--gpu-memory-gb", "80", "--block-size", "2048", "--batch-size", "1", "--gradient-checkpointing"])
+                 "--gpu-memory-gib", "79", "--block-size", "2048", "--batch-size", "1", "--gradient-checkpointing"])
     out, err = capsys.readouterr()
     assert code == 2
     assert "does NOT fit" in out
@@ -101,7 +101,7 @@ def test_unlearn_dry_run_and_validate_refuse_an_8b_config_in_one_line(bench, tmp
     assert len(error_lines) == 1 and "run.lora" in (out + err)
 
     code = main(["unlearn", "--model", str(model_dir), "--method", "ga_kl", "--lr", "1e-5", "--dry-run",
-                 "--gpu-memory-gb", "80", "--block-size", "2048", "--batch-size", "1", "--gradient-checkpointing",
+                 "--gpu-memory-gib", "79", "--block-size", "2048", "--batch-size", "1", "--gradient-checkpointing",
                  "--lora-r", "16"])
     out, _ = capsys.readouterr()
     assert code == 0 and "fits" in out and "NOT" not in out
@@ -109,7 +109,7 @@ def test_unlearn_dry_run_and_validate_refuse_an_8b_config_in_one_line(bench, tmp
     spec, text = tmp_path / "study.yaml", tmp_path / "text"
     spec.write_text(f"name: big\nmodel: {model_dir}\nmethods: [ga]\n"
                     f"data: {{forget: {{path: {text}}}, unseen: {{path: {text}}}, block_size: 2048}}\n"
-                    "run: {batch_size: 1, gradient_checkpointing: true}\nresources: {gpus: 1, gpu_memory_gb: 80}\n")
+                    "run: {batch_size: 1, gradient_checkpointing: true}\nresources: {gpus: 1, gpu_memory_gib: 79}\n")
     code = main(["study", "validate", str(spec)])
     out, err = capsys.readouterr()
     assert code == 2 and "memory plan per device" in out and "run.lora" in (out + err)

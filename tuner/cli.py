@@ -219,8 +219,8 @@ def _unlearn_plan(args: argparse.Namespace, cfg, source, device):
     shape = memory.model_shape(args.model, cfg, args.trust_remote_code)
     block_size = args.block_size or (testbed.data_spec(source.testbed_root).block_size
                                      if source.testbed_root is not None else 128)
-    capacity = int(args.gpu_memory_gb * 1e9) if args.gpu_memory_gb else memory.device_capacity(device)
-    # planning here for a GPU named by --gpu-memory-gb: `auto` is what it becomes there
+    capacity = int(args.gpu_memory_gib * memory.GIB) if args.gpu_memory_gib else memory.device_capacity(device)
+    # planning here for a GPU named by --gpu-memory-gib: `auto` is what it becomes there
     precision = (resolve_precision(cfg.precision, device).name if device.type == "cuda"
                  else planned_precision(cfg.precision, on_gpu=capacity is not None))
     run = memory.run_shape([methods.get(cfg.method)], cfg, precision, block_size, gpu=capacity is not None)
@@ -471,10 +471,11 @@ def _study_plan(spec):
 
     try:
         return plan_study(spec)
-    except TunerError as err:
+    except TunerError:
         if Path(spec.model).expanduser().exists() or spec.model.startswith("testbed:"):
             raise
-        console.print(f"[yellow]note:[/] no memory plan ({escape(one_line(str(err)))}); each trial checks its GPU",
+        console.print(f"[yellow]note:[/] no memory plan: the config of hub model '{escape(spec.model)}' is not in the "
+                      "local HF cache (`tuner unlearn --model ID --dry-run` fetches it); each trial checks its GPU",
                       highlight=False, soft_wrap=True)
         return None
 
@@ -580,8 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--lora-target-modules", help="comma-separated module names to adapt (default: all linear "
                    "layers but the lm_head)")
     u.add_argument("--dry-run", action="store_true", help="print the memory plan and stop; exit 2 if it cannot fit")
-    u.add_argument("--gpu-memory-gb", type=float, help="check the plan against a GPU of this many GB (default: the "
-                   "GPU in use)")
+    u.add_argument("--gpu-memory-gib", type=float, help="check the plan against a GPU with this much memory in GiB (79 "
+                   "for an 80 GB H100; default: the GPU in use)")
     u.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None)
     u.add_argument("--eval-every", type=int, help="steps between evaluations (default: about 10 per run)")
     u.add_argument("--checkpoint", choices=["best", "last"],

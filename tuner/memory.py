@@ -255,15 +255,16 @@ def run_shape(method_classes: list, settings, precision: str, block_size: int, w
     )
 
 
-def model_shape(model: str, settings, trust_remote_code: bool = False) -> ModelShape:
+def model_shape(model: str, settings, trust_remote_code: bool = False, offline: bool = False) -> ModelShape:
     """The shape of a model by name (local directory, hub id or testbed) from its config alone: no weights
-    load. Counts the adapters of the run's LoRA setting and of the default one (a way out)."""
+    load. Counts the adapters of the run's LoRA setting and of the default one (a way out). `offline`: a hub
+    model's config only from the local HF cache (commands that promise not to contact the hub)."""
     loras = [LoraSpec()] + ([settings.lora] if settings.lora is not None else [])
-    return _shape(model, trust_remote_code, tuple(s.model_dump_json() for s in loras))
+    return _shape(model, trust_remote_code, tuple(s.model_dump_json() for s in loras), offline)
 
 
 @functools.lru_cache(maxsize=8)
-def _shape(model: str, trust_remote_code: bool, loras: tuple[str, ...]) -> ModelShape:
+def _shape(model: str, trust_remote_code: bool, loras: tuple[str, ...], offline: bool) -> ModelShape:
     import transformers
 
     from tuner.errors import TunerError
@@ -271,7 +272,8 @@ def _shape(model: str, trust_remote_code: bool, loras: tuple[str, ...]) -> Model
 
     source = resolve(model)
     try:
-        config = transformers.AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                                         local_files_only=offline)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TunerError(f"model '{model}': could not read its config ({first})") from None
@@ -293,6 +295,7 @@ class StudyPlan:
 
 def plan_study(spec) -> StudyPlan:
     """The memory plan of one trial of `spec` (a StudySpec), for `study validate` and before `study run`.
+    A hub model's config is read from the local HF cache only: these commands do not contact the hub.
 
     It plans for a GPU (`auto` precision is mixed there) when the study asks for GPUs or names their memory;
     trials that share a GPU (`gpus: 0.5`) each get their share of its memory."""
@@ -301,16 +304,16 @@ def plan_study(spec) -> StudyPlan:
     from tuner.testbed import SIZES
 
     settings = spec.run
-    shape = model_shape(spec.model, settings, spec.trust_remote_code)
+    shape = model_shape(spec.model, settings, spec.trust_remote_code, offline=True)
     if spec.data is not None:
         block_size = spec.data.block_size
     else:
         block_size = SIZES[spec.model.split(":", 1)[1].split("@", 1)[0] or "micro"].block_size
-    on_gpu = spec.resources.gpus > 0 or spec.resources.gpu_memory_gb is not None
+    on_gpu = spec.resources.gpus > 0 or spec.resources.gpu_memory_gib is not None
     run = run_shape([methods.get(m) for m in spec.methods], settings, planned_precision(settings.precision, on_gpu),
                     block_size, gpu=on_gpu)
     share = gpu_share(spec.resources.gpus)
-    capacity = int(spec.resources.gpu_memory_gb * 1e9 * share) if spec.resources.gpu_memory_gb else None
+    capacity = int(spec.resources.gpu_memory_gib * GIB * share) if spec.resources.gpu_memory_gib else None
     return StudyPlan(shape, run, plan(shape, run, capacity))
 
 

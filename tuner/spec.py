@@ -89,9 +89,10 @@ class Budget(_Strict):
 class Resources(_Strict):
     cpus: float = Field(1.0, gt=0)
     gpus: float = Field(0.0, ge=0, description="fractions allowed, e.g. 0.5 shares a GPU by two trials")
-    gpu_memory_gb: float | None = Field(
-        None, gt=0, description="memory of each GPU the trials get (GB as the vendor counts, 80 for an A100-80GB): "
-        "`study validate` and `study run` check the memory plan against it; trials always check their own GPU")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="memory of each GPU the trials get, in GiB as torch and nvidia-smi count it (79 for "
+        "an 80 GB H100): `study validate` and `study run` check the memory plan against it; trials always check "
+        "their own GPU")
 
 
 class Target(_Strict):
