@@ -276,7 +276,7 @@ def _shape(model: str, trust_remote_code: bool, loras: tuple[str, ...], offline:
                                                          local_files_only=offline)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TunerError(f"model '{model}': could not read its config ({first})") from None
+        raise TunerError(f"model '{model}': could not be loaded ({first})") from None
     specs = [LoraSpec.model_validate_json(s) for s in loras]
     return ModelShape.from_config(config, specs, trust_remote_code)
 
