@@ -89,7 +89,8 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
     baseline = prepared["baseline"]
     cfg = UnlearnConfig(method=unit["method"], retain_source=unit["retain_source"] or "in_distribution",
                         seed=study["seed"], lr=params["lr"], epochs=params["epochs"],
-                        retain_weight=params.get("retain_weight", 1.0), **study["run"])
+                        retain_weight=params.get("retain_weight", 1.0), world_size=study.get("workers", 1),
+                        sharding=study.get("sharding", "ddp"), **study["run"])
     objectives = study["objectives"]
 
     def on_eval(point: dict[str, float]) -> None:
@@ -150,7 +151,13 @@ def _ray_node() -> str | None:
 
 
 def trainable(config: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any]) -> None:
-    """Ray Tune function trainable (bound with `tune.with_parameters(trainable, study=..., prepared=...)`)."""
+    """Ray Tune function trainable (bound with `tune.with_parameters(trainable, study=..., prepared=...)`).
+    A trial of more than one worker runs on Ray Train inside this trial (`tuner.multiworker`)."""
     from ray import tune
 
-    run_trial(config, study, prepared, tune.report)
+    if int(study.get("workers", 1)) > 1:
+        from tuner.multiworker import run_sharded_trial
+
+        run_sharded_trial(config, study, prepared, tune.report)
+    else:
+        run_trial(config, study, prepared, tune.report)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tuner import methods
 from tuner.data import RetainSource, UnlearnData
+from tuner.distributed import Ranks, StepSync, Strategy, backend, inner, restore_weights, shard_model, snapshot_weights
 from tuner.errors import TunerError
 from tuner.evaluation import curve_point, full_metrics
 from tuner.methods.base import Batch, MethodContext
@@ -53,6 +54,8 @@ class UnlearnConfig(BaseModel):
     checkpoint: Literal["best", "last"] = Field(
         "best", description="best: keep the evaluated step closest to the target; last: the final weights")
     eval_batch_size: int = Field(16, gt=0)
+    world_size: int = Field(1, ge=1, description="ranks the run is sharded over; batch_size is per rank")
+    sharding: Strategy = Field("ddp", description="ddp: weights on every rank; fsdp: FSDP2 shards them")
 
     @field_validator("method")
     @classmethod
@@ -66,8 +69,8 @@ class UnlearnConfig(BaseModel):
         return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
                            schedule=self.schedule, max_grad_norm=self.max_grad_norm)
 
-    def effective_batch(self, world_size: int = 1) -> int:
-        return self.batch_size * self.grad_accum * world_size
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
 
     def total_steps(self, n_forget: int) -> int:
         """An epoch is one pass over the forget set; retain-only methods take as many steps for the same
@@ -123,7 +126,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def describe_environment(device: torch.device, dtype: torch.dtype, cfg: UnlearnConfig) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     return {
-        "device": str(device), "device_name": name, "world_size": 1,
+        "device": str(device), "device_name": name, "world_size": cfg.world_size,
+        "sharding": cfg.sharding if cfg.world_size > 1 else "none", "backend": backend(),
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "effective_batch": cfg.effective_batch(),
         "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -149,12 +153,21 @@ def run_unlearning(
     retain = data.retain_for(cfg.retain_source) if method_cls.uses_retain else None
     if method_cls.needs_reference and reference is None:
         raise ValueError(f"method '{cfg.method}' needs the frozen original model as `reference`")
+    ranks = Ranks.current()
+    if ranks.world != cfg.world_size:
+        raise TunerError(f"world_size {cfg.world_size} but this process is one of {ranks.world} ranks; for one "
+                         f"process use world_size 1 and batch_size {cfg.batch_size * cfg.world_size}: the same "
+                         "effective batch gives the same result")
     torch.manual_seed(cfg.seed)
     model.to(device)
     if reference is not None:
         reference.to(device).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    train_model = shard_model(model, cfg.sharding, device) if ranks.world > 1 else model
+    model = inner(train_model)  # evaluated and checkpointed; the same object under FSDP2
+    if reference is not None and ranks.world > 1 and cfg.sharding == "fsdp":
+        shard_model(reference, "fsdp", device)  # frozen, sharded like the model (forward only)
     eval_tokens = 0
 
     def evaluated_tokens() -> int:
@@ -175,16 +188,17 @@ def run_unlearning(
     forget_stream = IndexStream(data.forget.shape[0], cfg.seed)
     retain_stream = IndexStream(retain.shape[0], cfg.seed + 1) if retain is not None else None
     tokens_per_micro = cfg.batch_size * data.block_size * (int(method_cls.uses_forget) + int(retain is not None))
+    global_micro = cfg.batch_size * ranks.world  # one global draw per micro-step; this rank trains on its slice
 
     def micro_loss(step: int, micro: int):
-        rows = forget_stream.take(cfg.batch_size) if method_cls.uses_forget else None
+        rows = ranks.local_rows(forget_stream.take(global_micro)) if method_cls.uses_forget else None
         batch = Batch(
             forget=data.forget[rows].to(device, non_blocking=True) if rows is not None else None,
             forget_rows=rows,
-            retain=retain[retain_stream.take(cfg.batch_size)].to(device, non_blocking=True)
+            retain=retain[ranks.local_rows(retain_stream.take(global_micro))].to(device, non_blocking=True)
             if retain_stream is not None else None,
         )
-        return method.loss(model, batch)
+        return method.loss(train_model, batch)
 
     start_point = {k: baseline[k] for k in ("forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap")
                    if k in baseline}
@@ -210,13 +224,15 @@ def run_unlearning(
             return True
         if cfg.checkpoint == "best" and abs(point["forget_gap"]) < state["best_gap"]:
             state["best_gap"], state["best_step"] = abs(point["forget_gap"]), step
-            state["best_weights"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            state["best_weights"] = snapshot_weights(model)
         if cfg.stop_at_target and point["forget_gap"] >= 0:
             state["stop_step"] = step
             return True
         return False
 
-    outcome = run_loop(model, micro_loss, total_steps, cfg.grad_accum, cfg.optim(), device, dtype, after_step)
+    sync = StepSync(train_model, ranks) if ranks.world > 1 else None
+    outcome = run_loop(train_model, micro_loss, total_steps, cfg.grad_accum, cfg.optim(), device, dtype, after_step,
+                       sync)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
 
@@ -226,7 +242,7 @@ def run_unlearning(
     selected = outcome.steps_done
     if diverged_step is None:
         if cfg.checkpoint == "best" and state["best_weights"] is not None and state["best_step"] != selected:
-            model.load_state_dict(state["best_weights"])
+            restore_weights(model, state["best_weights"])
             selected = state["best_step"]
         t = time.perf_counter()
         metrics = full_metrics(model, data, cfg.eval_batch_size, device, dtype, baseline)
@@ -238,7 +254,8 @@ def run_unlearning(
     return UnlearnResult(
         status=status, planned_steps=total_steps, steps_done=outcome.steps_done, selected_step=selected,
         stop_step=state["stop_step"], diverged_step=diverged_step, reason=reason, metrics=metrics,
-        baseline=baseline, curve=curve, train_tokens=outcome.steps_done * cfg.grad_accum * tokens_per_micro,
+        baseline=baseline, curve=curve,
+        train_tokens=outcome.steps_done * cfg.grad_accum * tokens_per_micro * ranks.world,
         eval_tokens=eval_tokens, wall_time_s=wall, train_time_s=max(0.0, wall - eval_time), eval_time_s=eval_time,
         environment=describe_environment(device, dtype, cfg), config=cfg.model_dump(),
     )
