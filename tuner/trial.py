@@ -104,7 +104,7 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
         result = run_unlearning(bench.fresh(), data, cfg, reference=bench.reference, baseline=baseline,
                                 on_eval=on_eval)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
-        if not _out_of_memory(err):
+        if not _out_of_memory(err) or cfg.world_size > 1:  # a rank out of memory fails the whole trial (multiworker)
             raise
         final = {"kind": "final", "status": "failed", "payload": {"reason": _oom_reason(err, cfg)},
                  **objective_values(None, objectives)}
