@@ -47,5 +47,22 @@ def test_two_workers_give_the_one_worker_result(method, sharding, local_ray, ben
     assert one.metrics.keys() == two["metrics"].keys()
     assert all(_close(one.metrics[k], two["metrics"][k]) for k in one.metrics), (one.metrics, two["metrics"])
     pairs = [*zip(one.curve, two["curve"], strict=True), (one.metrics, two["metrics"])]
-    worst = max(abs(a[k] - b[k]) for a, b in pairs for k in a if math.isfinite(a[k]))
-    print(f"{method}/{sharding}: largest |1 worker - 2 workers| over curve and metrics = {worst:.2e}")
+    diffs = [(abs(a[k] - b[k]), abs(a[k] - b[k]) / max(abs(a[k]), 1e-12), k) for a, b in pairs for k in a
+             if math.isfinite(a[k])]
+    absolute, relative = max(d for d in diffs if not d[2].endswith("_ppl")), max(diffs, key=lambda d: d[1])
+    print(f"{method}/{sharding}: largest |1 worker - 2 workers|: {absolute[0]:.1e} ({absolute[2]}; perplexities "
+          f"left out), largest relative {relative[1]:.1e} ({relative[2]})")
+
+
+def test_the_spec_takes_workers_per_trial_and_refuses_shared_gpus_across_ranks():
+    from tuner.errors import TunerError
+    from tuner.spec import validate_spec
+
+    base = {"name": "w", "model": "testbed:micro"}
+    spec = validate_spec({**base, "resources": {"workers": 4, "gpus": 1, "sharding": "fsdp"}}, "spec")
+    assert (spec.resources.workers, spec.resources.gpus, spec.resources.sharding) == (4, 1.0, "fsdp")
+    assert validate_spec({**base, "resources": {"gpus": 0.5}}, "spec").resources.workers == 1  # still shareable
+    with pytest.raises(TunerError, match="whole GPUs"):
+        validate_spec({**base, "resources": {"workers": 2, "gpus": 0.5}}, "spec")
+    with pytest.raises(TunerError, match="resources.workers"):
+        validate_spec({**base, "resources": {"workers": 0}}, "spec")

@@ -54,14 +54,19 @@ def test_two_worker_study_survives_a_killed_rank_and_records_world_size(tmp_path
         "budget": {"trials": 2}, "concurrency": 1, "sampler": {"name": "random"},
         "search": {"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 2}},
         "run": {"device": "cpu", "batch_size": 4, "eval_every": 2, "stop_at_target": False},
-        "resources": {"cpus": 1, "workers": 2}}))
+        "resources": {"cpus": 0.5, "workers": 2}}))  # 2 x 0.5 CPUs + the trial's token share: fits 2 cores
     url = f"sqlite:///{tmp_path / 'ranks.db'}"
     proc = subprocess.Popen([TUNER, "study", "run", str(spec), "--storage", url], env={**os.environ, "RAY_ADDRESS": ""},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_ranks(proc, 2)
-    wait_for_step(Store(url), "two-ranks", proc)
-    rank_processes(proc)[-1].send_signal(signal.SIGKILL)
-    output, _ = proc.communicate(timeout=900)
+    try:
+        wait_for_ranks(proc, 2)
+        wait_for_step(Store(url), "two-ranks", proc)
+        rank_processes(proc)[-1].send_signal(signal.SIGKILL)
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.communicate(timeout=60)
     assert proc.returncode == 0, output
 
     store = Store(url)
@@ -70,11 +75,14 @@ def test_two_worker_study_survives_a_killed_rank_and_records_world_size(tmp_path
     failed, done = rows
     assert failed["status"] == "failed", failed
     assert re.search(r"rank [01] on node \S+ \(\w+\) died", failed["error"]), failed["error"]
+    print(f"failed trial: {failed['error']}")
     assert done["status"] in ("completed", "stopped_at_target") and done["metrics"], done
     assert done["world_size"] == 2 and done["effective_batch"] == 8
     env = done["result"]["environment"]
     assert env["engine"] == "ray.train.torch.TorchTrainer" and env["sharding"] == "ddp" and env["backend"] == "gloo"
     assert [r["rank"] for r in env["ranks"]] == [0, 1]
+    print(f"completed trial: world_size {done['world_size']}, effective_batch {done['effective_batch']}, "
+          f"engine {env['engine']}, sharding {env['sharding']}, backend {env['backend']}")
     assert failed["world_size"] == 2  # a failed trial still records what it ran on
     assert store.study("two-ranks").status == "finished"
 

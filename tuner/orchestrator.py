@@ -305,17 +305,23 @@ def trial_resources(spec: StudySpec) -> dict[str, float]:
 
 def trial_concurrency(spec: StudySpec) -> int:
     """Trials at once, each counted whole: the spec's concurrency, capped by how many trials' worth of CPUs and
-    GPUs the cluster has (multi-worker trials beyond that would only wait for a placement group)."""
+    GPUs the cluster has (multi-worker trials beyond that would only wait for a placement group). A local Ray
+    that cannot hold one trial is refused rather than left waiting (a cluster may still be scaling up)."""
     import ray
 
     r = spec.resources
     if r.workers == 1:
         return spec.concurrency
     total = ray.cluster_resources()
-    fits = [int(total.get("CPU", 0) // (r.cpus * r.workers))]
-    if r.gpus:
-        fits.append(int(total.get("GPU", 0) // (r.gpus * r.workers)))
-    return max(1, min(spec.concurrency, *fits))
+    need = {"CPU": r.cpus * r.workers + DRIVER_CPU, **({"GPU": r.gpus * r.workers} if r.gpus else {})}
+    fits = min(int(total.get(name, 0) // amount) for name, amount in need.items())
+    if fits == 0 and not (spec.ray_address or os.environ.get("RAY_ADDRESS")):
+        have = ", ".join(f"{total.get(name, 0):g} {name}" for name in need)
+        raise TunerError(f"resources: one trial of {r.workers} workers needs "
+                         f"{', '.join(f'{v:g} {k}' for k, v in need.items())} (workers x per-worker, plus "
+                         f"{DRIVER_CPU} CPU for the trial itself) but this machine's Ray has {have}: lower "
+                         "resources.cpus (fractions allowed) or resources.workers")
+    return max(1, min(spec.concurrency, fits))
 
 
 def _prepare(spec: StudySpec, context: dict[str, Any]) -> Any:
