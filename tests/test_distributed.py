@@ -66,3 +66,13 @@ def test_the_spec_takes_workers_per_trial_and_refuses_shared_gpus_across_ranks()
         validate_spec({**base, "resources": {"workers": 2, "gpus": 0.5}}, "spec")
     with pytest.raises(TunerError, match="resources.workers"):
         validate_spec({**base, "resources": {"workers": 0}}, "spec")
+
+
+def test_the_one_worker_path_imports_no_ray():
+    """Machines without Ray (the device machine) run trials through run_unlearning: it must not need Ray."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tuner.unlearn, tuner.distributed; "
+            "sys.exit(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
