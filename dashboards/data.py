@@ -316,7 +316,8 @@ def table_rows(data: StudyData) -> list[dict[str, Any]]:
             "steps": res.get("steps_done"), "stop_step": res.get("stop_step"), "selected_step": res.get("selected_step"),
             "device_s": _round(device_seconds(r), 2), "tokens": tokens(r) or None, "device": r.get("device"),
             "effective_batch": r.get("effective_batch"), "world_size": r.get("world_size"),
-            "precision": (res.get("environment") or {}).get("precision"), "error": r.get("error") or "",
+            "precision": (res.get("environment") or {}).get("precision"),
+            "sharding": (res.get("environment") or {}).get("sharding"), "error": r.get("error") or "",
         })
     return out
 
@@ -327,7 +328,8 @@ TABLE_COLUMNS = [
     ("forget_gap", "forget gap"), ("utility_drop", "utility drop"), ("mia_auc", "MIA AUC"),
     ("forget_nll", "forget NLL"), ("unseen_nll", "unseen NLL"), ("retain_nll", "retain NLL"), ("steps", "steps"),
     ("stop_step", "stop step"), ("selected_step", "selected step"), ("device_s", "device-s"), ("tokens", "tokens"),
-    ("device", "device"), ("effective_batch", "eff. batch"), ("world_size", "world"), ("precision", "precision"),
+    ("device", "device"), ("effective_batch", "eff. batch"), ("world_size", "world"), ("sharding", "sharding"),
+    ("precision", "precision"),
     ("error", "error"),
 ]
 

@@ -22,7 +22,8 @@ from dashboards.data import TABLE_COLUMNS
 
 PAGE_SIZE = 15
 # shown with the "all columns" box: fewer columns are easier to read
-OPTIONAL = ("unseen_nll", "retain_nll", "selected_step", "effective_batch", "world_size", "device", "precision")
+OPTIONAL = ("unseen_nll", "retain_nll", "selected_step", "effective_batch", "world_size", "sharding", "device",
+            "precision")
 NUMERIC = {"id", "number", "lr", "epochs", "retain_weight", "forget_gap", "utility_drop", "mia_auc", "forget_nll",
            "unseen_nll", "retain_nll", "steps", "stop_step", "selected_step", "device_s", "tokens",
            "effective_batch", "world_size"}

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tuner.data import UnlearnData
+from tuner.distributed import eval_share, gather_rows
 
 MINK_FRACTION = 0.3  # the paper's Min-K% Prob sweep starts at k = 30%
 
@@ -33,18 +34,22 @@ def next_token_logits(model, ids: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def token_nll(model, blocks: torch.Tensor, batch_size: int, device: torch.device,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-token NLL `[n_blocks, block_size - 1]` (float32, on CPU)."""
+    """Per-token NLL `[n_blocks, block_size - 1]` (float32, on CPU).
+
+    In a run sharded over ranks (`tuner.distributed`), each rank scores its contiguous share of the blocks and
+    the shares are gathered, so every rank returns the NLL of all blocks, in order."""
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, blocks.shape[0], batch_size):
-        ids = blocks[start:start + batch_size].to(device, non_blocking=True)
+    share = eval_share(blocks)
+    for start in range(0, share.shape[0], batch_size):
+        ids = share[start:start + batch_size].to(device, non_blocking=True)
         with autocast_for(device, dtype):
             logits = next_token_logits(model, ids)
         nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
         out.append(nll.cpu())
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, blocks.shape[1] - 1)
+    return gather_rows(torch.cat(out), blocks.shape[0]) if out else torch.empty(0, blocks.shape[1] - 1)
 
 
 def auc(members: torch.Tensor, nonmembers: torch.Tensor) -> float:

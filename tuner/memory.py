@@ -38,6 +38,7 @@ RUNTIME_BYTES = int(1.5 * GIB)
 ACTIVATION_COEFFS = {"fp32": (36, 16), "mixed": (32, 8), "bf16": (22, 8)}
 # Bytes per token per vocabulary entry: saved logits / log-probs plus their gradient in the backward pass.
 LOGIT_BYTES = {"fp32": 12, "mixed": 12, "bf16": 6}
+STUDY_MAX_WORKERS = 8  # a study's trial may span the GPUs of one node: the widest way out a refusal offers
 OPTIMIZER_BYTES = {("adamw", 4): 8, ("adamw", 2): 4, ("adamw8bit", 4): 2, ("adamw8bit", 2): 2}
 
 
@@ -191,7 +192,8 @@ def _changes(run: RunShape, max_workers: int) -> list[tuple[str, dict]]:
         out.append(("run.precision: bf16", {"precision": "bf16"}))
     for workers in (2, 4, 8):
         if run.workers < workers <= max_workers:
-            out.append((f"{workers} workers per trial (FSDP)", {"workers": workers}))
+            out.append((f"resources: {{workers: {workers}, sharding: fsdp}} (FSDP2 over {workers} GPUs per trial)",
+                        {"workers": workers}))
             break
     return out
 
@@ -290,7 +292,7 @@ class StudyPlan:
     plan: MemoryPlan
 
     def refusal(self) -> str | None:
-        return None if self.plan.fits else refusal(self.shape, self.run, self.plan.capacity)
+        return None if self.plan.fits else refusal(self.shape, self.run, self.plan.capacity, STUDY_MAX_WORKERS)
 
 
 def plan_study(spec) -> StudyPlan:
@@ -310,8 +312,9 @@ def plan_study(spec) -> StudyPlan:
     else:
         block_size = SIZES[spec.model.split(":", 1)[1].split("@", 1)[0] or "micro"].block_size
     on_gpu = spec.resources.gpus > 0 or spec.resources.gpu_memory_gib is not None
+    shards = spec.resources.workers if spec.resources.sharding == "fsdp" else 1
     run = run_shape([methods.get(m) for m in spec.methods], settings, planned_precision(settings.precision, on_gpu),
-                    block_size, gpu=on_gpu)
+                    block_size, workers=shards, gpu=on_gpu)
     share = gpu_share(spec.resources.gpus)
     capacity = int(spec.resources.gpu_memory_gib * GIB * share) if spec.resources.gpu_memory_gib else None
     return StudyPlan(shape, run, plan(shape, run, capacity))

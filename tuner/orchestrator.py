@@ -38,6 +38,7 @@ from tuner.trial import prepare, trainable  # noqa: E402
 
 Event = Callable[[str, dict[str, Any]], None]
 OPTUNA_TRANSIENT = (*TRANSIENT, optuna.exceptions.StorageInternalError)
+DRIVER_CPU = 0.01  # a multi-worker trial's Tune actor only waits on Ray Train; its ranks hold the resources
 
 
 def make_sampler(spec: SamplerSpec, budget: int, seed: int) -> optuna.samplers.BaseSampler:
@@ -284,7 +285,44 @@ def _context(spec: StudySpec) -> dict[str, Any]:
             "data": spec.data.model_dump(mode="json") if spec.data else None, "seed": spec.seed,
             "units": {unit_name(m, s): {"method": m, "retain_source": s} for m, s in spec.units()},
             "run": spec.run.model_dump(mode="json"), "objectives": list(spec.objectives),
-            "threads": max(1, int(spec.resources.cpus)), "gpu_share": gpu_share(spec.resources.gpus)}
+            "threads": max(1, int(spec.resources.cpus)), "gpu_share": gpu_share(spec.resources.gpus),
+            **_placement(spec)}
+
+
+def _placement(spec: StudySpec) -> dict[str, Any]:
+    """How one trial is placed: its workers, each with `cpus`/`gpus` (read by `tuner.multiworker`)."""
+    r = spec.resources
+    return {"workers": r.workers, "sharding": r.sharding, "cpus": r.cpus, "gpus": r.gpus}
+
+
+def trial_resources(spec: StudySpec) -> dict[str, float]:
+    """What Tune reserves for one trial. A one-worker trial runs in the Tune trial itself. A multi-worker
+    trial's ranks are Ray Train workers in their own placement group; the Tune trial only drives them and
+    reserves a token CPU share, so a trial's resources are not counted twice."""
+    if spec.resources.workers > 1:
+        return {"cpu": DRIVER_CPU, "gpu": 0}
+    return {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+
+
+def trial_concurrency(spec: StudySpec) -> int:
+    """Trials at once, each counted whole: the spec's concurrency, capped by how many trials' worth of CPUs and
+    GPUs the cluster has (multi-worker trials beyond that would only wait for a placement group). A local Ray
+    that cannot hold one trial is refused rather than left waiting (a cluster may still be scaling up)."""
+    import ray
+
+    r = spec.resources
+    if r.workers == 1:
+        return spec.concurrency
+    total = ray.cluster_resources()
+    need = {"CPU": r.cpus * r.workers + DRIVER_CPU, **({"GPU": r.gpus * r.workers} if r.gpus else {})}
+    fits = min(int(total.get(name, 0) // amount) for name, amount in need.items())
+    if fits == 0 and not (spec.ray_address or os.environ.get("RAY_ADDRESS")):
+        have = ", ".join(f"{total.get(name, 0):g} {name}" for name in need)
+        raise TunerError(f"resources: one trial of {r.workers} workers needs "
+                         f"{', '.join(f'{v:g} {k}' for k, v in need.items())} (workers x per-worker, plus "
+                         f"{DRIVER_CPU} CPU for the trial itself) but this machine's Ray has {have}: lower "
+                         "resources.cpus (fractions allowed) or resources.workers")
+    return max(1, min(spec.concurrency, fits))
 
 
 def _prepare(spec: StudySpec, context: dict[str, Any]) -> Any:
@@ -345,13 +383,13 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         remaining = sum(u.remaining for u in units)
         if remaining > 0:
             runnable = tune.with_resources(tune.with_parameters(trainable, study=context, prepared=prepared),
-                                           {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
+                                           trial_resources(spec))
             tuner = tune.Tuner(
                 runnable,
                 tune_config=tune.TuneConfig(
                     search_alg=UnitsSearcher([u for u in units if u.remaining > 0],
                                              [f"obj_{o}" for o in spec.objectives]),
-                    num_samples=remaining, max_concurrent_trials=spec.concurrency, reuse_actors=True,
+                    num_samples=remaining, max_concurrent_trials=trial_concurrency(spec), reuse_actors=True,
                     time_budget_s=spec.budget.wall_time_min * 60 if spec.budget.wall_time_min else None),
                 run_config=tune.RunConfig(name="study", storage_path=ray_dir, verbose=0,
                                           callbacks=[StoreCallback(store, {u.name: u for u in units}, on_event)],

@@ -87,12 +87,25 @@ class Budget(_Strict):
 
 
 class Resources(_Strict):
-    cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0, description="fractions allowed, e.g. 0.5 shares a GPU by two trials")
+    """What one trial takes. `cpus` and `gpus` are per worker; a trial of `workers` > 1 runs on Ray Train with
+    that many ranks (data-parallel; `sharding: fsdp` also shards the weights) and takes workers × cpus/gpus.
+    `run.batch_size` is per worker: the effective batch is batch_size × grad_accum × workers."""
+
+    cpus: float = Field(1.0, gt=0, description="per worker")
+    gpus: float = Field(0.0, ge=0, description="per worker; fractions allowed, e.g. 0.5 shares a GPU by two trials")
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="memory of each GPU the trials get, in GiB as torch and nvidia-smi count it (79 for "
         "an 80 GB H100): `study validate` and `study run` check the memory plan against it; trials always check "
         "their own GPU")
+    workers: int = Field(1, ge=1, description="ranks per trial (1: one process, no Ray Train)")
+    sharding: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: weights on every rank; fsdp: FSDP2 shards")
+
+    @model_validator(mode="after")
+    def _whole_gpus_when_sharded(self) -> Resources:
+        if self.workers > 1 and self.gpus and self.gpus != int(self.gpus):
+            raise ValueError("a trial of several workers takes whole GPUs (gpus: 1 per worker): NCCL ranks "
+                             "cannot share one GPU")
+        return self
 
 
 class Target(_Strict):

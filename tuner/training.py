@@ -7,10 +7,11 @@ A non-finite loss is an outcome (`diverged_at`), never an exception.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from tuner.errors import TunerError
 from tuner.evaluation import autocast_for
 from tuner.precision import Optimizer
+
+if TYPE_CHECKING:
+    from tuner.distributed import StepSync
 
 Schedule = Literal["linear", "cosine", "constant"]
 
@@ -133,11 +137,14 @@ def run_loop(
     dtype: torch.dtype = torch.float32,
     after_step: Callable[[int, dict[str, float]], bool] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    sync: StepSync | None = None,
 ) -> LoopOutcome:
     """Run `total_steps` optimiser steps; `micro_loss(step, micro)` builds each micro-batch's loss.
 
     `after_step(step_number, logs)` is called after every optimiser step (1-based) and may return True to
-    stop (the approximate-retraining point was reached). `optimizer` defaults to `make_optimizer(cfg)`.
+    stop (the approximate-retraining point was reached). `optimizer` defaults to `make_optimizer(cfg)`. `sync`
+    is given when the run is sharded over ranks (`tuner.distributed`): gradients are then all-reduced once per
+    step and the logged loss is the global mean.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or make_optimizer(params, cfg, device)
@@ -151,17 +158,22 @@ def run_loop(
         total = torch.zeros((), device=device)
         parts: dict[str, torch.Tensor] = {}  # named loss parts, averaged over micro-batches
         for micro in range(grad_accum):
-            with autocast_for(device, dtype):
-                out = micro_loss(step, micro)
-            (out.loss / grad_accum).backward()
+            with sync.micro_batch(micro == grad_accum - 1) if sync else contextlib.nullcontext():
+                with autocast_for(device, dtype):
+                    out = micro_loss(step, micro)
+                (out.loss / grad_accum).backward()
             total += out.loss.detach().float() / grad_accum
             for name, value in out.parts.items():
                 parts[name] = parts.get(name, 0.0) + value.detach().float() / grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         # one host sync per optimiser step, for the loss, the gradient norm and the logged loss parts
         names = list(parts)
-        loss_value, norm_value, *part_values = torch.stack(
-            [total, grad_norm.to(total.device).float(), *(parts[n] for n in names)]).tolist()
+        logged = torch.stack([total, *(parts[n] for n in names)])
+        if sync is not None:
+            logged = sync.mean(logged)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+        loss_value, norm_value, *part_values = torch.cat(
+            [logged[:1], grad_norm.to(total.device).float().reshape(1), logged[1:]]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             optimizer.zero_grad(set_to_none=True)
             outcome.diverged_at = step + 1

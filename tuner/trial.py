@@ -21,7 +21,7 @@ import torch
 from tuner import methods
 from tuner.data import DataSpec, UnlearnData, build_data
 from tuner.evaluation import full_metrics
-from tuner.memory import device_capacity, model_shape, refusal, run_shape
+from tuner.memory import STUDY_MAX_WORKERS, device_capacity, model_shape, refusal, run_shape
 from tuner.memory import plan as memory_plan
 from tuner.models import Workbench, fingerprint, load, resolve
 from tuner.precision import PrecisionPlan, resolve_precision
@@ -69,8 +69,11 @@ def memory_refusal(study: dict[str, Any], method: str, block_size: int) -> str |
     capacity = int(capacity * study.get("gpu_share", 1.0))  # trials sharing a GPU share its memory
     settings = RunSettings.model_validate(study["run"])
     shape = model_shape(study["model"], settings, bool(study.get("trust_remote_code", False)))
-    run = run_shape([methods.get(method)], settings, precision.name, block_size)
-    return None if memory_plan(shape, run, capacity).fits else refusal(shape, run, capacity)
+    shards = study.get("workers", 1) if study.get("sharding") == "fsdp" else 1
+    run = run_shape([methods.get(method)], settings, precision.name, block_size, workers=shards)
+    if memory_plan(shape, run, capacity).fits:
+        return None
+    return refusal(shape, run, capacity, STUDY_MAX_WORKERS)
 
 
 def prepare(study: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +121,8 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
     baseline = prepared["baseline"]
     cfg = UnlearnConfig(method=unit["method"], retain_source=unit["retain_source"] or "in_distribution",
                         seed=study["seed"], lr=params["lr"], epochs=params["epochs"],
-                        retain_weight=params.get("retain_weight", 1.0), **study["run"])
+                        retain_weight=params.get("retain_weight", 1.0), world_size=study.get("workers", 1),
+                        sharding=study.get("sharding", "ddp"), **study["run"])
 
     def on_eval(point: dict[str, float]) -> None:
         partial = dict(point)
@@ -131,7 +135,7 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
         model, reference = bench.trainee(cfg, _device_and_precision(study)[1])
         result = run_unlearning(model, data, cfg, reference=reference, baseline=baseline, on_eval=on_eval)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
-        if not _out_of_memory(err):
+        if not _out_of_memory(err) or cfg.world_size > 1:  # a rank out of memory fails the whole trial (multiworker)
             raise
         final = {"kind": "final", "status": "failed", "payload": {"reason": _oom_reason(err, cfg)},
                  **objective_values(None, objectives)}
@@ -178,7 +182,13 @@ def _ray_node() -> str | None:
 
 
 def trainable(config: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any]) -> None:
-    """Ray Tune function trainable (bound with `tune.with_parameters(trainable, study=..., prepared=...)`)."""
+    """Ray Tune function trainable (bound with `tune.with_parameters(trainable, study=..., prepared=...)`).
+    A trial of more than one worker runs on Ray Train inside this trial (`tuner.multiworker`)."""
     from ray import tune
 
-    run_trial(config, study, prepared, tune.report)
+    if int(study.get("workers", 1)) > 1:
+        from tuner.multiworker import run_sharded_trial
+
+        run_sharded_trial(config, study, prepared, tune.report)
+    else:
+        run_trial(config, study, prepared, tune.report)

@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 
 from tuner import methods
 from tuner.data import RetainSource, UnlearnData
+from tuner.distributed import Ranks, StepSync, Strategy, backend, inner, restore_weights, shard_model, snapshot_weights
 from tuner.errors import TunerError
 from tuner.evaluation import curve_point, full_metrics
 from tuner.memory import GIB, ModelShape, device_capacity, measured_peak, run_shape
@@ -41,6 +42,8 @@ class UnlearnConfig(RunSettings):
     retain_weight: float = Field(1.0, ge=0, description="λ, the weight of the retain term (ga_gd, ga_kl)")
     retain_source: RetainSource = "in_distribution"
     seed: int = 0
+    world_size: int = Field(1, ge=1, description="ranks the run is sharded over; batch_size is per rank")
+    sharding: Strategy = Field("ddp", description="ddp: weights on every rank; fsdp: FSDP2 shards them")
 
     @field_validator("method")
     @classmethod
@@ -50,8 +53,8 @@ class UnlearnConfig(RunSettings):
             raise ValueError(f"unknown method '{value}' (choose from: {', '.join(names)})")
         return value
 
-    def effective_batch(self, world_size: int = 1) -> int:
-        return self.batch_size * self.grad_accum * world_size
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
 
     def total_steps(self, n_forget: int) -> int:
         """An epoch is one pass over the forget set; retain-only methods take as many steps for the same
@@ -98,7 +101,8 @@ def describe_environment(device: torch.device, precision: PrecisionPlan, cfg: Un
                          optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     return {
-        "device": str(device), "device_name": name, "world_size": 1,
+        "device": str(device), "device_name": name, "world_size": cfg.world_size,
+        "sharding": cfg.sharding if cfg.world_size > 1 else "none", "backend": backend(),
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "effective_batch": cfg.effective_batch(),
         "precision": precision.name, "weights_dtype": _dtype_name(precision.weights),
         "compute_dtype": _dtype_name(precision.compute), "optimizer": optimizer_name(optimizer),
@@ -126,7 +130,8 @@ def memory_record(model: torch.nn.Module, cfg: UnlearnConfig, method_cls, precis
                   block_size: int, device: torch.device) -> dict[str, Any]:
     """The memory plan of this run next to the measured peak, stored with every result."""
     shape = ModelShape.from_config(model.config, loras=[cfg.lora] if cfg.lora is not None else None)
-    run = run_shape([method_cls], cfg, precision.name, block_size, gpu=device.type == "cuda")
+    shards = cfg.world_size if cfg.sharding == "fsdp" else 1
+    run = run_shape([method_cls], cfg, precision.name, block_size, workers=shards, gpu=device.type == "cuda")
     planned = memory_plan(shape, run, device_capacity(device))
     peak = measured_peak(device)
     return {"plan_gib": planned.gib(), "peak_gib": round(peak / GIB, 3) if peak is not None else None,
@@ -155,16 +160,25 @@ def run_unlearning(
     retain = data.retain_for(cfg.retain_source) if method_cls.uses_retain else None
     if method_cls.needs_reference and reference is None:
         raise ValueError(f"method '{cfg.method}' needs the frozen original model as `reference`")
+    ranks = Ranks.current()
+    if ranks.world != cfg.world_size:
+        raise TunerError(f"world_size {cfg.world_size} but this process is one of {ranks.world} ranks; for one "
+                         f"process use world_size 1 and batch_size {cfg.batch_size * cfg.world_size}: the same "
+                         "effective batch gives the same result")
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.to(device)
-    params = trainable_in(model, precision.weights)
+    trainable_in(model, precision.weights)
     if reference is not None:
         reference.to(device).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         # non-reentrant: works when the inputs of a layer need no gradient (a frozen LoRA base)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_model = shard_model(model, cfg.sharding, device) if ranks.world > 1 else model
+    model = inner(train_model)  # evaluated and checkpointed; the same object under FSDP2
+    if reference is not None and ranks.world > 1 and cfg.sharding == "fsdp":
+        shard_model(reference, "fsdp", device)  # frozen, sharded like the model (forward only)
     eval_tokens = 0
 
     def evaluated_tokens() -> int:
@@ -185,16 +199,17 @@ def run_unlearning(
     forget_stream = IndexStream(data.forget.shape[0], cfg.seed)
     retain_stream = IndexStream(retain.shape[0], cfg.seed + 1) if retain is not None else None
     tokens_per_micro = cfg.batch_size * data.block_size * (int(method_cls.uses_forget) + int(retain is not None))
+    global_micro = cfg.batch_size * ranks.world  # one global draw per micro-step; this rank trains on its slice
 
     def micro_loss(step: int, micro: int):
-        rows = forget_stream.take(cfg.batch_size) if method_cls.uses_forget else None
+        rows = ranks.local_rows(forget_stream.take(global_micro)) if method_cls.uses_forget else None
         batch = Batch(
             forget=data.forget[rows].to(device, non_blocking=True) if rows is not None else None,
             forget_rows=rows,
-            retain=retain[retain_stream.take(cfg.batch_size)].to(device, non_blocking=True)
+            retain=retain[ranks.local_rows(retain_stream.take(global_micro))].to(device, non_blocking=True)
             if retain_stream is not None else None,
         )
-        return method.loss(model, batch)
+        return method.loss(train_model, batch)
 
     start_point = {k: baseline[k] for k in ("forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap")
                    if k in baseline}
@@ -220,17 +235,17 @@ def run_unlearning(
             return True
         if cfg.checkpoint == "best" and abs(point["forget_gap"]) < state["best_gap"]:
             state["best_gap"], state["best_step"] = abs(point["forget_gap"]), step
-            # only what training changes: all weights, or a LoRA run's adapters
-            state["best_weights"] = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
-                                     if p.requires_grad}
+            state["best_weights"] = snapshot_weights(model)
         if cfg.stop_at_target and point["forget_gap"] >= 0:
             state["stop_step"] = step
             return True
         return False
 
-    optimizer = make_optimizer(params, cfg.optim(cfg.lr), device)
-    outcome = run_loop(model, micro_loss, total_steps, cfg.grad_accum, cfg.optim(cfg.lr), device, dtype, after_step,
-                       optimizer=optimizer)
+    sync = StepSync(train_model, ranks) if ranks.world > 1 else None
+    # after sharding: FSDP2 replaces the parameters with sharded ones
+    optimizer = make_optimizer([p for p in train_model.parameters() if p.requires_grad], cfg.optim(cfg.lr), device)
+    outcome = run_loop(train_model, micro_loss, total_steps, cfg.grad_accum, cfg.optim(cfg.lr), device, dtype,
+                       after_step, optimizer=optimizer, sync=sync)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
 
@@ -240,10 +255,7 @@ def run_unlearning(
     selected = outcome.steps_done
     if diverged_step is None:
         if cfg.checkpoint == "best" and state["best_weights"] is not None and state["best_step"] != selected:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if name in state["best_weights"]:
-                        p.copy_(state["best_weights"][name])
+            restore_weights(model, state["best_weights"])
             selected = state["best_step"]
         t = time.perf_counter()
         metrics = full_metrics(model, data, cfg.eval_batch_size, device, dtype, baseline)
@@ -255,7 +267,8 @@ def run_unlearning(
     return UnlearnResult(
         status=status, planned_steps=total_steps, steps_done=outcome.steps_done, selected_step=selected,
         stop_step=state["stop_step"], diverged_step=diverged_step, reason=reason, metrics=metrics,
-        baseline=baseline, curve=curve, train_tokens=outcome.steps_done * cfg.grad_accum * tokens_per_micro,
+        baseline=baseline, curve=curve,
+        train_tokens=outcome.steps_done * cfg.grad_accum * tokens_per_micro * ranks.world,
         eval_tokens=eval_tokens, wall_time_s=wall, train_time_s=max(0.0, wall - eval_time), eval_time_s=eval_time,
         environment={**describe_environment(device, precision, cfg, optimizer),
                      "memory": memory_record(model, cfg, method_cls, precision, data.block_size, device)},
