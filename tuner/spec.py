@@ -115,6 +115,9 @@ class RunDefaults(_Strict):
     stop_at_target: bool = True
     checkpoint: Literal["best", "last"] = "best"
     eval_batch_size: int = Field(16, gt=0)
+    eval_utility_every: int = Field(1, gt=0)
+    eval_utility_blocks: int | None = Field(None, gt=0)
+    compile: bool = False
 
 
 def ray_address_problem(address: str | None) -> str | None:

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tuner import methods
 from tuner.data import RetainSource, UnlearnData
 from tuner.errors import TunerError
-from tuner.evaluation import curve_point, full_metrics
+from tuner.evaluation import curve_point, curve_sets, full_metrics
+from tuner.lossfn import compile_decoder
 from tuner.methods.base import Batch, MethodContext
 from tuner.training import IndexStream, OptimConfig, Schedule, run_loop
 
@@ -53,6 +54,13 @@ class UnlearnConfig(BaseModel):
     checkpoint: Literal["best", "last"] = Field(
         "best", description="best: keep the evaluated step closest to the target; last: the final weights")
     eval_batch_size: int = Field(16, gt=0)
+    eval_utility_every: int = Field(
+        1, gt=0, description="score retain/general NLL at every k-th curve point (forget and unseen: at every "
+                             "point; the final evaluation: everything)")
+    eval_utility_blocks: int | None = Field(
+        None, gt=0, description="blocks of each retain/general set scored at curve points: a fixed seeded "
+                                "subsample (default: all); the final evaluation scores all")
+    compile: bool = Field(False, description="torch.compile the model's decoder (pays on GPUs after a compile)")
 
     @field_validator("method")
     @classmethod
@@ -155,6 +163,8 @@ def run_unlearning(
         reference.to(device).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.compile:
+        compile_decoder(model, data.forget[:1].to(device))
     eval_tokens = 0
 
     def evaluated_tokens() -> int:
@@ -188,6 +198,14 @@ def run_unlearning(
 
     start_point = {k: baseline[k] for k in ("forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap")
                    if k in baseline}
+    utility_sets = {k: v for k, v in curve_sets(data, True, cfg.eval_utility_blocks, cfg.seed).items()
+                    if k not in ("forget", "unseen")}
+    if cfg.eval_utility_blocks is not None and utility_sets:
+        # the curve's utility is scored on a subsample: its step-0 value must come from the same blocks
+        t = time.perf_counter()
+        start_point.update(curve_point(model, utility_sets, cfg.eval_batch_size, device, dtype))
+        eval_time += time.perf_counter() - t
+        eval_tokens += sum(int(b.numel()) for b in utility_sets.values())
     curve: list[dict[str, float]] = [{"step": 0, **start_point}]
     state = {"best_gap": math.inf, "best_step": 0, "best_weights": None, "stop_step": None,
              "eval_diverged": None}
@@ -198,10 +216,13 @@ def run_unlearning(
             on_progress(step, total_steps, logs)
         if step % eval_every and step != total_steps:
             return False
+        n_point = len(curve)  # 1 for the first point after step 0
+        with_utility = n_point % cfg.eval_utility_every == 0 or step == total_steps
+        sets = curve_sets(data, with_utility, cfg.eval_utility_blocks, cfg.seed)
         t = time.perf_counter()
-        point = curve_point(model, data, cfg.eval_batch_size, device, dtype)
+        point = curve_point(model, sets, cfg.eval_batch_size, device, dtype)
         eval_time += time.perf_counter() - t
-        eval_tokens += evaluated_tokens()
+        eval_tokens += sum(int(b.numel()) for b in sets.values())
         curve.append({"step": step, "loss": logs["loss"], **point})
         if on_eval is not None:
             on_eval(curve[-1])
