@@ -175,5 +175,6 @@ def compile_decoder(model: torch.nn.Module, sample_ids: torch.Tensor, **options)
     whole model. Returns the compiled module."""
     parts = lm_parts(model, sample_ids)  # checked before compiling, so the check runs eagerly
     target = parts.decoder if parts is not None else model
-    target.compile(**options)
+    if getattr(target, "_compiled_call_impl", None) is None:  # nn.Module.compile() sets it; compile once
+        target.compile(**options)
     return target
