@@ -151,7 +151,9 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
         max_position_embeddings=args.seq, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
         pad_token_id=0)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(args.device)
+    with torch.device(args.device):  # initialised where it runs: a 1B init on the host takes a while
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(args.device)
 
 
 def synthetic_data(args: argparse.Namespace) -> UnlearnData:
