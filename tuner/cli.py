@@ -101,6 +101,8 @@ UNLEARN_FLAGS = {  # CLI flag dest -> UnlearnConfig field
     "device": "device", "precision": "precision", "optimizer": "optimizer", "eval_every": "eval_every",
     "checkpoint": "checkpoint",
     "schedule": "schedule", "warmup_ratio": "warmup_ratio", "gradient_checkpointing": "gradient_checkpointing",
+    "eval_batch_size": "eval_batch_size", "eval_utility_every": "eval_utility_every",
+    "eval_utility_blocks": "eval_utility_blocks", "compile": "compile",
 }
 
 
@@ -587,6 +589,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--eval-every", type=int, help="steps between evaluations (default: about 10 per run)")
     u.add_argument("--checkpoint", choices=["best", "last"],
                    help="best (default): keep the evaluated step closest to the target; last: final weights")
+    u.add_argument("--eval-batch-size", type=int, help="blocks per evaluation batch (default 16)")
+    u.add_argument("--eval-utility-every", type=int,
+                   help="score retain/general NLL at every k-th curve point only (default 1: every point)")
+    u.add_argument("--eval-utility-blocks", type=int,
+                   help="score a fixed subsample of this many retain/general blocks at curve points "
+                        "(default: all; the final evaluation always scores all)")
+    u.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="torch.compile the model's decoder (opt-in; pays on a GPU once compiled)")
     u.add_argument("--no-stop-at-target", action="store_true",
                    help="run all steps instead of stopping at the approximate-retraining point")
     u.add_argument("--forget", help="forget set: text file, directory, or JSONL (testbed: built in)")

@@ -1,6 +1,9 @@
 """How an unlearned model is measured: NLL per set, forget gap, utility drop, membership inference.
 
-All scoring is batched under `torch.inference_mode`; per-token work stays inside tensor ops.
+All scoring is batched under `torch.inference_mode`; per-token work stays inside tensor ops. A set's
+blocks go to the device once, per-token NLL is computed through the output head a chunk of tokens at a time
+(`tuner.lossfn`: no fp32 copy of a batch's full logits) and stays on the device until the set is done, so
+the host waits for the accelerator once per set, not once per batch.
 """
 
 from __future__ import annotations
@@ -9,10 +12,11 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 
 from tuner.data import UnlearnData
 from tuner.distributed import eval_share, gather_rows
+from tuner.lossfn import next_token_logits as next_token_logits  # re-exported for the methods' full-logit terms
+from tuner.lossfn import next_token_nll
 
 MINK_FRACTION = 0.3  # the paper's Min-K% Prob sweep starts at k = 30%
 
@@ -24,32 +28,23 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def next_token_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """Logits for positions 0..T-2, which predict tokens 1..T-1 (the labels of a block).
-
-    Blocks are never padded (EOS inside a block separates documents), which the all-ones mask states."""
-    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1, :]
-
-
 @torch.inference_mode()
 def token_nll(model, blocks: torch.Tensor, batch_size: int, device: torch.device,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-token NLL `[n_blocks, block_size - 1]` (float32, on CPU).
+    """Per-token NLL `[n_blocks, block_size - 1]` (float32, on CPU), one device-to-host transfer.
 
     In a run sharded over ranks (`tuner.distributed`), each rank scores its contiguous share of the blocks and
     the shares are gathered, so every rank returns the NLL of all blocks, in order."""
     was_training = model.training
     model.eval()
-    out = []
     share = eval_share(blocks)
+    on_device = share.to(device)  # one copy: a pageable host-to-device copy per batch would sync each time
+    out = torch.empty(share.shape[0], share.shape[1] - 1, dtype=torch.float32, device=device)
     for start in range(0, share.shape[0], batch_size):
-        ids = share[start:start + batch_size].to(device, non_blocking=True)
         with autocast_for(device, dtype):
-            logits = next_token_logits(model, ids)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-        out.append(nll.cpu())
+            out[start:start + batch_size] = next_token_nll(model, on_device[start:start + batch_size])
     model.train(was_training)
-    return gather_rows(torch.cat(out), blocks.shape[0]) if out else torch.empty(0, blocks.shape[1] - 1)
+    return gather_rows(out, blocks.shape[0]).cpu()
 
 
 def auc(members: torch.Tensor, nonmembers: torch.Tensor) -> float:
@@ -78,12 +73,32 @@ def set_nll(model, sets: dict[str, torch.Tensor], batch_size: int, device: torch
     return {name: token_nll(model, blocks, batch_size, device, dtype) for name, blocks in sets.items()}
 
 
-def curve_point(model, data: UnlearnData, batch_size: int, device: torch.device,
+def utility_subsample(blocks: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
+    """A fixed subsample of `n` blocks (seeded, so every curve point of a run scores the same blocks)."""
+    if n is None or n >= blocks.shape[0]:
+        return blocks
+    rows = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return blocks[rows.sort().values]
+
+
+def curve_sets(data: UnlearnData, utility: bool = True, utility_blocks: int | None = None,
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    """The sets a curve point scores: forget and unseen always (the stopping rule and the selected checkpoint
+    need only them); retain and general when `utility`, on a fixed subsample of `utility_blocks` each."""
+    sets = data.eval_sets()
+    if not utility:
+        return {name: sets[name] for name in ("forget", "unseen")}
+    return {name: blocks if name in ("forget", "unseen") else utility_subsample(blocks, utility_blocks, seed)
+            for name, blocks in sets.items()}
+
+
+def curve_point(model, sets: dict[str, torch.Tensor], batch_size: int, device: torch.device,
                 dtype: torch.dtype) -> dict[str, float]:
-    """The cheap in-run evaluation: mean NLL of each set and the forget gap."""
-    nll = set_nll(model, data.eval_sets(), batch_size, device, dtype)
+    """The cheap in-run evaluation: mean NLL of each of `sets` (see `curve_sets`) and the forget gap."""
+    nll = set_nll(model, sets, batch_size, device, dtype)
     point = {f"{name}_nll": float(v.mean()) for name, v in nll.items()}
-    point["forget_gap"] = point["forget_nll"] - point["unseen_nll"]
+    if "forget_nll" in point and "unseen_nll" in point:
+        point["forget_gap"] = point["forget_nll"] - point["unseen_nll"]
     return point
 
 

@@ -34,6 +34,13 @@ class RunSettings(BaseModel):
     checkpoint: Literal["best", "last"] = Field(
         "best", description="best: keep the evaluated step closest to the target; last: the final weights")
     eval_batch_size: int = Field(16, gt=0)
+    eval_utility_every: int = Field(
+        1, gt=0, description="score retain/general NLL at every k-th curve point (forget and unseen: at every "
+                             "point; the final evaluation: everything)")
+    eval_utility_blocks: int | None = Field(
+        None, gt=0, description="blocks of each retain/general set scored at curve points: a fixed seeded "
+                                "subsample (default: all); the final evaluation scores all")
+    compile: bool = Field(False, description="torch.compile the model's decoder (pays on GPUs after a compile)")
 
     @model_validator(mode="before")
     @classmethod

@@ -21,7 +21,8 @@ from tuner import methods
 from tuner.data import RetainSource, UnlearnData
 from tuner.distributed import Ranks, StepSync, Strategy, backend, inner, restore_weights, shard_model, snapshot_weights
 from tuner.errors import TunerError
-from tuner.evaluation import curve_point, full_metrics
+from tuner.evaluation import curve_point, curve_sets, full_metrics
+from tuner.lossfn import compile_decoder
 from tuner.memory import GIB, ModelShape, device_capacity, measured_peak, run_shape
 from tuner.memory import plan as memory_plan
 from tuner.methods.base import Batch, MethodContext
@@ -175,6 +176,8 @@ def run_unlearning(
     if cfg.gradient_checkpointing:
         # non-reentrant: works when the inputs of a layer need no gradient (a frozen LoRA base)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        compile_decoder(model, data.forget[:1].to(device))
     train_model = shard_model(model, cfg.sharding, device) if ranks.world > 1 else model
     model = inner(train_model)  # evaluated and checkpointed; the same object under FSDP2
     if reference is not None and ranks.world > 1 and cfg.sharding == "fsdp":
@@ -213,6 +216,14 @@ def run_unlearning(
 
     start_point = {k: baseline[k] for k in ("forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap")
                    if k in baseline}
+    utility_sets = {k: v for k, v in curve_sets(data, True, cfg.eval_utility_blocks, cfg.seed).items()
+                    if k not in ("forget", "unseen")}
+    if cfg.eval_utility_blocks is not None and utility_sets:
+        # the curve's utility is scored on a subsample: its step-0 value must come from the same blocks
+        t = time.perf_counter()
+        start_point.update(curve_point(model, utility_sets, cfg.eval_batch_size, device, dtype))
+        eval_time += time.perf_counter() - t
+        eval_tokens += sum(int(b.numel()) for b in utility_sets.values())
     curve: list[dict[str, float]] = [{"step": 0, **start_point}]
     state = {"best_gap": math.inf, "best_step": 0, "best_weights": None, "stop_step": None,
              "eval_diverged": None}
@@ -223,10 +234,13 @@ def run_unlearning(
             on_progress(step, total_steps, logs)
         if step % eval_every and step != total_steps:
             return False
+        n_point = len(curve)  # 1 for the first point after step 0
+        with_utility = n_point % cfg.eval_utility_every == 0 or step == total_steps
+        sets = curve_sets(data, with_utility, cfg.eval_utility_blocks, cfg.seed)
         t = time.perf_counter()
-        point = curve_point(model, data, cfg.eval_batch_size, device, dtype)
+        point = curve_point(model, sets, cfg.eval_batch_size, device, dtype)
         eval_time += time.perf_counter() - t
-        eval_tokens += evaluated_tokens()
+        eval_tokens += sum(int(b.numel()) for b in sets.values())
         curve.append({"step": step, "loss": logs["loss"], **point})
         if on_eval is not None:
             on_eval(curve[-1])

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from tuner.evaluation import next_token_logits
+from tuner.lossfn import next_token_ce, next_token_logits
 from tuner.training import LossOut
 
 
@@ -64,21 +64,25 @@ class UnlearningMethod:
 
 
 def nll_term(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of a batch of blocks."""
-    logits = next_token_logits(model, ids)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))  # autocast: fp32 inside
+    """Mean next-token NLL of a batch of blocks, chunked through the output head (`tuner.lossfn`): no
+    `[B, T, V]` logits are kept for the backward pass."""
+    return next_token_ce(model, ids, ids[:, 1:])
 
 
 def target_ce_term(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy toward `targets`: hard labels `[B, T-1]` or distributions `[B, T-1, V]`."""
-    logits = next_token_logits(model, ids).float()
+    """Mean cross-entropy toward `targets`: hard labels `[B, T-1]` (chunked, like `nll_term`) or
+    distributions `[B, T-1, V]` (on the full logits: the targets are full-vocabulary already)."""
     if targets.dtype == torch.long:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return next_token_ce(model, ids, targets)
+    logits = next_token_logits(model, ids).float()
     return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
 def kl_term(model: torch.nn.Module, reference: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Per-token forward KL(P_reference || P_model), averaged over tokens (blocks carry no padding)."""
+    """Per-token forward KL(P_reference || P_model), averaged over tokens (blocks carry no padding).
+
+    Exact, on both models' full logits: it needs whole distributions, so it is not chunked and holds
+    several fp32 `[B, T-1, V]` tensors (see bench/README.md for what that costs at vocab 128k)."""
     with torch.no_grad():
         ref_logp = F.log_softmax(next_token_logits(reference, ids).float(), dim=-1)
     logp = F.log_softmax(next_token_logits(model, ids).float(), dim=-1)
