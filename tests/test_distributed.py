@@ -7,7 +7,7 @@ import math
 import pytest
 
 COMMON = {"lr": 1e-3, "max_steps": 4, "eval_every": 2, "seed": 3, "retain_weight": 1.0, "warmup_ratio": 0.0,
-          "stop_at_target": False, "checkpoint": "last", "device": "cpu", "dtype": "fp32", "eval_batch_size": 7}
+          "stop_at_target": False, "checkpoint": "last", "device": "cpu", "precision": "fp32", "eval_batch_size": 7}
 TOLERANCE = 1e-5  # fp32: the ranks sum the same terms in another order (gradient all-reduce, per-rank means)
 
 

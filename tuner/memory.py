@@ -12,7 +12,8 @@ out-of-memory error minutes after loading 16 GB of weights. The estimate counts,
 - autocast casts: mixed precision keeps a bf16 copy of each weight it used until the backward pass;
 - activations: per token and layer, measured on HF Llama with saved-tensor hooks (tests/test_memory.py
   checks the formula against that measurement), times the batches alive at once (forget and retain);
-  logits and their gradient over the vocabulary; with gradient checkpointing, one layer input per layer plus
+  logits and their gradient over the vocabulary (one chunk of them where the loss needs only the log-probs
+  of given tokens, as `tuner.lossfn` computes them); with gradient checkpointing, one layer input per layer plus
   one layer recomputed;
 - cuda runtime: CUDA context, cuBLAS workspaces and allocator slack (a fixed allowance).
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from tuner.lora import LoraSpec, adapter_parameters
+from tuner.lossfn import CHUNK_BYTES
 from tuner.precision import planned_precision
 
 GIB = 1024**3
@@ -96,6 +98,7 @@ class RunShape:
     gradient_checkpointing: bool = False
     streams: int = 1  # batches whose graphs are alive at once (forget and retain: 2)
     kl: bool = False  # a KL term holds the reference's full distributions too
+    full_logit_streams: int = 0  # of the streams, those whose loss needs full [B, T, V] logits
     workers: int = 1
     gpu: bool = True  # planned for a GPU: counts the CUDA runtime's own memory
 
@@ -162,7 +165,11 @@ def plan(shape: ModelShape, run: RunShape, capacity: int | None = None) -> Memor
         decoder = layer_inputs + layer
     else:
         decoder = layer * shape.layers
-    logits = tokens * shape.vocab * LOGIT_BYTES[run.precision]
+    full_logits = tokens * shape.vocab * LOGIT_BYTES[run.precision]
+    # log-probabilities of given tokens go through the head a chunk at a time (tuner.lossfn): one chunk's
+    # fp32 logits, their gradient and a compute-dtype copy are alive at once
+    chunked = min(full_logits, 3 * CHUNK_BYTES)
+    logits = run.full_logit_streams * full_logits + (run.streams - run.full_logit_streams) * chunked
     kl = tokens * shape.vocab * (compute_bytes + 4) if run.kl else 0
     parts = {
         "weights": -(-weights // shards),
@@ -170,7 +177,7 @@ def plan(shape: ModelShape, run: RunShape, capacity: int | None = None) -> Memor
         "gradients": -(-(trainable * weight_bytes) // shards),
         "optimizer": -(-(trainable * OPTIMIZER_BYTES[(run.optimizer, weight_bytes)]) // shards),
         "autocast casts": casts,
-        "activations": run.streams * (decoder + logits) + kl,
+        "activations": run.streams * decoder + logits + kl,
         "cuda runtime": RUNTIME_BYTES if run.gpu else 0,
     }
     return MemoryPlan(run=run, parts=parts, capacity=capacity)
@@ -253,7 +260,8 @@ def run_shape(method_classes: list, settings, precision: str, block_size: int, w
         precision=precision, optimizer=settings.optimizer, lora=settings.lora, batch_size=settings.batch_size,
         block_size=block_size, gradient_checkpointing=settings.gradient_checkpointing,
         streams=max(int(m.uses_forget) + int(m.uses_retain) for m in method_classes),
-        kl=any(m.reference_distributions for m in method_classes), workers=workers, gpu=gpu,
+        kl=any(m.reference_distributions for m in method_classes),
+        full_logit_streams=max(m.full_logit_streams for m in method_classes), workers=workers, gpu=gpu,
     )
 
 

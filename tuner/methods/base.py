@@ -48,6 +48,7 @@ class UnlearningMethod:
     uses_retain: ClassVar[bool] = False  # reads retain batches at all (retain_finetune does, without λ)
     needs_reference: ClassVar[bool] = False
     reference_distributions: ClassVar[bool] = False  # holds the reference's full next-token distributions (KL)
+    full_logit_streams: ClassVar[int] = 0  # batches whose loss needs [B, T, V] logits (not chunked log-probs)
 
     def __init__(self) -> None:
         self.ctx: MethodContext | None = None

@@ -13,6 +13,7 @@ class GradientAscentKL(UnlearningMethod):
     uses_retain = True
     needs_reference = True
     reference_distributions = True
+    full_logit_streams = 1  # the KL term on retain batches
 
     def loss(self, model, batch: Batch) -> LossOut:
         forget_nll = nll_term(model, batch.forget)

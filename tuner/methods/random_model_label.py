@@ -15,6 +15,7 @@ from tuner.training import LossOut
 class RandomModelLabel(UnlearningMethod):
     name = "random_model_label"
     summary = "cross-entropy toward the next-token distribution of a randomly initialised model"
+    full_logit_streams = 1  # cross-entropy toward full target distributions
 
     def prepare(self, ctx: MethodContext) -> None:
         super().prepare(ctx)
