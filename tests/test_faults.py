@@ -114,7 +114,8 @@ def test_a_trial_killed_by_rays_memory_monitor_is_failed_for_host_memory_retried
     assert "concurrency" in first["error"] and "RAY_memory_usage_threshold" in first["error"], first["error"]
     assert "retrying" in first["error"], first["error"]
     assert rows[1]["params"] == first["params"]  # the retry runs the same setting
-    assert all(r["status"] in ("completed", "stopped_at_target") and r["metrics"] for r in rows[1:]), rows
+    assert all(r["status"] in ("completed", "stopped_at_target") and r["metrics"] for r in rows[1:]), \
+        [(r["status"], r["error"]) for r in rows]
     assert store.study("memory-monitor").status == "finished"
     trials = optuna.load_study(study_name="memory-monitor/ga_gd@in_distribution", storage=url).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
