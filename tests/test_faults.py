@@ -167,3 +167,59 @@ def test_a_trial_out_of_memory_is_failed_with_advice_and_the_study_completes(tmp
     assert store.study("oom-trial").status == "finished"
     states = [t.state for t in optuna.load_study(study_name="oom-trial/ga_gd@in_distribution", storage=url).trials]
     assert states == [optuna.trial.TrialState.FAIL] * 2
+
+
+def test_resources_no_node_has_are_refused_in_seconds_with_one_line(tmp_path, cache_dir, bench):
+    spec = tmp_path / "gpu.yaml"
+    spec.write_text(yaml.safe_dump({"name": "wants-gpu", "model": "testbed:micro", "methods": ["ga"],
+                                    "budget": {"trials": 1}, "resources": {"gpus": 1}, "run": {"device": "cpu"}}))
+    url = f"sqlite:///{tmp_path / 'gpu.db'}"
+    started = time.monotonic()
+    proc = subprocess.run([TUNER, "study", "run", str(spec), "--storage", url], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "RAY_ADDRESS": "", "CUDA_VISIBLE_DEVICES": ""})
+    took = time.monotonic() - started
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: resources: a trial asks for 1 CPU and 1 GPU") and "0 GPU" in lines[0], lines
+    assert took < 60, took  # not a silent wait for a GPU that never comes
+    assert Store(url).study_names() == []  # refused before the study was stored
+
+
+def test_waiting_for_resources_is_said_in_words():
+    import ray
+
+    from tuner.orchestrator import waiting_note
+
+    ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        assert waiting_note({"CPU": 1, "GPU": 1}) == "waiting for 1 GPU; the cluster has 0 free"
+        assert waiting_note({"CPU": 4, "GPU": 0}) == "waiting for 4 CPU; the cluster has 1 free"
+    finally:
+        ray.shutdown()
+
+
+def test_an_unexpected_driver_error_is_one_line_with_a_log_and_the_study_is_resumable(tmp_path, cache_dir, bench):
+    """Someone renames one of the store's tables mid-study: the driver's next write fails (after the short
+    patience set here), which no code path expects. One line, the traceback in a log beside the store, exit 1,
+    and the study marked interrupted so that `tuner study resume` can continue it."""
+    import sqlite3
+
+    proc, url = start_study(tmp_path, "driver-error", trials=1, merge=False, env={"TUNER_STORE_RETRY_S": "2"})
+    trial_process(proc)
+    wait_for_step(Store(url), "driver-error", proc)
+    with sqlite3.connect(tmp_path / "faults.db", timeout=60) as conn:
+        conn.execute("ALTER TABLE tuner_curve RENAME TO tuner_curve_moved")
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("database unavailable")]
+    assert len(lines) == 1 and lines[0].startswith("error: unexpected "), stderr
+    assert "OperationalError" in lines[0] and "no such table: tuner_curve" in lines[0], lines[0]
+    assert f"resume with: tuner study resume driver-error --storage {url}" in lines[0], lines[0]
+    log = Path(lines[0].rsplit("traceback: ", 1)[1])
+    assert log.parent == tmp_path and log.is_file(), lines[0]
+    assert "Traceback (most recent call last)" in log.read_text() and "tuner_curve" in log.read_text()
+    with sqlite3.connect(tmp_path / "faults.db", timeout=60) as conn:
+        conn.execute("ALTER TABLE tuner_curve_moved RENAME TO tuner_curve")
+    store = Store(url)
+    assert store.study("driver-error").status == "interrupted"
+    assert [r["status"] for r in store.trials("driver-error")] == ["interrupted"]

@@ -612,6 +612,20 @@ def _write_traceback(args: argparse.Namespace, err: BaseException) -> Path:
     return Path("(not written)")
 
 
+def _summary(err: BaseException) -> str:
+    """"Type: first line" of the error at the root of the chain (Ray Tune wraps a callback's error in a
+    TuneError whose text is a whole traceback; its last line names the error)."""
+    root = err
+    for _ in range(20):  # a chain is short; the bound only guards against a cycle
+        if (root.__cause__ or root.__context__) is None:
+            break
+        root = root.__cause__ or root.__context__
+    lines = [ln.strip() for ln in str(root).strip().splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Traceback"):
+        return lines[-1][:300]
+    return f"{type(root).__name__}: {lines[0][:300] if lines else '(no message)'}"
+
+
 def _hide_password(text: str, url: str | None) -> str:
     from sqlalchemy.engine import make_url
 
@@ -641,8 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
     except Exception as err:  # noqa: BLE001 - anything unexpected: one line, the log, the resume command
         log = _write_traceback(args, err)
-        first = _hide_password((str(err).strip().splitlines() or [""])[0][:300], getattr(args, "store_url", None))
-        _say(f"error: unexpected {type(err).__name__}: {first}{_resume_hint(args)}; traceback: {log}")
+        what = _hide_password(_summary(err), getattr(args, "store_url", None))
+        _say(f"error: unexpected {what}{_resume_hint(args)}; traceback: {log}")
         return 1
 
 
