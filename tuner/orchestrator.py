@@ -67,6 +67,9 @@ def describe_failure(text: str) -> str:
         return ("worker killed by Ray's memory monitor: the node ran low on host memory (RAM, not GPU memory)"
                 f"{where}; run fewer trials at once (lower `concurrency`) or raise RAY_memory_usage_threshold "
                 "(default 0.95) when starting Ray")
+    if "temporarily unavailable" in text or "ActorUnavailableError" in text:
+        return ("the trial's worker became unreachable (its node was lost, or its process died): "
+                + (lines[-1] if lines else ""))[:500]
     if "worker process has died" in text or "WorkerCrashedError" in text or "ActorDiedError" in text:
         return ("the trial's worker process died (killed by a signal, the kernel's OOM killer or a crash): "
                 + next((ln for ln in lines if "died" in ln), lines[-1] if lines else ""))[:500]
