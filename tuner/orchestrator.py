@@ -480,7 +480,7 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
     """Run (or resume) every search unit of the study until its trial budget is spent.
 
     The data is prepared before the study row is written, so a study that cannot start leaves nothing
-    behind. All units then share one Tune run.
+    behind. All units then share one Tune run (continued by a new one if a worker's death ends it).
     """
     import ray
     from ray import tune
