@@ -601,7 +601,7 @@ def test_every_subcommand_with_random_arguments_never_shows_a_traceback(cli_file
 
     monkeypatch.setenv("TUNER_STORAGE", cli_files["real_store"])  # no command touches the user's own store
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(cli_invocations(cli_files))
     def run(argv):
         try:
