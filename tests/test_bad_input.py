@@ -480,3 +480,139 @@ def test_yaml_loader_only_raises_tuner_error(content):
             assert str(err).startswith(str(path)) and "\n" not in str(err)
         else:
             assert isinstance(spec, StudySpec) and isinstance(text, str)
+
+
+# ---- property: every `tuner` subcommand, random arguments and files, never a traceback -----------------------
+
+# Each command with what its arguments may be drawn from. Kinds: "file" (one of the random files below),
+# "store" (a storage URL: broken ones, or the one real store), "bad_store" (broken ones only: commands that
+# would start real work with a usable store), "text" (odd strings), or a list of literal choices. Work
+# that would run for minutes is left out by construction: `study run`/`resume` only get unusable stores,
+# `unlearn` only models that do not exist, `testbed` only the cached micro testbed, `dashboard` (the server)
+# only ports it cannot bind.
+CLI_COMMANDS: dict[tuple[str, ...], tuple[list, dict]] = {
+    ("methods",): ([], {}),
+    ("testbed", "build"): ([], {"--size": ["micro"], "--seed": ["0"]}),
+    ("testbed", "show"): ([], {"--size": ["micro"], "--seed": ["0"]}),
+    ("unlearn",): ([], {"--model": "file", "--out": "file", "--overwrite": None, "--config": "file",
+                        "--method": "text", "--lr": "text", "--epochs": "text", "--max-steps": "text",
+                        "--retain-weight": "text", "--retain-source": "text", "--batch-size": "text",
+                        "--forget": "file", "--unseen": "file", "--block-size": "text", "--device": "text",
+                        "--dtype": "text", "--text-field": "text", "--trust-remote-code": None}),
+    ("study", "run"): (["file"], {"--storage": "bad_store", "--name": "text", "--trials": "text",
+                                  "--address": "text"}),
+    ("study", "resume"): (["text"], {"--storage": "bad_store", "--address": "text"}),
+    ("study", "validate"): (["file"], {}),
+    ("study", "list"): ([], {"--storage": "store"}),
+    ("study", "show"): (["text"], {"--storage": "store"}),
+    ("export",): (["text"], {"--method": "text", "--format": ["yaml", "json", "xml"], "-o": "file",
+                             "--storage": "store"}),
+    ("dashboard",): ([], {"--storage": "store", "--host": "text", "--port": ["0", "-1", "65536", "99999", "x"],
+                          "--token": "text"}),
+    ("dashboard", "export"): (["text"], {"-o": "file", "--storage": "store", "--abs-gap": None}),
+}
+REQUIRED = {("unlearn",): ["--model", "--out"], ("dashboard",): ["--port"], ("dashboard", "export"): ["-o"]}
+ODD_ARGS = ["", "-", "--", "x", "stored", "ga", "nan", "-1", "0", "1e309", "\x00", "a\nb", "é", "\u202e", "💥",
+            "x" * 300, "/nonexistent/dir/x", "~nobody/x", "postgresql://u:s3cret@127.0.0.1:1/x"]
+
+
+def test_the_property_test_covers_every_subcommand(capsys):
+    import re
+
+    from tuner.cli import build_parser
+
+    found: set[tuple[str, ...]] = set()
+    pending: list[tuple[str, ...]] = [()]
+    while pending:
+        path = pending.pop()
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*path, "--help"])
+        # the subcommands are listed as the positional argument `{a,b,...}` (options' choices follow a flag)
+        choices = re.search(r"^\s+\{([\w,-]+)\}", capsys.readouterr().out, re.MULTILINE)
+        if path:
+            found.add(path)
+        for name in choices.group(1).split(",") if choices else []:
+            pending.append((*path, name))
+    commands = set(CLI_COMMANDS) | {p[:1] for p in CLI_COMMANDS}
+    assert found == commands, found ^ commands  # a new subcommand needs a line in CLI_COMMANDS
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    """The files arguments are drawn from: random bytes and text, YAML of odd shapes, an empty file, a file
+    that is not a database, an empty SQLite file, a directory, a missing path, and one real store with a
+    study named 'stored' whose saved spec no longer validates (so `resume` would refuse it)."""
+    import sqlite3
+
+    root = tmp_path_factory.mktemp("cli-files")
+    files = {"bytes": b"\x00\xff\xfe garbage \x80" * 40, "text": "just some text\n", "empty": b"",
+             "yaml_list": "- 1\n- [2, {a: b}]\n", "yaml_bad": "name: [x\n",
+             "yaml_spec_like": "name: x\nmodel: /nonexistent/m\n",
+             "yaml_config": "method: ga\nlr: -1\n", "jsonl": '{"text": "x"}\n{"text": \n'}
+    paths = []
+    for name, body in files.items():
+        path = root / name
+        path.write_bytes(body if isinstance(body, bytes) else body.encode())
+        paths.append(str(path))
+    sqlite3.connect(root / "empty.db").close()
+    (root / "dir").mkdir()
+    paths += [str(root / "dir"), str(root / "missing" / "x"), str(root / "empty.db")]
+    store_url = f"sqlite:///{root / 'store.db'}"
+    store = Store(store_url)
+    spec = StudySpec.model_validate(small_spec(name="stored")).model_dump(mode="json")
+    study_id = store.create_study("stored", "testbed:micro", 0, {**spec, "methods": ["no_such_method"]}, "", {})
+    search = store.ensure_search(study_id, "ga", "ga", None, "stored/ga", "tpe", 1, {})
+    trial = store.start_trial(search, {"lr": 1e-3, "epochs": 1})
+    store.finish_trial(trial, "completed", {"forget_gap": 0.01, "utility_drop": 0.1},
+                       {"metrics": {"forget_gap": 0.01, "utility_drop": 0.1, "mia_auc": 0.5, "forget_nll": 5.0,
+                                    "unseen_nll": 5.0}, "config": {"method": "ga", "lr": 1e-3, "epochs": 1}})
+    bad_stores = [f"sqlite:///{p}" for p in paths] + ["mysql://u:s3cret@h/db", "foo://x", "not a url",
+                                                        "postgresql+psycopg2://u:s3cret@127.0.0.1:1/x",
+                                                        "postgresql://u:s3cret@127.0.0.1:1/x", *paths]
+    return {"file": paths, "bad_store": bad_stores, "store": [*bad_stores, store_url], "text": ODD_ARGS,
+            "real_store": store_url}
+
+
+@st.composite
+def cli_invocations(draw, pools):
+    """A subcommand with some of its options (values from the pools), positionals, and now and then an
+    unknown flag or a value where none belongs."""
+    command = draw(st.sampled_from(sorted(CLI_COMMANDS)))
+    positionals, options = CLI_COMMANDS[command]
+
+    def value(kind):
+        return draw(st.sampled_from(kind if isinstance(kind, list) else pools[kind]))
+
+    argv = list(command) + [value(kind) for kind in positionals]
+    chosen = draw(st.lists(st.sampled_from(sorted(options)), unique=True, max_size=len(options))) if options else []
+    for flag in dict.fromkeys([*REQUIRED.get(command, []), *chosen]):
+        kind = options[flag]
+        argv += [flag] if kind is None else [flag, value(kind)]
+    if draw(st.integers(0, 9)) == 0:
+        argv.append(draw(st.sampled_from(["--no-such-flag", "extra", "--storage"])))
+    return argv
+
+
+def test_every_subcommand_with_random_arguments_never_shows_a_traceback(cli_files, cache_dir, bench, capsys,
+                                                                     monkeypatch):
+    """The real CLI in-process: exit 0 (it worked), or 2 with one `error:` line (or argparse's usage) on
+    stderr; never a traceback, never the unexpected-error path (exit 1)."""
+    from tuner.cli import main
+
+    monkeypatch.setenv("TUNER_STORAGE", cli_files["real_store"])  # no command touches the user's own store
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(cli_invocations(cli_files))
+    def run(argv):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse: usage and a one-line reason
+            code = exc.code
+        captured = capsys.readouterr()
+        lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+        assert "Traceback" not in captured.err + captured.out, (argv, captured.err)
+        assert code in (0, 2), (argv, code, captured.err)
+        if code == 2 and not captured.err.startswith("usage:"):
+            assert len(lines) == 1 and lines[0].startswith("error: "), (argv, captured.err)
+
+    run()

@@ -128,10 +128,14 @@ def test_trials_run_on_both_nodes_and_losing_one_mid_study_fails_only_its_trial(
     output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output
     rows = store.trials("two-nodes")
-    assert [r["number"] for r in rows] == [1, 2, 3, 4, 5], rows  # nothing lost, nothing counted twice
+    # five trials and one retry of the lost one (its setting runs again on the surviving node): nothing lost
+    assert [r["number"] for r in rows] == [1, 2, 3, 4, 5, 6], rows
     assert not [r for r in rows if r["status"] in ("running", "interrupted")]
     failed = [r for r in rows if r["status"] == "failed"]
-    assert len(failed) == 1 and "actor" in failed[0]["error"].lower(), [r["error"] for r in failed]
+    assert len(failed) == 1 and "worker" in failed[0]["error"] and "actor" in failed[0]["error"].lower(), \
+        [r["error"] for r in failed]
+    assert "retrying" in failed[0]["error"], failed[0]["error"]
+    assert [r["params"] for r in rows].count(failed[0]["params"]) == 2  # the retry ran the same setting
     assert all(r["status"] in ("completed", "stopped_at_target") for r in rows if r not in failed)
     assert store.study("two-nodes").status == "finished"
 

@@ -126,3 +126,56 @@ def test_the_migrations_build_the_schema_the_code_declares(store_url):
                                                                 and name != "tuner_alembic_version")
         ctx = MigrationContext.configure(conn, opts={"include_name": ours})
         assert compare_metadata(ctx, Base.metadata) == []
+
+
+def _one_line_refusal(*args: str) -> str:
+    """`tuner ARGS` through the real CLI: exit 2 and one line on stderr, no traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tuner = str(Path(sys.executable).with_name("tuner"))
+    proc = subprocess.run([tuner, *args], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "TUNER_STORAGE"})
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (proc.returncode, proc.stderr)
+    return lines[0]
+
+
+def test_a_file_that_is_not_a_database_is_one_line(tmp_path):
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not a database, just text\n" * 100)
+    url = f"sqlite:///{corrupt}"
+    for args in (["study", "list"], ["study", "show", "x"], ["export", "x"], ["dashboard", "export", "x", "-o",
+                                                                            str(tmp_path / "r.html")]):
+        line = _one_line_refusal(*args, "--storage", url)
+        assert url in line and "not a usable database" in line and "sqlite:///PATH" in line, line
+    assert corrupt.read_bytes().startswith(b"this is not a database")  # left as it was
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("mysql://me:s3cret@db.example/studies", "'mysql' databases are not supported"),
+    ("oracle://me:s3cret@db.example/x", "'oracle' databases are not supported"),
+    ("postgresql+psycopg2://me:s3cret@127.0.0.1/x", "database driver 'psycopg2' is not available"),
+    ("postgresql+nodriver://me:s3cret@127.0.0.1/x", "database driver 'nodriver' is not available"),
+])
+def test_unsupported_urls_and_missing_drivers_are_one_line_naming_what_works(url, needle):
+    line = _one_line_refusal("study", "list", "--storage", url)
+    assert needle in line and "s3cret" not in line and "me:***@" in line, line
+    assert "sqlite:///PATH" in line and "postgresql://USER@HOST/DB" in line, line
+
+
+def test_another_programs_database_is_left_alone(tmp_path):
+    import sqlite3
+
+    other = tmp_path / "crm.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    with pytest.raises(TunerError, match=r"holds another program's tables \(customers\)"):
+        Store(f"sqlite:///{other}")
+    line = _one_line_refusal("study", "list", "--storage", f"sqlite:///{other}")
+    assert "no tuner tables" in line, line
+    with sqlite3.connect(other) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    assert tables == ["customers"]  # no tuner tables written into it

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
+import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -335,8 +338,9 @@ def _print_result(result, report: dict, retrain: dict | None, target: Path) -> N
 
 def _store(args: argparse.Namespace, spec_storage: str | None = None, create: bool = True):
     """create=False: commands that only read (or continue) studies never create a store or its tables."""
-    from tuner.store import Store
+    from tuner.store import Store, default_url, normalise_url
 
+    args.store_url = normalise_url(args.storage or spec_storage or default_url())  # for the error paths in main()
     return Store(args.storage or spec_storage, create=create)
 
 
@@ -349,6 +353,8 @@ class _StudyBars:
     def __call__(self, unit: str, info: dict[str, Any]) -> None:
         best = info.get("best")
         text = f"running {info['running']}, failed {info['failed']}"
+        if info.get("waiting"):
+            text += f"; {info['waiting']}"
         if best:
             text += f"; closest |gap| {abs(best['forget_gap']):.3f} (utility drop {best['utility_drop']:+.3f})"
         if unit not in self.tasks:
@@ -364,7 +370,11 @@ def _run_study(spec, text: str, store, resume: bool) -> int:
 
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), console=console) as progress:
-        outcome = run_study(spec, text, store, resume=resume, on_event=_StudyBars(progress))
+        try:
+            outcome = run_study(spec, text, store, resume=resume, on_event=_StudyBars(progress))
+        except BaseException:
+            progress.live.transient = True  # a stopped or failed study ends in its one line, not the bars
+            raise
     _print_study(store, spec.name)
     recommendation = recommend_study(store, spec.name)
     save_recommendation(store, spec.name, recommendation)
@@ -418,6 +428,7 @@ def cmd_study_run(args: argparse.Namespace) -> int:
 
     overrides = {"name": args.name, "storage": args.storage, "ray_address": args.address}
     spec, text = load_spec(args.file, overrides)
+    args.study_name = spec.name  # main() names it in the resume command if the run stops
     if args.trials is not None:
         if args.trials < 1:
             raise TunerError("--trials must be at least 1")
@@ -434,6 +445,7 @@ def cmd_study_run(args: argparse.Namespace) -> int:
 def cmd_study_resume(args: argparse.Namespace) -> int:
     from tuner.spec import validate_spec
 
+    args.study_name = args.name
     store = _store(args, create=False)
     study = store.study(args.name)
     spec = validate_spec(study.spec, f"stored spec of '{args.name}'")
@@ -651,6 +663,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """The command that continues the study this command ran, or "" for commands that run none."""
+    from tuner.store import Store, default_url, normalise_url, safe_url
+
+    name, url = getattr(args, "study_name", None), getattr(args, "store_url", None)
+    if not name or not url:
+        return ""
+    try:
+        if name not in Store(url, create=False).study_names():
+            return ""  # stopped before the study was stored: nothing to resume, run it again
+    except TunerError:
+        return ""
+    storage = "" if url == normalise_url(default_url()) else f" --storage {safe_url(url)}"
+    return f"; resume with: tuner study resume {name}{storage}"
+
+
+def _log_folder(args: argparse.Namespace) -> Path:
+    """Beside the SQLite store the command used; for PostgreSQL (or none) beside the default store."""
+    from sqlalchemy.engine import make_url
+
+    from tuner.store import default_url
+
+    for url in (getattr(args, "store_url", None), default_url()):
+        try:
+            parsed = make_url(url) if url else None
+        except Exception:  # noqa: BLE001 - an unparseable URL: try the next place
+            continue
+        if parsed is not None and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            return Path(parsed.database).expanduser().resolve().parent
+    return Path(tempfile.gettempdir())
+
+
+def _write_traceback(args: argparse.Namespace, err: BaseException) -> Path:
+    """The full traceback of an unexpected error, for a bug report: a log file beside the store."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    text = "".join(traceback.format_exception(err))
+    for folder in (_log_folder(args), Path(tempfile.gettempdir())):
+        path = folder / f"tuner-error-{stamp}-{os.getpid()}.log"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"tuner {' '.join(sys.argv[1:])}\n{text}", encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return Path("(not written)")
+
+
+def _summary(err: BaseException) -> str:
+    """"Type: first line" of the error at the root of the chain (Ray Tune wraps a callback's error in a
+    TuneError whose text is a whole traceback; its last line names the error)."""
+    root = err
+    for _ in range(20):  # a chain is short; the bound only guards against a cycle
+        if (root.__cause__ or root.__context__) is None:
+            break
+        root = root.__cause__ or root.__context__
+    lines = [ln.strip() for ln in str(root).strip().splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Traceback"):
+        return lines[-1][:300]
+    return f"{type(root).__name__}: {lines[0][:300] if lines else '(no message)'}"
+
+
+def _hide_password(text: str, url: str | None) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(url).password if url else None
+    except Exception:  # noqa: BLE001 - not a URL: nothing to hide
+        return text
+    return text.replace(str(password), "***") if password else text
+
+
+def _say(text: str) -> None:
+    console.print(escape(one_line(text)), highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Tune hyperparameters for unlearning pre-trained causal LMs."""
     args = build_parser().parse_args(argv)
@@ -659,9 +746,16 @@ def main(argv: list[str] | None = None) -> int:
     except TunerError as err:
         console.print(f"[red]error:[/] {escape(one_line(str(err)))}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl+C, or SIGINT/SIGTERM to a study (tuner.orchestrator.StudyStopped)
+        signum = getattr(err, "signum", 2)
+        hint = _resume_hint(args)
+        _say(f"stopped ({str(err) or 'SIGINT'})" + (f": trials stopped, study marked interrupted{hint}" if hint else ""))
+        return 128 + signum
+    except Exception as err:  # noqa: BLE001 - anything unexpected: one line, the log, the resume command
+        log = _write_traceback(args, err)
+        what = _hide_password(_summary(err), getattr(args, "store_url", None))
+        _say(f"error: unexpected {what}{_resume_hint(args)}; traceback: {log}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,18 +8,25 @@ Resuming is a new Tuner on the same Optuna studies, with the budget reduced by t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# TUNE_DISABLE_SIGINT_HANDLER: Ctrl+C raises KeyboardInterrupt in the driver (handled as a stop, below)
+# instead of Tune's own handler, which ends the run as if it had finished.
 for _name, _value in (("RAY_AIR_NEW_OUTPUT", "0"), ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"),
-                      ("RAY_DEDUP_LOGS", "0"), ("RAY_USAGE_STATS_ENABLED", "0")):
+                      ("RAY_DEDUP_LOGS", "0"), ("RAY_USAGE_STATS_ENABLED", "0"), ("TUNE_DISABLE_SIGINT_HANDLER", "1")):
     os.environ.setdefault(_name, _value)
 
 import optuna  # noqa: E402
@@ -39,6 +46,50 @@ from tuner.trial import prepare, trainable  # noqa: E402
 Event = Callable[[str, dict[str, Any]], None]
 OPTUNA_TRANSIENT = (*TRANSIENT, optuna.exceptions.StorageInternalError)
 DRIVER_CPU = 0.01  # a multi-worker trial's Tune actor only waits on Ray Train; its ranks hold the resources
+WAIT_NOTICE_S = 60.0  # a trial pending this long gets a "waiting for ..." note in the progress display
+MEMORY_MONITOR = "killed due to the node running low on memory"  # Ray's words for its memory monitor's kills
+
+
+class StudyStopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the driver: the trials are stopped and the study is left resumable."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def describe_failure(text: str) -> str:
+    """A trial's error as a reason a user can act on: a worker killed by Ray's memory monitor, a worker
+    process that died, a worker that failed while starting, else the error's last line."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if MEMORY_MONITOR in text:
+        used = re.search(r"was ([\d.]+GB) used / ([\d.]+GB) limit", text)
+        where = f" ({used.group(1)} of {used.group(2)} in use)" if used else ""
+        return ("worker killed by Ray's memory monitor: the node ran low on host memory (RAM, not GPU memory)"
+                f"{where}; run fewer trials at once (lower `concurrency`) or raise RAY_memory_usage_threshold "
+                "(default 0.95) when starting Ray")
+    if "temporarily unavailable" in text or "ActorUnavailableError" in text:
+        return ("the trial's worker became unreachable (its node was lost, or its process died): "
+                + (lines[-1] if lines else ""))[:500]
+    if "worker process has died" in text or "WorkerCrashedError" in text or "ActorDiedError" in text:
+        return ("the trial's worker process died (killed by a signal, the kernel's OOM killer or a crash): "
+                + next((ln for ln in lines if "died" in ln), lines[-1] if lines else ""))[:500]
+    if "ImplicitFunc.__init__" in text or "actor_init_failed" in text:
+        return f"the trial's worker failed while starting: {lines[-1] if lines else '?'}"[:500]
+    return lines[-1][:500] if lines else "trial failed (worker error)"
+
+
+def _worker_death(err: BaseException) -> BaseException | None:
+    """The Ray error behind a Tune run that died because a trial's worker did (Tune 2.x raises a
+    RuntimeError for worker errors it does not expect, e.g. OutOfMemoryError), else None."""
+    from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
+
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OutOfMemoryError | WorkerCrashedError | RayActorError):
+            return cause
+        cause = cause.__cause__
+    return None
 
 
 def make_sampler(spec: SamplerSpec, budget: int, seed: int) -> optuna.samplers.BaseSampler:
@@ -110,9 +161,15 @@ class UnitRun:
 class StoreCallback(Callback):
     """Writes every trial's start, curve points and outcome to the store as they happen (driver side)."""
 
-    def __init__(self, store: Store, units: dict[str, UnitRun], on_event: Event | None) -> None:
+    def __init__(self, store: Store, units: dict[str, UnitRun], on_event: Event | None,
+                 request: dict[str, float] | None = None) -> None:
         self.store, self.units, self.on_event = store, units, on_event
+        self.request = request or {}  # what one trial asks of the cluster: {"CPU": 1, "GPU": 0}
         self.rows: dict[str, tuple[int, UnitRun]] = {}
+        self.pids: dict[str, int] = {}  # trial id -> its worker's pid, from its results
+        self.pending_since: dict[str, float] = {}
+        self.waiting_note: dict[str, str] = {}  # unit -> "waiting for ..." while its trial waits for resources
+        self.next_wait_check = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into experiment state; a database handle is not state.
@@ -122,16 +179,45 @@ class StoreCallback(Callback):
         t = unit.tally
         if self.on_event is not None:
             self.on_event(unit.name, {"budget": t.budget, "finished": t.finished, "running": t.running,
-                                      "failed": t.failed, "best": t.best})
+                                      "failed": t.failed, "best": t.best, "waiting": self.waiting_note.get(unit.name)})
+
+    def on_step_begin(self, iteration, trials, **info):
+        """A trial pending for longer than WAIT_NOTICE_S: say what it waits for (checked every few seconds)."""
+        now = time.monotonic()
+        pending = {t.trial_id: t for t in trials if t.status == "PENDING" and "unit" in t.config}
+        for trial_id in list(self.pending_since):
+            if trial_id not in pending:
+                del self.pending_since[trial_id]
+        for trial_id in pending:
+            self.pending_since.setdefault(trial_id, now)
+        if now < self.next_wait_check:
+            return
+        self.next_wait_check = now + 5.0
+        notes = {t.config["unit"]: waiting_note(self.request)
+                 for trial_id, t in pending.items() if now - self.pending_since[trial_id] > WAIT_NOTICE_S}
+        if notes != self.waiting_note:
+            self.waiting_note = notes
+            for unit in self.units.values():
+                self._emit(unit)
+
+    def _row(self, trial) -> tuple[int, UnitRun]:
+        """The trial's store row; one is made for a trial that failed before it started (its worker died
+        in its constructor), so that every failure is on record."""
+        if trial.trial_id in self.rows:
+            return self.rows.pop(trial.trial_id)
+        unit = self.units[trial.config["unit"]]
+        unit.tally.running += 1
+        return self.store.start_trial(unit.search_id, _params(trial.config)), unit
 
     def on_trial_start(self, iteration, trials, trial, **info):
         unit = self.units[trial.config["unit"]]
-        params = {k: trial.config[k] for k in ("lr", "epochs", "retain_weight") if k in trial.config}
-        self.rows[trial.trial_id] = (self.store.start_trial(unit.search_id, params), unit)
+        self.rows[trial.trial_id] = (self.store.start_trial(unit.search_id, _params(trial.config)), unit)
         unit.tally.running += 1
         self._emit(unit)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "pid" in result:
+            self.pids[trial.trial_id] = result["pid"]
         if trial.trial_id in self.rows and result.get("kind") == "curve":
             self.store.add_curve_point(self.rows[trial.trial_id][0], result["curve_point"])
 
@@ -158,35 +244,104 @@ class StoreCallback(Callback):
                     t.best = {"forget_gap": m["forget_gap"], "utility_drop": m.get("utility_drop", math.nan)}
         self._emit(unit)
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        if trial.trial_id not in self.rows:
-            return
-        row, unit = self.rows.pop(trial.trial_id)
+    def _fail(self, trial, reason: str) -> None:
+        row, unit = self._row(trial)
         unit.tally.running -= 1
         unit.tally.finished += 1
         unit.tally.failed += 1
-        self.store.finish_trial(row, "failed", None, None, error=_trial_error(trial))
+        self.store.finish_trial(row, "failed", None, None, error=reason)
         self._emit(unit)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._fail(trial, _trial_error(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """Tune runs the same setting again (FailureConfig): this attempt is on record as failed, the retry
+        gets a row of its own when its worker starts."""
+        self._fail(trial, f"{_trial_error(trial)} (retrying this setting)")
+
+    def lost(self, death: BaseException, searcher: UnitsSearcher) -> None:
+        """The Tune run died with a trial's worker: every trial still running is closed. The trials whose
+        worker was killed (by pid in Ray's message; the only one, when one was running) are failed with the
+        reason and retried if their setting has retries left; the others are interrupted and run again."""
+        text = str(death)
+        killed_pids = {int(p) for p in re.findall(r"pid=(\d+)", text)}
+        running = list(self.rows)
+        for trial_id in running:
+            row, unit = self.rows.pop(trial_id)
+            unit.tally.running -= 1
+            if self.pids.get(trial_id) in killed_pids or len(running) == 1:
+                retried = searcher.requeue(trial_id, failed=True)
+                reason = describe_failure(text) + (" (retrying this setting)" if retried else "")
+                self.store.finish_trial(row, "failed", None, None, error=reason)
+                unit.tally.finished += 1
+                unit.tally.failed += 1
+            else:
+                searcher.requeue(trial_id, failed=False)
+                self.store.finish_trial(row, "interrupted", None, None,
+                                        error="stopped when another trial's worker died; run again")
+            self._emit(unit)
+        for trial_id in list(searcher.owner):  # suggested, but its worker never started
+            searcher.requeue(trial_id, failed=False)
+
+
+def _params(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: config[k] for k in ("lr", "epochs", "retain_weight") if k in config}
+
+
+def waiting_note(request: dict[str, float]) -> str:
+    """"waiting for 1 GPU; the cluster has 0 free": what a pending trial asks that the cluster lacks now."""
+    import ray
+
+    free = ray.available_resources()
+    names = {"CPU": "CPU", "GPU": "GPU"}
+    short = [k for k in names if request.get(k, 0) > free.get(k, 0)] or [k for k in names if request.get(k, 0)]
+    return "; ".join(f"waiting for {request.get(k, 0):g} {names[k]}; the cluster has {free.get(k, 0):g} free"
+                     for k in short[:1])
 
 
 def _trial_error(trial) -> str:
-    """The last line of the trial's exception: the reason a user can act on (e.g. CUDA out of memory)."""
+    """The trial's exception as a reason a user can act on (e.g. CUDA out of memory, the memory monitor)."""
     path = getattr(trial, "error_file", None)
     try:
         text = Path(path).read_text(encoding="utf-8").strip() if path else ""
     except OSError:
         text = ""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return lines[-1][:500] if lines else "trial failed (worker error)"
+    return describe_failure(text)
 
 
 class StudySearcher(OptunaSearch):
     """OptunaSearch that tells a diverged or failed trial as FAIL (NaN would leave it RUNNING forever) and
     waits out a briefly unavailable database instead of dropping the tell (Tune's version logs and moves on,
-    which leaves the sampler blind to that trial)."""
+    which leaves the sampler blind to that trial).
+
+    A setting whose trial was lost with its worker is handed out again (the same Optuna trial) before any
+    new one, `retries` times; after that it is told as FAIL."""
+
+    def __init__(self, *args: Any, retries: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.retries = retries
+        self.again: list[optuna.Trial] = []
+        self.failures: dict[int, int] = {}  # Optuna trial number -> lost attempts
 
     def suggest(self, trial_id: str):
+        if self.again and trial_id not in self._ot_trials:
+            self._ot_trials[trial_id] = self.again.pop(0)  # OptunaSearch re-suggests an Optuna trial it holds
         return with_retry(lambda: super(StudySearcher, self).suggest(trial_id), "asking Optuna", OPTUNA_TRANSIENT)
+
+    def requeue(self, trial_id: str, failed: bool) -> bool:
+        """A trial lost with its Tune run: True if its setting runs again, False if told as FAIL."""
+        ot_trial = self._ot_trials.pop(trial_id, None)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return False
+        if failed:
+            self.failures[ot_trial.number] = self.failures.get(ot_trial.number, 0) + 1
+        if self.failures.get(ot_trial.number, 0) > self.retries:
+            with_retry(lambda: _tell(self._ot_study, ot_trial, None, TrialState.FAIL), "telling Optuna",
+                       OPTUNA_TRANSIENT)
+            return False
+        self.again.append(ot_trial)
+        return True
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         ot_trial = self._ot_trials.get(trial_id)
@@ -242,12 +397,20 @@ class UnitsSearcher(Searcher):
         if unit is not None:
             unit.searcher.on_trial_complete(trial_id, result=result, error=error)
 
+    def requeue(self, trial_id: str, failed: bool) -> bool:
+        """A trial lost with the Tune run: its unit runs the setting again (one more trial) or gives up."""
+        unit = self.owner.pop(trial_id, None)
+        if unit is None or not unit.searcher.requeue(trial_id, failed):
+            return False
+        unit.remaining += 1
+        return True
+
 
 def _searcher(spec: StudySpec, method: str, optuna_name: str, storage: optuna.storages.BaseStorage):
     metrics = [f"obj_{o}" for o in spec.objectives]
     return StudySearcher(space=SearchSpaceFn(spec, method), metric=metrics, mode=["min"] * len(metrics),
                          sampler=make_sampler(spec.sampler, spec.budget.trials, spec.seed), study_name=optuna_name,
-                         storage=storage)
+                         storage=storage, retries=spec.retries)
 
 
 def _clean_optuna(storage: optuna.storages.RDBStorage, name: str) -> None:
@@ -355,7 +518,7 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
     """Run (or resume) every search unit of the study until its trial budget is spent.
 
     The data is prepared before the study row is written, so a study that cannot start leaves nothing
-    behind. All units then share one Tune run.
+    behind. All units then share one Tune run (continued by a new one if a worker's death ends it).
     """
     import ray
     from ray import tune
@@ -364,8 +527,13 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
     outcome = StudyOutcome(name=spec.name, storage=store.url)
     ray_dir = tempfile.mkdtemp(prefix="tuner-ray-")
     study_id: int | None = None
+    previous = None
+    _signals_received.clear()
     try:
         start_ray(spec.ray_address)
+        previous = _stop_on_signals()  # after ray.init: Ray's native handler would print a crash dump on SIGTERM
+        check_resources(spec)
+        concurrency = trial_concurrency(spec)  # refuses a local Ray that cannot hold one multi-worker trial
         context = _context(spec)
         prepared = _prepare(spec, context)
         if resume:
@@ -380,34 +548,95 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         with store.schema_lock():  # Optuna creates its tables on first use; two new studies must not race
             storage = optuna.storages.RDBStorage(store.url, engine_kwargs=_optuna_engine_kwargs(store.url))
         units = _unit_runs(spec, store, study_id, storage, outcome, on_event)
-        remaining = sum(u.remaining for u in units)
-        if remaining > 0:
-            runnable = tune.with_resources(tune.with_parameters(trainable, study=context, prepared=prepared),
-                                           trial_resources(spec))
-            tuner = tune.Tuner(
-                runnable,
-                tune_config=tune.TuneConfig(
-                    search_alg=UnitsSearcher([u for u in units if u.remaining > 0],
-                                             [f"obj_{o}" for o in spec.objectives]),
-                    num_samples=remaining, max_concurrent_trials=trial_concurrency(spec), reuse_actors=True,
-                    time_budget_s=spec.budget.wall_time_min * 60 if spec.budget.wall_time_min else None),
-                run_config=tune.RunConfig(name="study", storage_path=ray_dir, verbose=0,
-                                          callbacks=[StoreCallback(store, {u.name: u for u in units}, on_event)],
-                                          failure_config=tune.FailureConfig(max_failures=0)),
-            )
-            tuner.fit()
+        _run_trials(spec, units, store, on_event, tune.with_parameters(trainable, study=context, prepared=prepared),
+                    ray_dir, concurrency)
         store.update_study(study_id, status="finished")
-    except BaseException:
+    except BaseException as err:
         if study_id is not None:
             store.interrupt_running(study_id, "study stopped before the trial finished")
             store.update_study(study_id, status="interrupted")
+        if isinstance(err, KeyboardInterrupt) and not isinstance(err, StudyStopped) and _signals_received:
+            raise StudyStopped(_signals_received[-1]) from None
         raise
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
         if ray.is_initialized() and not spec.ray_address:
             ray.shutdown()
+        _restore_signals(previous)
     outcome.pareto_sizes = pareto_sizes(store, spec.name, spec.objectives)
     return outcome
+
+
+def _run_trials(spec: StudySpec, units: list[UnitRun], store: Store, on_event: Event | None, runnable: Any,
+                ray_dir: str, concurrency: int) -> None:
+    """Every unit's remaining trials in one Tune run. A worker that dies mid-task (Ray's memory monitor, a
+    crash) can end Tune's run with an error it does not expect; the trials it lost are then closed (failed
+    and retried, or interrupted and run again) and a new run continues with the same searchers."""
+    from ray import tune
+
+    request = {"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}
+    callback = StoreCallback(store, {u.name: u for u in units}, on_event, request)
+    searcher = UnitsSearcher([u for u in units if u.remaining > 0], [f"obj_{o}" for o in spec.objectives])
+    deadline = time.monotonic() + spec.budget.wall_time_min * 60 if spec.budget.wall_time_min else None
+    for attempt in itertools.count(1):
+        remaining = sum(u.remaining for u in units)
+        left_s = deadline - time.monotonic() if deadline is not None else None
+        if remaining <= 0 or (left_s is not None and left_s <= 0):
+            return
+        tuner = tune.Tuner(
+            tune.with_resources(runnable, trial_resources(spec)),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining,
+                                        max_concurrent_trials=concurrency, reuse_actors=True,
+                                        time_budget_s=left_s),
+            run_config=tune.RunConfig(name=f"study-{attempt}", storage_path=ray_dir, verbose=0, callbacks=[callback],
+                                      failure_config=tune.FailureConfig(max_failures=spec.retries)),
+        )
+        try:
+            tuner.fit()
+            return
+        except RuntimeError as err:
+            death = _worker_death(err)
+            if death is None:
+                raise
+            callback.lost(death, searcher)
+
+
+def check_resources(spec: StudySpec) -> None:
+    """Refuse a study no node of the cluster can ever run a trial of (Ray would wait for it forever)."""
+    import ray
+
+    need = {"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+        return
+    largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    raise TunerError(f"resources: a trial asks for {need['CPU']:g} CPU and {need['GPU']:g} GPU, but no node of the "
+                     f"Ray cluster has that (the largest has {largest.get('CPU', 0):g} CPU, "
+                     f"{largest.get('GPU', 0):g} GPU); lower resources.cpus/resources.gpus or use a cluster that has them")
+
+
+_signals_received: list[int] = []  # Ray and Tune may re-raise a plain KeyboardInterrupt; this keeps which signal
+
+
+def _raise_stopped(signum: int, _frame: Any) -> None:
+    _signals_received.append(signum)
+    raise StudyStopped(signum)
+
+
+def _stop_on_signals() -> dict[int, Any] | None:
+    """SIGINT and SIGTERM raise StudyStopped in the driver, so the study is marked interrupted and Ray shut
+    down in order (only possible in the main thread; elsewhere the caller's handlers stay)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, _raise_stopped)
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any] | None) -> None:
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _unit_runs(spec: StudySpec, store: Store, study_id: int, storage: optuna.storages.RDBStorage,

@@ -147,6 +147,7 @@ class StudySpec(_Strict):
     run: RunSettings = RunSettings()
     resources: Resources = Resources()
     concurrency: int = Field(2, ge=1, description="trials running at once")
+    retries: int = Field(1, ge=0, le=5, description="runs more of a setting whose trial's worker died or failed")
     seed: int = 0
     storage: str | None = Field(None, description="SQLAlchemy URL; default: the user's SQLite file")
     ray_address: str | None = Field(None, description="an existing Ray cluster, HOST:PORT of its head (or auto)")

@@ -18,15 +18,18 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.util import CommandError
 from sqlalchemy import create_engine, delete, event, func, inspect, select, text, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import selectinload, sessionmaker
 
 from tuner.errors import TunerError
 from tuner.retry import retrying
 from tuner.store.schema import CurvePoint, Metric, Recommendation, Search, Study, Trial
 
+# The databases the store runs on: the check of a URL and its error message both come from here.
+DIALECTS = {"sqlite": "sqlite:///PATH (a file)", "postgresql": "postgresql://USER@HOST/DB (psycopg 3)"}
 FINISHED = ("completed", "stopped_at_target", "diverged", "failed")
 SCHEMA_LOCK_KEY = 7_318_442_019  # pg_advisory_lock key of schema creation
 CURVE_KEYS = ("loss", "forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap")
@@ -58,11 +61,28 @@ def safe_url(url: str) -> str:
         return "<invalid storage URL>"
 
 
+def what_works() -> str:
+    """The storage URLs this store supports, for error messages."""
+    return "use " + " or ".join(DIALECTS.values())
+
+
 def _engine(url: str, create_folder: bool = False) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise TunerError(f"--storage: not a database URL: {safe_url(url)}") from None
+        raise TunerError(f"--storage: not a database URL: {safe_url(url)} ({what_works()})") from None
+    backend = parsed.get_backend_name()
+    if backend not in DIALECTS:
+        raise TunerError(f"storage {safe_url(url)}: '{backend}' databases are not supported; {what_works()}")
+    try:
+        return _create_engine(url, parsed, create_folder)
+    except (ImportError, NoSuchModuleError) as err:  # a driver named in the URL that is not installed
+        driver = getattr(err, "name", None) or parsed.get_driver_name()
+        raise TunerError(f"storage {safe_url(url)}: database driver '{driver}' is not available; "
+                         f"{what_works()}") from None
+
+
+def _create_engine(url: str, parsed, create_folder: bool) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             _sqlite_folder(Path(parsed.database), create_folder)
@@ -147,14 +167,21 @@ class Store:
                 raise TunerError(f"no store at {safe_url(self.url)}: the SQLite file does not exist "
                                  "(run `tuner study run` first, or fix --storage)")
         try:
-            if not create and not inspect(self.engine).has_table(Study.__tablename__):
-                raise TunerError(f"no store at {safe_url(self.url)}: the database has no tuner tables "
-                                 "(run `tuner study run` first, or fix --storage)")
-            with schema_lock(self.engine):
+            with schema_lock(self.engine):  # under the lock: another process may be creating the tables
+                tables = inspect(self.engine).get_table_names()
+                if Study.__tablename__ not in tables:
+                    _refuse_foreign(self.url, tables, create)
                 migrate(self.engine)
         except OperationalError as err:
             reason = _first_line(str(err.orig) if err.orig else "") or "connection failed"
             raise TunerError(f"storage {safe_url(self.url)} is unreachable: {_mask(reason, self.url)}") from None
+        except DatabaseError as err:  # e.g. SQLite's "file is not a database"
+            reason = _first_line(str(err.orig) if err.orig else "") or type(err).__name__
+            raise TunerError(f"storage {safe_url(self.url)} is not a usable database ({_mask(reason, self.url)}); "
+                             f"{what_works()}, pointing at a tuner store or a new file") from None
+        except CommandError:  # Alembic: the store's revision is not one this version knows
+            raise TunerError(f"storage {safe_url(self.url)} was written by a newer unlearn-tuner (unknown schema "
+                             "revision); upgrade unlearn-tuner to open it") from None
         except OSError as err:  # the SQLite lock file beside the database
             raise TunerError(f"storage {safe_url(self.url)}: {err.strerror or type(err).__name__}") from None
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -344,6 +371,18 @@ class Store:
         with self.sessions() as s:
             rows = s.scalars(select(Recommendation).where(Recommendation.study_id == study.id))
             return {r.method: r.payload for r in rows}
+
+
+def _refuse_foreign(url: str, tables: list[str], create: bool) -> None:
+    """A database without the store's tables: reading commands never create them, and no command writes
+    them into a database that another program's tables already fill."""
+    if not create:
+        raise TunerError(f"no store at {safe_url(url)}: the database has no tuner tables "
+                         "(run `tuner study run` first, or fix --storage)")
+    if tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise TunerError(f"storage {safe_url(url)} holds another program's tables ({shown}); give the store its "
+                         "own SQLite file or an empty database")
 
 
 def _first_line(text: str) -> str:
