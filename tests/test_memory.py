@@ -7,9 +7,11 @@ import pytest
 import torch
 import transformers
 
+from tuner import methods
 from tuner.cli import main
 from tuner.lora import LoraSpec
-from tuner.memory import ACTIVATION_COEFFS, ModelShape, RunShape, plan, refusal, ways_out
+from tuner.memory import ACTIVATION_COEFFS, ModelShape, RunShape, plan, refusal, run_shape, ways_out
+from tuner.settings import RunSettings
 
 GPU80 = 79 * 1024**3  # an "80 GB" H100 as torch counts it: 79.2 GiB
 
@@ -31,8 +33,13 @@ def test_8b_counts_its_parameters_from_the_config_alone(shape_8b):
     assert 40e6 < shape_8b.lora_params[repr(LoraSpec())] < 45e6
 
 
+def ga_kl_run(**settings) -> RunShape:
+    """GA+KL, the most demanding method: forget and retain batches, the reference's full distributions."""
+    return run_shape([methods.get("ga_kl")], RunSettings(**settings), "mixed", 2048)
+
+
 def test_8b_mixed_full_finetuning_is_refused_on_80gb_with_ways_out(shape_8b):
-    run = RunShape(precision="mixed", batch_size=1, block_size=2048, gradient_checkpointing=True)
+    run = ga_kl_run(batch_size=1, gradient_checkpointing=True)
     assert not plan(shape_8b, run, GPU80).fits
     text = refusal(shape_8b, run, GPU80)
     assert "\n" not in text and "does not fit" in text
@@ -41,12 +48,11 @@ def test_8b_mixed_full_finetuning_is_refused_on_80gb_with_ways_out(shape_8b):
     assert any("lora" in t for t, _ in options) and any("adamw8bit" in t for t, _ in options)
     for _, accepted in options:  # every way out it names is one the plan accepts
         assert plan(shape_8b, accepted.run, GPU80).fits
-    assert plan(shape_8b, RunShape(precision="mixed", batch_size=1, block_size=2048, gradient_checkpointing=True,
-                                   lora=LoraSpec()), GPU80).fits
+    assert plan(shape_8b, ga_kl_run(batch_size=1, gradient_checkpointing=True, lora=LoraSpec()), GPU80).fits
 
 
 def test_more_workers_per_trial_is_a_way_out_when_allowed(shape_8b):
-    run = RunShape(precision="mixed", batch_size=1, block_size=2048, gradient_checkpointing=True)
+    run = ga_kl_run(batch_size=1, gradient_checkpointing=True)
     options = ways_out(shape_8b, run, GPU80, max_workers=8)
     assert any("sharding: fsdp" in t for t, _ in options)
 
