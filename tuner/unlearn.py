@@ -117,14 +117,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def trainable_in(model: torch.nn.Module, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+def trainable_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the trainable parameters to `dtype` (the precision's master weights), whatever the checkpoint's
-    storage dtype; frozen ones (a LoRA base) stay as they are. Returns the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.dtype != dtype:
+    storage dtype; frozen ones (a LoRA base) stay as they are."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
             p.data = p.data.to(dtype)
-    return params
 
 
 def memory_record(model: torch.nn.Module, cfg: UnlearnConfig, method_cls, precision: PrecisionPlan,
@@ -257,9 +255,10 @@ def run_unlearning(
 
     sync = StepSync(train_model, ranks) if ranks.world > 1 else None
     # after sharding: FSDP2 replaces the parameters with sharded ones
-    optimizer = make_optimizer([p for p in train_model.parameters() if p.requires_grad], cfg.optim(cfg.lr), device)
-    outcome = run_loop(train_model, micro_loss, total_steps, cfg.grad_accum, cfg.optim(cfg.lr), device, dtype,
-                       after_step, optimizer=optimizer, sync=sync)
+    optim = cfg.optim(cfg.lr)
+    optimizer = make_optimizer([p for p in train_model.parameters() if p.requires_grad], optim, device)
+    outcome = run_loop(train_model, micro_loss, total_steps, cfg.grad_accum, optim, device, dtype, after_step,
+                       optimizer=optimizer, sync=sync)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
 
