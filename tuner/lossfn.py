@@ -82,8 +82,21 @@ def _reproduces_logits(model: torch.nn.Module, parts: LMParts, ids: torch.Tensor
     return ours.shape == full.shape and bool((ours - full).abs().max() <= 1e-3 * scale)
 
 
+def _fsdp_sharded(model: torch.nn.Module) -> bool:
+    """FSDP2 gathers a sharded model's root weights (embeddings, head) in the root's own forward only; its
+    decoder called directly would meet shards. Such a model is scored through its full logits."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def lm_parts(model: torch.nn.Module, ids: torch.Tensor) -> LMParts | None:
-    """The decoder and head of `model`, or None when they do not reproduce its logits (checked once)."""
+    """The decoder and head of `model`, or None when they do not reproduce its logits (checked once) or the
+    model is sharded by FSDP2 (which can happen after the check: it shards in place)."""
+    if _fsdp_sharded(model):
+        return None
     if model not in _PARTS:
         parts = _candidate_parts(model)
         _PARTS[model] = parts if parts is not None and _reproduces_logits(model, parts, ids) else None

@@ -99,6 +99,7 @@ class RunShape:
     streams: int = 1  # batches whose graphs are alive at once (forget and retain: 2)
     kl: bool = False  # a KL term holds the reference's full distributions too
     full_logit_streams: int = 0  # of the streams, those whose loss needs full [B, T, V] logits
+    chunked_logits: bool = True  # one process: tuner.lossfn's chunks; several ranks go through full logits
     workers: int = 1
     gpu: bool = True  # planned for a GPU: counts the CUDA runtime's own memory
 
@@ -168,7 +169,7 @@ def plan(shape: ModelShape, run: RunShape, capacity: int | None = None) -> Memor
     full_logits = tokens * shape.vocab * LOGIT_BYTES[run.precision]
     # log-probabilities of given tokens go through the head a chunk at a time (tuner.lossfn): one chunk's
     # fp32 logits, their gradient and a compute-dtype copy are alive at once
-    chunked = min(full_logits, 3 * CHUNK_BYTES)
+    chunked = min(full_logits, 3 * CHUNK_BYTES) if run.chunked_logits else full_logits
     logits = run.full_logit_streams * full_logits + (run.streams - run.full_logit_streams) * chunked
     kl = tokens * shape.vocab * (compute_bytes + 4) if run.kl else 0
     parts = {
@@ -253,15 +254,16 @@ def device_capacity(device: torch.device) -> int | None:
 
 
 def run_shape(method_classes: list, settings, precision: str, block_size: int, workers: int = 1,
-              gpu: bool = True) -> RunShape:
+              gpu: bool = True, ranks: int = 1) -> RunShape:
     """The plan's view of a run: `settings` is a study's `run:` section or an UnlearnConfig; with several
-    methods the plan covers the most demanding one."""
+    methods the plan covers the most demanding one. `workers` shard the state (FSDP); `ranks` is the world size."""
     return RunShape(
         precision=precision, optimizer=settings.optimizer, lora=settings.lora, batch_size=settings.batch_size,
         block_size=block_size, gradient_checkpointing=settings.gradient_checkpointing,
         streams=max(int(m.uses_forget) + int(m.uses_retain) for m in method_classes),
         kl=any(m.reference_distributions for m in method_classes),
-        full_logit_streams=max(m.full_logit_streams for m in method_classes), workers=workers, gpu=gpu,
+        full_logit_streams=max(m.full_logit_streams for m in method_classes), chunked_logits=ranks == 1,
+        workers=workers, gpu=gpu,
     )
 
 
@@ -322,7 +324,7 @@ def plan_study(spec) -> StudyPlan:
     on_gpu = spec.resources.gpus > 0 or spec.resources.gpu_memory_gib is not None
     shards = spec.resources.workers if spec.resources.sharding == "fsdp" else 1
     run = run_shape([methods.get(m) for m in spec.methods], settings, planned_precision(settings.precision, on_gpu),
-                    block_size, workers=shards, gpu=on_gpu)
+                    block_size, workers=shards, gpu=on_gpu, ranks=spec.resources.workers)
     share = gpu_share(spec.resources.gpus)
     capacity = int(spec.resources.gpu_memory_gib * GIB * share) if spec.resources.gpu_memory_gib else None
     return StudyPlan(shape, run, plan(shape, run, capacity))

@@ -70,7 +70,8 @@ def memory_refusal(study: dict[str, Any], method: str, block_size: int) -> str |
     settings = RunSettings.model_validate(study["run"])
     shape = model_shape(study["model"], settings, bool(study.get("trust_remote_code", False)))
     shards = study.get("workers", 1) if study.get("sharding") == "fsdp" else 1
-    run = run_shape([methods.get(method)], settings, precision.name, block_size, workers=shards)
+    run = run_shape([methods.get(method)], settings, precision.name, block_size, workers=shards,
+                    ranks=study.get("workers", 1))
     if memory_plan(shape, run, capacity).fits:
         return None
     return refusal(shape, run, capacity, STUDY_MAX_WORKERS)

@@ -130,7 +130,8 @@ def memory_record(model: torch.nn.Module, cfg: UnlearnConfig, method_cls, precis
     """The memory plan of this run next to the measured peak, stored with every result."""
     shape = ModelShape.from_config(model.config, loras=[cfg.lora] if cfg.lora is not None else None)
     shards = cfg.world_size if cfg.sharding == "fsdp" else 1
-    run = run_shape([method_cls], cfg, precision.name, block_size, workers=shards, gpu=device.type == "cuda")
+    run = run_shape([method_cls], cfg, precision.name, block_size, workers=shards, gpu=device.type == "cuda",
+                    ranks=cfg.world_size)
     planned = memory_plan(shape, run, device_capacity(device))
     peak = measured_peak(device)
     return {"plan_gib": planned.gib(), "peak_gib": round(peak / GIB, 3) if peak is not None else None,
