@@ -90,7 +90,8 @@ def test_a_trial_killed_by_rays_memory_monitor_is_failed_for_host_memory_retried
     vm = psutil.virtual_memory()
     threshold = (vm.total - vm.available + margin) / vm.total
     env = {"RAY_memory_usage_threshold": f"{threshold:.4f}", "RAY_memory_monitor_refresh_ms": "100"}
-    proc, url = start_study(tmp_path, "memory-monitor", trials=2, env=env)
+    # every step runs (no stop at the target) and is evaluated: the trial is still running when the memory goes
+    proc, url = start_study(tmp_path, "memory-monitor", trials=2, env=env, stop_at_target=False, eval_every=1)
     victim = trial_process(proc)
     wait_for_step(Store(url), "memory-monitor", proc)
     vm = psutil.virtual_memory()
