@@ -7,6 +7,7 @@ the process, so a page's callbacks find the study its HTML request started build
 
 from __future__ import annotations
 
+import signal
 import threading
 
 THREADS = 8  # a cold page asks for ~15 files at once; the threads mostly wait on sockets, not the CPU
@@ -22,6 +23,7 @@ def create(app, host: str, port: int):
 
 def serve(app, host: str, port: int) -> None:
     """Serve until Ctrl+C."""
+    take_back_sigint()
     server = create(app, host, port)
     try:
         server.run()
@@ -48,3 +50,12 @@ class BackgroundServer:
             channel.close()
         self.server.task_dispatcher.shutdown()
         self.thread.join(10)
+
+
+def take_back_sigint() -> None:
+    """A process inherits an ignored or blocked SIGINT from the one that started it (a script's background
+    job, a supervisor, a Ray driver's process), and Python then never raises KeyboardInterrupt: Ctrl+C and
+    `kill -INT` would not stop the dashboards. Take SIGINT back in the main thread."""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.default_int_handler)
