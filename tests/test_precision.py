@@ -56,8 +56,14 @@ def mean_step(before, after) -> float:
     return float(torch.cat([(after[n] - before[n]).abs().flatten() for n in before]).mean())
 
 
-def test_mixed_keeps_every_update_of_a_bf16_checkpoint(llama_dirs, data):
-    before, after, optimizer = one_step(llama_dirs["bf16"], data, "mixed")
+@pytest.fixture(scope="module")
+def mixed_step(llama_dirs, data):
+    """One `mixed` step from the bf16 checkpoint, shared by the tests that compare against it."""
+    return one_step(llama_dirs["bf16"], data, "mixed")
+
+
+def test_mixed_keeps_every_update_of_a_bf16_checkpoint(mixed_step):
+    before, after, optimizer = mixed_step
     assert next(iter(before.values())).dtype == torch.float32
     assert changed_share(before, after) >= 0.99
     assert optimizer == "torch.optim.AdamW"
@@ -78,8 +84,8 @@ def test_plain_adamw_on_bf16_weights_loses_most_updates(llama_dirs, data):
     assert changed_share(before, after) < 0.5
 
 
-def test_bf16_with_stochastic_rounding_moves_weights_as_far_as_mixed(llama_dirs, data):
-    mixed_before, mixed_after, _ = one_step(llama_dirs["bf16"], data, "mixed")
+def test_bf16_with_stochastic_rounding_moves_weights_as_far_as_mixed(llama_dirs, data, mixed_step):
+    mixed_before, mixed_after, _ = mixed_step
     bf16_before, bf16_after, optimizer = one_step(llama_dirs["bf16"], data, "bf16")
     assert next(iter(bf16_after.values())).dtype == torch.float32  # compared in fp32; trained in bf16
     assert optimizer == "torchao.optim._AdamW"
