@@ -255,11 +255,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     if args.dry_run:
         for line in memory.plan_lines(plan):
             out.print(line, highlight=False)
-        if not plan.fits:
-            raise TunerError(memory.refusal(shape, run, plan.capacity))
-        return 0
     if not plan.fits:
         raise TunerError(memory.refusal(shape, run, plan.capacity))
+    if args.dry_run:
+        return 0
     with _progress() as progress:
         bars = _Bars(progress)
         bench = Workbench.from_source(source, args.trust_remote_code, dtype=precision.compute)

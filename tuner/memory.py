@@ -279,16 +279,14 @@ def model_shape(model: str, settings, trust_remote_code: bool = False, offline: 
 def _shape(model: str, trust_remote_code: bool, loras: tuple[str, ...], offline: bool) -> ModelShape:
     import transformers
 
-    from tuner.errors import TunerError
-    from tuner.models import resolve
+    from tuner.models import could_not_load, resolve
 
     source = resolve(model)
     try:
         config = transformers.AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code,
                                                          local_files_only=offline)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TunerError(f"model '{model}': could not be loaded ({first})") from None
+        raise could_not_load(model, err) from None
     specs = [LoraSpec.model_validate_json(s) for s in loras]
     return ModelShape.from_config(config, specs, trust_remote_code)
 

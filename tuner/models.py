@@ -60,10 +60,15 @@ def load(source: ModelSource, trust_remote_code: bool = False, torch_dtype: torc
         tokenizer = transformers.AutoTokenizer.from_pretrained(source.path, **kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TunerError(f"model '{source.name}': could not be loaded ({first})") from None
+        raise could_not_load(source.name, err) from None
     check_tokenizer(model, tokenizer, source.name)
     return model, tokenizer
+
+
+def could_not_load(name: str, err: BaseException) -> TunerError:
+    """A model (or its config or tokenizer) that transformers cannot load, as one line naming it."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return TunerError(f"model '{name}': could not be loaded ({first})")
 
 
 def check_tokenizer(model, tokenizer, name: str) -> None:
@@ -87,8 +92,7 @@ def check_local_model(name: str, trust_remote_code: bool = False, block_size: in
         config = transformers.AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TunerError(f"model '{name}': could not be loaded ({first})") from None
+        raise could_not_load(name, err) from None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = getattr(text_config, "vocab_size", None)
     if isinstance(vocab, int) and len(tokenizer) > vocab:
