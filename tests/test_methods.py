@@ -17,7 +17,7 @@ FIXED = {"stop_at_target": False, "checkpoint": "last", "device": "cpu"}
 
 def context(bench, data, model, seed=0):
     return MethodContext(model=model, reference=bench.reference, forget=data.forget, device=torch.device("cpu"),
-                         dtype=torch.float32, seed=seed, retain_weight=1.0, eval_batch_size=32)
+                         dtype=torch.float32, seed=seed, params={"retain_weight": 1.0}, eval_batch_size=32)
 
 
 def test_registry_lists_the_seven_methods_in_order():

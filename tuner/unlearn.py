@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tuner import methods
 from tuner.data import RetainSource, UnlearnData
 from tuner.distributed import Ranks, StepSync, Strategy, backend, inner, restore_weights, shard_model, snapshot_weights
 from tuner.errors import TunerError
 from tuner.evaluation import curve_point, curve_sets, full_metrics
+from tuner.hparams import EPOCHS, LR
 from tuner.lossfn import compile_decoder
 from tuner.memory import GIB, ModelShape, device_capacity, measured_peak, run_shape
 from tuner.memory import plan as memory_plan
@@ -34,17 +35,35 @@ Status = Literal["completed", "stopped_at_target", "diverged"]
 
 
 class UnlearnConfig(RunSettings):
-    """Everything that defines one run; also the format of an exported recommendation's `config`."""
+    """Everything that defines one run; also the format of an exported recommendation's `config`.
+
+    `params` holds the method's hyperparameters (`UnlearningMethod.space()`), defaults filled in; the flat
+    keys of older exports (`lr: ...` beside `method:`) are read into it."""
 
     method: str
-    lr: float = Field(gt=0, description="peak learning rate of AdamW")
-    epochs: float = Field(1.0, gt=0, description="passes over the forget set (fractions allowed)")
+    params: dict[str, float | int] = Field(default_factory=dict, description="the method's hyperparameters")
     max_steps: int | None = Field(None, gt=0, description="optimiser steps; overrides epochs when given")
-    retain_weight: float = Field(1.0, ge=0, description="λ, the weight of the retain term (ga_gd, ga_kl)")
     retain_source: RetainSource = "in_distribution"
     seed: int = 0
     world_size: int = Field(1, ge=1, description="ranks the run is sharded over; batch_size is per rank")
     sharding: Strategy = Field("ddp", description="ddp: weights on every rank; fsdp: FSDP2 shards them")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_params(cls, data: Any) -> Any:
+        """Older exports wrote each hyperparameter beside `method` (and λ for every method): those of this
+        method move into `params`, the others were placeholders and are dropped."""
+        if not isinstance(data, dict) or not isinstance(data.get("method"), str):
+            return data
+        names = methods.declared()
+        flat = [k for k in data if k in names]
+        if not flat:
+            return data
+        own = set(methods.get(data["method"]).hyperparameters()) if data["method"] in methods.available() else set()
+        params = dict(data.get("params") or {})
+        rest = {k: v for k, v in data.items() if k not in names}
+        params.update({k: data[k] for k in flat if k in own and k not in params})
+        return {**rest, "params": params}
 
     @field_validator("method")
     @classmethod
@@ -53,6 +72,19 @@ class UnlearnConfig(RunSettings):
         if value not in names:
             raise ValueError(f"unknown method '{value}' (choose from: {', '.join(names)})")
         return value
+
+    @model_validator(mode="after")
+    def _complete_params(self) -> UnlearnConfig:
+        self.params = methods.get(self.method).settings(self.params)
+        return self
+
+    @property
+    def lr(self) -> float:
+        return float(self.params[LR.name])
+
+    @property
+    def epochs(self) -> float:
+        return float(self.params[EPOCHS.name])
 
     def effective_batch(self) -> int:
         return self.batch_size * self.grad_accum * self.world_size
@@ -194,7 +226,7 @@ def run_unlearning(
     eval_time += time.perf_counter() - t0
 
     method.prepare(MethodContext(model=model, reference=reference, forget=data.forget, device=device,
-                                 dtype=dtype, seed=cfg.seed, retain_weight=cfg.retain_weight,
+                                 dtype=dtype, seed=cfg.seed, params=cfg.params,
                                  eval_batch_size=cfg.eval_batch_size))
     total_steps = cfg.total_steps(data.forget.shape[0])
     eval_every = cfg.eval_every or max(1, total_steps // 10)

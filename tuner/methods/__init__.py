@@ -7,6 +7,7 @@ import importlib
 import pkgutil
 
 from tuner.errors import TunerError
+from tuner.hparams import Hyperparameter
 from tuner.methods.base import Batch, MethodContext, UnlearningMethod
 
 _REGISTRY: dict[str, type[UnlearningMethod]] = {}
@@ -36,6 +37,16 @@ def available() -> dict[str, type[UnlearningMethod]]:
     return dict(sorted(_REGISTRY.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 99, kv[0])))
 
 
+def declared() -> dict[str, list[tuple[str, Hyperparameter]]]:
+    """Every hyperparameter name with the methods that declare it and each one's declaration (a name such as
+    β means a different knob in NPO and in WGA)."""
+    out: dict[str, list[tuple[str, Hyperparameter]]] = {}
+    for name, cls in available().items():
+        for hp in cls.space():
+            out.setdefault(hp.name, []).append((name, hp))
+    return out
+
+
 def get(name: str) -> type[UnlearningMethod]:
     methods = available()
     if name not in methods:
@@ -43,4 +54,4 @@ def get(name: str) -> type[UnlearningMethod]:
     return methods[name]
 
 
-__all__ = ["Batch", "MethodContext", "UnlearningMethod", "available", "get", "register"]
+__all__ = ["Batch", "MethodContext", "UnlearningMethod", "available", "declared", "get", "register"]

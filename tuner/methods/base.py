@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from tuner.hparams import RETAIN_WEIGHT, SHARED, Hyperparameter, complete
 from tuner.lossfn import next_token_ce, next_token_logits
 from tuner.training import LossOut
 
@@ -27,7 +28,7 @@ class MethodContext:
     device: torch.device
     dtype: torch.dtype
     seed: int
-    retain_weight: float
+    params: dict[str, float]  # every hyperparameter the method declares, defaults filled in
     eval_batch_size: int
 
 
@@ -49,16 +50,31 @@ class UnlearningMethod:
     needs_reference: ClassVar[bool] = False
     reference_distributions: ClassVar[bool] = False  # holds the reference's full next-token distributions (KL)
     full_logit_streams: ClassVar[int] = 0  # batches whose loss needs [B, T, V] logits (not chunked log-probs)
+    own: ClassVar[tuple[Hyperparameter, ...]] = ()  # the method's own knobs, declared in its file
 
     def __init__(self) -> None:
         self.ctx: MethodContext | None = None
 
     @classmethod
+    def space(cls) -> tuple[Hyperparameter, ...]:
+        """Everything searched for this method: the shared knobs, λ when it has a retain term, its own."""
+        return SHARED + ((RETAIN_WEIGHT,) if cls.has_retain_term else ()) + cls.own
+
+    @classmethod
     def hyperparameters(cls) -> list[str]:
-        return ["lr", "epochs"] + (["retain_weight"] if cls.has_retain_term else [])
+        return [hp.name for hp in cls.space()]
+
+    @classmethod
+    def settings(cls, given: dict[str, float]) -> dict[str, float]:
+        """`given` completed with defaults and checked; an unknown name is an error naming this method."""
+        return complete(cls.space(), given, f"method '{cls.name}'")
 
     def prepare(self, ctx: MethodContext) -> None:
         self.ctx = ctx
+
+    def value(self, hp: Hyperparameter) -> float:
+        """This run's value of one of the method's hyperparameters."""
+        return self.ctx.params[hp.name]
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> LossOut:
         raise NotImplementedError

@@ -1,5 +1,6 @@
 """GA + GD: gradient ascent on the forget set plus λ · NLL on retained data (1 : 1 by default)."""
 
+from tuner.hparams import RETAIN_WEIGHT
 from tuner.methods import register
 from tuner.methods.base import Batch, UnlearningMethod, nll_term
 from tuner.training import LossOut
@@ -15,5 +16,5 @@ class GradientAscentDescent(UnlearningMethod):
     def loss(self, model, batch: Batch) -> LossOut:
         forget_nll = nll_term(model, batch.forget)
         retain_nll = nll_term(model, batch.retain)
-        loss = -forget_nll + self.ctx.retain_weight * retain_nll
+        loss = -forget_nll + self.value(RETAIN_WEIGHT) * retain_nll
         return LossOut(loss, {"forget_nll": forget_nll, "retain_nll": retain_nll})

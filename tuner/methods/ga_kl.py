@@ -1,5 +1,6 @@
 """GA + KL: gradient ascent on the forget set plus λ · KL(P_original || P_model) on retained data."""
 
+from tuner.hparams import RETAIN_WEIGHT
 from tuner.methods import register
 from tuner.methods.base import Batch, UnlearningMethod, kl_term, nll_term
 from tuner.training import LossOut
@@ -18,4 +19,4 @@ class GradientAscentKL(UnlearningMethod):
     def loss(self, model, batch: Batch) -> LossOut:
         forget_nll = nll_term(model, batch.forget)
         kl = kl_term(model, self.ctx.reference, batch.retain)
-        return LossOut(-forget_nll + self.ctx.retain_weight * kl, {"forget_nll": forget_nll, "retain_kl": kl})
+        return LossOut(-forget_nll + self.value(RETAIN_WEIGHT) * kl, {"forget_nll": forget_nll, "retain_kl": kl})
