@@ -20,9 +20,9 @@ def context(bench, data, model, seed=0):
                          dtype=torch.float32, seed=seed, params={"retain_weight": 1.0}, eval_batch_size=32)
 
 
-def test_registry_lists_the_seven_methods_in_order():
-    assert list(methods.available()) == ["ga", "random_label", "random_model_label", "adversarial",
-                                         "retain_finetune", "ga_gd", "ga_kl"]
+def test_registry_lists_the_brief_s_seven_methods_first():
+    assert list(methods.available())[:7] == ["ga", "random_label", "random_model_label", "adversarial",
+                                             "retain_finetune", "ga_gd", "ga_kl"]
     assert methods.get("ga_gd").hyperparameters() == ["lr", "epochs", "retain_weight"]
     assert methods.get("ga").hyperparameters() == ["lr", "epochs"]
 
