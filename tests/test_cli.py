@@ -62,7 +62,8 @@ def test_config_file_supplies_settings_and_flags_override(tmp_path, cache_dir, b
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "nope", "--lr", "1e-3"], "unknown method 'nope'"),
-    (["--method", "ga", "--lr", "-1"], "lr: Input should be greater than 0"),
+    (["--method", "ga", "--lr", "-1"], "params: Value error, method 'ga': lr must be > 0 (got -1)"),
+        (["--method", "ga", "--lr", "1e-3", "--beta", "0.1"], "method 'ga' has no hyperparameter 'beta'"),
     (["--method", "ga"], "--lr is required"),
     (["--method", "ga", "--lr", "1e-3", "--config", "/nonexistent/x.yaml"], "--config: file not found"),
 ])

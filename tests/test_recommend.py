@@ -84,7 +84,7 @@ def test_exported_recommendation_reproduces_its_metrics(tuned, cache_dir):
         assert applied[key] == pytest.approx(stored["metrics"][key], abs=0.01), key  # same seed, CPU
     assert (out / "model" / "config.json").exists()
     as_json = cli("export", "tuned", "--storage", url, "--format", "json", cache_dir=cache_dir)
-    assert as_json.returncode == 0 and json.loads(as_json.stdout)["format"] == "unlearn-tuner/recommendation@1"
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["format"] == "unlearn-tuner/recommendation@2"
 
 
 def test_bad_export_and_apply_inputs(tuned, cache_dir, bench):
@@ -116,14 +116,18 @@ def test_bad_export_and_apply_inputs(tuned, cache_dir, bench):
 
 
 def test_the_recommendation_is_stored_with_the_study(tuned):
-    from tuner.recommend import recommend_study, save
+    from tuner import derived
+    from tuner.recommend import recommend
 
     _, url = tuned
     store = Store(url)
-    rec = recommend_study(store, "tuned")
-    save(store, "tuned", rec)
-    save(store, "tuned", rec)  # saving again replaces, never duplicates
-    stored = store.recommendations("tuned")
+    stored = store.recommendations("tuned")  # the study driver stored it as the study ended
     assert set(stored) == {"ga", "ga_gd@in_distribution", None}
+    rows = store.trials("tuned")
+    rec = recommend(rows, store.study("tuned").spec["target"], use_mia=False)  # a pure function of the rows
     assert stored[None]["trial_id"] == rec["overall"]["trial_id"]
+    derived.refresh(store, "tuned")  # deriving again replaces, never duplicates
+    assert set(store.recommendations("tuned")) == set(stored)
+    front = [r for r in rows if r["pareto"]]
+    assert front and all(r["status"] in ("completed", "stopped_at_target") for r in front)
     assert stored["ga"]["status"] == "none" and "diverged" in stored["ga"]["reason"]

@@ -20,8 +20,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tuner import flags
 from tuner.errors import TunerError, describe_validation_error, one_line
-from tuner.precision import OPTIMIZER_HELP, OPTIMIZERS, PRECISION_HELP, PRECISIONS
 
 # Piped output (logs, CI) gets wide tables instead of rich's 80-column fallback.
 console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
@@ -51,12 +51,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from tuner import methods
 
     table = Table(title="unlearning methods")
-    for col in ("name", "hyperparameters", "forget term", "retain term", "needs original"):
+    for col in ("name", "hyperparameters (default)", "forget term", "retain term", "needs original"):
         table.add_column(col, no_wrap=True)
     table.add_column("summary")
     for name, cls in methods.available().items():
         retain = "λ-weighted" if cls.has_retain_term else ("yes" if cls.uses_retain else "-")
-        table.add_row(name, ", ".join(cls.hyperparameters()), "yes" if cls.uses_forget else "-", retain,
+        knobs = ", ".join(f"{hp.name}={hp.format(hp.default)}" for hp in cls.space())
+        table.add_row(name, knobs, "yes" if cls.uses_forget else "-", retain,
                       "yes" if cls.needs_reference else "-", cls.summary)
     out.print(table)
     return 0
@@ -98,15 +99,9 @@ def cmd_testbed_show(args: argparse.Namespace) -> int:
 
 # ---- tuner unlearn -----------------------------------------------------------------------------------------
 
-UNLEARN_FLAGS = {  # CLI flag dest -> UnlearnConfig field
-    "method": "method", "lr": "lr", "epochs": "epochs", "max_steps": "max_steps", "retain_weight": "retain_weight",
-    "retain_source": "retain_source", "batch_size": "batch_size", "grad_accum": "grad_accum", "seed": "seed",
-    "device": "device", "precision": "precision", "optimizer": "optimizer", "eval_every": "eval_every",
-    "checkpoint": "checkpoint",
-    "schedule": "schedule", "warmup_ratio": "warmup_ratio", "gradient_checkpointing": "gradient_checkpointing",
-    "eval_batch_size": "eval_batch_size", "eval_utility_every": "eval_utility_every",
-    "eval_utility_blocks": "eval_utility_blocks", "compile": "compile",
-}
+# UnlearnConfig fields without a flag of their own: the hyperparameters have theirs (`tuner.flags`), LoRA has
+# --lora-*, and one `tuner unlearn` process is one rank
+NOT_FLAGS = {"params", "lora", "world_size", "sharding"}
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -126,24 +121,25 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 def unlearn_config(args: argparse.Namespace):
     """(run settings from --config and flags, the config file's provenance or {})."""
+    from tuner.hparams import LR
     from tuner.unlearn import UnlearnConfig
 
     fields: dict[str, Any] = _read_config_file(args.config) if args.config else {}
     provenance = fields.pop("__provenance__", {})
-    for dest, name in UNLEARN_FLAGS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            fields[name] = value
-    if args.no_stop_at_target:
-        fields["stop_at_target"] = False
+    fields.update(flags.given(args, args.setting_flags))
+    typed = flags.given_hyperparameters(args)
+    if typed:
+        fields["params"] = {**(fields.get("params") or {}), **typed}
     if args.lora_r is not None:
         lora = {"r": args.lora_r, "alpha": args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r}
         if args.lora_target_modules:
             lora["target_modules"] = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
         fields["lora"] = lora
-    for required in ("method", "lr"):
-        if required not in fields:
-            raise TunerError(f"--{required.replace('_', '-')} is required (or give --config FILE)")
+    if "method" not in fields:
+        raise TunerError("--method is required (or give --config FILE)")
+    if LR.name not in (fields.get("params") or {}) and LR.name not in fields:
+        raise TunerError(f"{flags.flag(LR.name)} is required (or give --config FILE): the learning rate that "
+                         "unlearns without wrecking utility depends on the model")
     try:
         return UnlearnConfig.model_validate(fields), provenance
     except ValidationError as err:
@@ -363,8 +359,6 @@ class _StudyBars:
 
 def _run_study(spec, text: str, store, resume: bool) -> int:
     from tuner.orchestrator import run_study
-    from tuner.recommend import recommend_study
-    from tuner.recommend import save as save_recommendation
     from tuner.store import default_url, normalise_url, safe_url
 
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
@@ -375,28 +369,28 @@ def _run_study(spec, text: str, store, resume: bool) -> int:
             progress.live.transient = True  # a stopped or failed study ends in its one line, not the bars
             raise
     _print_study(store, spec.name)
-    recommendation = recommend_study(store, spec.name)
-    save_recommendation(store, spec.name, recommendation)
+    recommendation = outcome.recommendation
     out.print(f"study [bold]{escape(outcome.name)}[/] finished; store: {safe_url(store.url)}")
     out.print("Pareto front size per method: " + ", ".join(f"{u} {n}" for u, n in outcome.pareto_sizes.items()))
-    _print_recommendation(recommendation, store.study(spec.name).exact_retrain)
+    _print_recommendation(recommendation, spec.target.model_dump(), store.study(spec.name).exact_retrain)
     storage_flag = "" if store.url == normalise_url(default_url()) else f" --storage {safe_url(store.url)}"
     out.print(f"dashboard: tuner dashboard{storage_flag}  (then open http://127.0.0.1:8050/study/{spec.name}); "
               f"export: tuner export {spec.name}{storage_flag} -o recommended.yaml")
     return 0
 
 
-def _print_recommendation(rec: dict[str, Any], exact: dict[str, float] | None) -> None:
+def _print_recommendation(rec: dict[str, Any], target: dict[str, float], exact: dict[str, float] | None) -> None:
+    from tuner.methods import describe
+
     table = Table(title="recommendation per search unit (target: |forget gap| ≤ "
-                  f"{rec['target']['gap_tolerance']}; robust = neighbours also succeed)")
-    for col in ("unit", "status", "trial", "lr", "epochs", "λ", "forget gap", "utility drop", "robustness",
+                  f"{target['gap_tolerance']}; robust = neighbours also succeed)")
+    for col in ("unit", "status", "trial", "setting", "forget gap", "utility drop", "robustness",
                 "window (decades)", "reason"):
         table.add_column(col)
     for unit, r in rec["units"].items():
-        p, m = r.get("params") or {}, r.get("metrics") or {}
-        table.add_row(unit, r["status"], str(r.get("number", "-")), f"{p['lr']:.2e}" if "lr" in p else "-",
-                      str(p.get("epochs", "-")), f"{p['retain_weight']:.2f}" if p.get("retain_weight") else "-",
-                      f"{m['forget_gap']:+.3f}" if m.get("forget_gap") is not None else "-",
+        m = r.get("metrics") or {}
+        table.add_row(unit, r["status"], str(r.get("number", "-")), describe(unit.split("@")[0], r.get("params") or {})
+                      or "-", f"{m['forget_gap']:+.3f}" if m.get("forget_gap") is not None else "-",
                       f"{m['utility_drop']:+.3f}" if m.get("utility_drop") is not None else "-",
                       f"{r['robustness']:.2f}" if r.get("robustness") is not None else "-",
                       f"{r.get('window_width', 0):.2f}", escape(r["reason"]))
@@ -407,9 +401,8 @@ def _print_recommendation(rec: dict[str, Any], exact: dict[str, float] | None) -
         return
     m = o["metrics"]
     line = (f"overall recommendation: [bold]{o['unit']}[/] trial {o['number']} "
-            f"(lr {o['params']['lr']:.2e}, epochs {o['params']['epochs']}"
-            + (f", λ {o['params']['retain_weight']:.2f}" if o["params"].get("retain_weight") else "")
-            + f"): forget gap {m['forget_gap']:+.3f}, utility drop {m['utility_drop']:+.3f}")
+            f"({describe(o['unit'].split('@')[0], o['params'])}): forget gap {m['forget_gap']:+.3f}, "
+            f"utility drop {m['utility_drop']:+.3f}")
     if exact:
         line += (f"; forget NLL {m['forget_nll']:.3f} vs exact-retrain {exact['forget_nll']:.3f} "
                  f"and approximate target (unseen) {m['unseen_nll']:.3f}")
@@ -504,24 +497,22 @@ def cmd_study_list(args: argparse.Namespace) -> int:
 
 
 def _print_study(store, name: str) -> None:
-    from tuner.pareto import front_ids
+    from tuner.methods import describe
 
     rows = store.trials(name)
-    front = {i for ids in front_ids(rows, store.study(name).spec["objectives"]).values() for i in ids}
     table = Table(title=f"trials of {escape(name)}")
-    for col in ("unit", "#", "status", "lr", "epochs", "λ", "forget gap", "utility drop", "MIA AUC", "steps",
-                "time s", "Pareto"):
+    for col in ("unit", "#", "status", "setting", "forget gap", "utility drop", "MIA AUC", "steps", "time s",
+                "Pareto"):
         table.add_column(col)
     for r in rows:
-        m, p, res = r["metrics"], r["params"], r["result"]
+        m, res = r["metrics"], r["result"]
 
         def fmt(key, spec=".3f", src=m):
             return f"{src[key]:{spec}}" if src.get(key) is not None else "-"
 
-        table.add_row(r["unit"], str(r["number"]), r["status"], fmt("lr", ".2e", p), fmt("epochs", "d", p),
-                      fmt("retain_weight", ".2f", p), fmt("forget_gap", "+.3f"), fmt("utility_drop", "+.3f"),
-                      fmt("mia_auc"), str(res.get("steps_done", "-")), fmt("wall_time_s", ".1f", r),
-                      "*" if r["id"] in front else "")
+        table.add_row(r["unit"], str(r["number"]), r["status"], describe(r["method"], r["params"]) or "-",
+                      fmt("forget_gap", "+.3f"), fmt("utility_drop", "+.3f"), fmt("mia_auc"),
+                      str(res.get("steps_done", "-")), fmt("wall_time_s", ".1f", r), "*" if r["pareto"] else "")
     out.print(table)
 
 
@@ -530,6 +521,9 @@ def cmd_study_show(args: argparse.Namespace) -> int:
     study = store.study(args.name)
     out.print(f"study [bold]{escape(study.name)}[/] on {escape(study.model)}: {study.status}")
     _print_study(store, args.name)
+    recommendation = store.recommendation(args.name)
+    if recommendation is not None:
+        _print_recommendation(recommendation, study.spec["target"], study.exact_retrain)
     return 0
 
 
@@ -549,7 +543,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ---- parser ------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(unlearn_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole CLI. `unlearn_flags=False` leaves out `tuner unlearn`'s settings and hyperparameter flags:
+    they are derived from the methods' declarations, which load torch (seconds the other commands need not
+    wait)."""
     parser = argparse.ArgumentParser(prog="tuner", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -575,20 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", help="output directory (must not exist or be empty); required unless --dry-run")
     u.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     u.add_argument("--config", help="YAML/JSON run settings (e.g. an exported recommendation); flags override")
-    u.add_argument("--method", help="one of `tuner methods`")
-    u.add_argument("--lr", type=float, help="peak learning rate")
-    u.add_argument("--epochs", type=float, help="passes over the forget set (default 1)")
-    u.add_argument("--max-steps", type=int, help="optimiser steps (overrides --epochs)")
-    u.add_argument("--retain-weight", type=float, help="λ of the retain term (ga_gd, ga_kl; default 1.0)")
-    u.add_argument("--retain-source", choices=["in_distribution", "general"], help="retain data for the retain term")
-    u.add_argument("--batch-size", type=int, help="blocks per micro-batch (default 8)")
-    u.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default 1)")
-    u.add_argument("--schedule", choices=["linear", "cosine", "constant"], help="lr schedule after warmup")
-    u.add_argument("--warmup-ratio", type=float, help="share of steps spent warming up (default 0.03)")
-    u.add_argument("--seed", type=int)
-    u.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    u.add_argument("--precision", choices=list(PRECISIONS), help=PRECISION_HELP + " (default auto)")
-    u.add_argument("--optimizer", choices=list(OPTIMIZERS), help=OPTIMIZER_HELP + " (default adamw)")
+    setting_flags: list[str] = []
+    if unlearn_flags:
+        from tuner import methods
+        from tuner.unlearn import UnlearnConfig
+
+        setting_flags = flags.add_model_flags(u, UnlearnConfig, skip=NOT_FLAGS)
+        flags.add_hyperparameter_flags(u, methods.declared())
     u.add_argument("--lora-r", type=int, help="train LoRA adapters of this rank instead of all weights (peft)")
     u.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
     u.add_argument("--lora-target-modules", help="comma-separated module names to adapt (default: all linear "
@@ -596,20 +586,6 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--dry-run", action="store_true", help="print the memory plan and stop; exit 2 if it cannot fit")
     u.add_argument("--gpu-memory-gib", type=float, help="check the plan against a GPU with this much memory in GiB (79 "
                    "for an 80 GB H100; default: the GPU in use)")
-    u.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None)
-    u.add_argument("--eval-every", type=int, help="steps between evaluations (default: about 10 per run)")
-    u.add_argument("--checkpoint", choices=["best", "last"],
-                   help="best (default): keep the evaluated step closest to the target; last: final weights")
-    u.add_argument("--eval-batch-size", type=int, help="blocks per evaluation batch (default 16)")
-    u.add_argument("--eval-utility-every", type=int,
-                   help="score retain/general NLL at every k-th curve point only (default 1: every point)")
-    u.add_argument("--eval-utility-blocks", type=int,
-                   help="score a fixed subsample of this many retain/general blocks at curve points "
-                        "(default: all; the final evaluation always scores all)")
-    u.add_argument("--compile", action="store_const", const=True, default=None,
-                   help="torch.compile the model's decoder (opt-in; pays on a GPU once compiled)")
-    u.add_argument("--no-stop-at-target", action="store_true",
-                   help="run all steps instead of stopping at the approximate-retraining point")
     u.add_argument("--forget", help="forget set: text file, directory, or JSONL (testbed: built in)")
     u.add_argument("--unseen", help="unseen same-distribution set (approximate retraining)")
     u.add_argument("--retain", help="in-distribution retain set")
@@ -617,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--text-field", default="text", help="text field of JSONL rows (default: text)")
     u.add_argument("--block-size", type=int, help="tokens per block (default: testbed's, else 128)")
     u.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (runs it!)")
-    u.set_defaults(func=cmd_unlearn)
+    u.set_defaults(func=cmd_unlearn, setting_flags=setting_flags)
 
     st = sub.add_parser("study", help="run, resume and inspect hyperparameter studies")
     sts = st.add_subparsers(dest="study_command", required=True)
@@ -739,7 +715,8 @@ def _say(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Tune hyperparameters for unlearning pre-trained causal LMs."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(unlearn_flags=argv[:1] == ["unlearn"]).parse_args(argv)
     try:
         return args.func(args)
     except TunerError as err:

@@ -23,6 +23,7 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
     """Name every bad field by its path, so the user can find it in their YAML or flags."""
     parts = []
     for item in err.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        parts.append(f"{loc}: {item['msg']}")
+        loc = ".".join(str(p) for p in item["loc"])
+        # a check across fields names its own field path in its message
+        parts.append(f"{loc}: {item['msg']}" if loc else item["msg"].removeprefix("Value error, "))
     return one_line(f"{source}: " + "; ".join(parts))

@@ -13,10 +13,10 @@ from typing import Any
 import yaml
 
 from tuner.errors import TunerError
-from tuner.recommend import OK_STATUSES, recommend_study, scaled_params
+from tuner.recommend import OK_STATUSES, scaled_params
 from tuner.store import Store
 
-FORMAT = "unlearn-tuner/recommendation@1"
+FORMAT = "unlearn-tuner/recommendation@2"  # @2: the hyperparameters under config.params (@1 files still apply)
 EXPECTED = ("forget_gap", "utility_drop", "mia_auc", "forget_nll", "unseen_nll", "retain_nll", "general_nll")
 
 
@@ -60,7 +60,10 @@ def _spread(rows: list[dict[str, Any]], chosen_id: int, radius: float) -> dict[s
 
 def build_export(store: Store, name: str, method: str | None = None) -> dict[str, Any]:
     study = store.study(name)
-    recommendation = recommend_study(store, name)
+    recommendation = store.recommendation(name)  # derived once by the study driver
+    if recommendation is None:
+        raise TunerError(f"study '{name}': no recommendation is stored yet (no trial has finished; "
+                         f"`tuner study resume {name}` runs the rest)")
     unit, rec = _pick(recommendation, method, name)
     rows = [r for r in store.trials(name) if r["unit"] == unit]
     trial = next(r for r in rows if r["id"] == rec["trial_id"])

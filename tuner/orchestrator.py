@@ -35,13 +35,12 @@ from ray.tune import Callback  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from tuner import __version__, methods  # noqa: E402
+from tuner import __version__, derived, methods  # noqa: E402
 from tuner.errors import TunerError  # noqa: E402
-from tuner.pareto import front_ids  # noqa: E402
 from tuner.retry import TRANSIENT, with_retry  # noqa: E402
 from tuner.spec import SamplerSpec, StudySpec, gpu_share, ray_address_problem, unit_name  # noqa: E402
 from tuner.store import Store  # noqa: E402
-from tuner.trial import prepare, trainable  # noqa: E402
+from tuner.trial import hyperparameters_of, prepare, trainable  # noqa: E402
 
 Event = Callable[[str, dict[str, Any]], None]
 OPTUNA_TRANSIENT = (*TRANSIENT, optuna.exceptions.StorageInternalError)
@@ -107,18 +106,17 @@ def make_sampler(spec: SamplerSpec, budget: int, seed: int) -> optuna.samplers.B
 
 
 class SearchSpaceFn:
-    """Optuna define-by-run space; a class (not a closure) so Tune can pickle the searcher's state."""
+    """Optuna define-by-run space, one suggestion per hyperparameter the method declares; a class (not a
+    closure) so Tune can pickle the searcher's state."""
 
     def __init__(self, spec: StudySpec, method: str) -> None:
-        self.space = spec.space_for(method)
-        self.has_lambda = methods.get(method).has_retain_term
+        self.ranges = spec.space_for(method)
+        self.declared = methods.get(method).space()
 
     def __call__(self, trial: optuna.Trial) -> None:
-        sp = self.space
-        trial.suggest_float("lr", sp.lr.low, sp.lr.high, log=sp.lr.log)
-        trial.suggest_int("epochs", sp.epochs.low, sp.epochs.high)
-        if self.has_lambda:
-            trial.suggest_float("retain_weight", sp.retain_weight.low, sp.retain_weight.high, log=sp.retain_weight.log)
+        for hp in self.declared:
+            r = self.ranges[hp.name]
+            hp.suggest(trial, r.low, r.high, bool(r.log))
 
 
 def package_versions() -> dict[str, str]:
@@ -145,6 +143,7 @@ class StudyOutcome:
     storage: str
     units: dict[str, UnitTally] = field(default_factory=dict)
     pareto_sizes: dict[str, int] = field(default_factory=dict)
+    recommendation: dict[str, Any] | None = None  # as stored by `tuner.derived.refresh`
 
 
 @dataclass
@@ -162,8 +161,8 @@ class StoreCallback(Callback):
     """Writes every trial's start, curve points and outcome to the store as they happen (driver side)."""
 
     def __init__(self, store: Store, units: dict[str, UnitRun], on_event: Event | None,
-                 request: dict[str, float] | None = None) -> None:
-        self.store, self.units, self.on_event = store, units, on_event
+                 request: dict[str, float] | None = None, study: str | None = None) -> None:
+        self.store, self.units, self.on_event, self.study = store, units, on_event, study
         self.request = request or {}  # what one trial asks of the cluster: {"CPU": 1, "GPU": 0}
         self.rows: dict[str, tuple[int, UnitRun]] = {}
         self.pids: dict[str, int] = {}  # trial id -> its worker's pid, from its results
@@ -174,6 +173,11 @@ class StoreCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into experiment state; a database handle is not state.
         return {}
+
+    def _derive(self) -> None:
+        """A trial finished: the study's Pareto flags and recommendation are derived again and stored."""
+        if self.study is not None:
+            derived.refresh(self.store, self.study)
 
     def _emit(self, unit: UnitRun) -> None:
         t = unit.tally
@@ -207,11 +211,11 @@ class StoreCallback(Callback):
             return self.rows.pop(trial.trial_id)
         unit = self.units[trial.config["unit"]]
         unit.tally.running += 1
-        return self.store.start_trial(unit.search_id, _params(trial.config)), unit
+        return self.store.start_trial(unit.search_id, hyperparameters_of(trial.config)), unit
 
     def on_trial_start(self, iteration, trials, trial, **info):
         unit = self.units[trial.config["unit"]]
-        self.rows[trial.trial_id] = (self.store.start_trial(unit.search_id, _params(trial.config)), unit)
+        self.rows[trial.trial_id] = (self.store.start_trial(unit.search_id, hyperparameters_of(trial.config)), unit)
         unit.tally.running += 1
         self._emit(unit)
 
@@ -242,6 +246,7 @@ class StoreCallback(Callback):
                 m = payload["metrics"]
                 if t.best is None or abs(m["forget_gap"]) < abs(t.best["forget_gap"]):
                     t.best = {"forget_gap": m["forget_gap"], "utility_drop": m.get("utility_drop", math.nan)}
+        self._derive()
         self._emit(unit)
 
     def _fail(self, trial, reason: str) -> None:
@@ -250,6 +255,7 @@ class StoreCallback(Callback):
         unit.tally.finished += 1
         unit.tally.failed += 1
         self.store.finish_trial(row, "failed", None, None, error=reason)
+        self._derive()
         self._emit(unit)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -283,10 +289,6 @@ class StoreCallback(Callback):
             self._emit(unit)
         for trial_id in list(searcher.owner):  # suggested, but its worker never started
             searcher.requeue(trial_id, failed=False)
-
-
-def _params(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: config[k] for k in ("lr", "epochs", "retain_weight") if k in config}
 
 
 def waiting_note(request: dict[str, float]) -> str:
@@ -548,12 +550,16 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         with store.schema_lock():  # Optuna creates its tables on first use; two new studies must not race
             storage = optuna.storages.RDBStorage(store.url, engine_kwargs=_optuna_engine_kwargs(store.url))
         units = _unit_runs(spec, store, study_id, storage, outcome, on_event)
+        if resume:
+            derived.refresh(store, spec.name)  # trials of an older version or a killed driver
         _run_trials(spec, units, store, on_event, tune.with_parameters(trainable, study=context, prepared=prepared),
                     ray_dir, concurrency)
+        outcome.recommendation = derived.refresh(store, spec.name)
         store.update_study(study_id, status="finished")
     except BaseException as err:
         if study_id is not None:
             store.interrupt_running(study_id, "study stopped before the trial finished")
+            derived.refresh(store, spec.name)
             store.update_study(study_id, status="interrupted")
         if isinstance(err, KeyboardInterrupt) and not isinstance(err, StudyStopped) and _signals_received:
             raise StudyStopped(_signals_received[-1]) from None
@@ -563,7 +569,7 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         if ray.is_initialized() and not spec.ray_address:
             ray.shutdown()
         _restore_signals(previous)
-    outcome.pareto_sizes = pareto_sizes(store, spec.name, spec.objectives)
+    outcome.pareto_sizes = pareto_sizes(store, spec.name)
     return outcome
 
 
@@ -575,7 +581,7 @@ def _run_trials(spec: StudySpec, units: list[UnitRun], store: Store, on_event: E
     from ray import tune
 
     request = {"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}
-    callback = StoreCallback(store, {u.name: u for u in units}, on_event, request)
+    callback = StoreCallback(store, {u.name: u for u in units}, on_event, request, study=spec.name)
     searcher = UnitsSearcher([u for u in units if u.remaining > 0], [f"obj_{o}" for o in spec.objectives])
     deadline = time.monotonic() + spec.budget.wall_time_min * 60 if spec.budget.wall_time_min else None
     for attempt in itertools.count(1):
@@ -648,7 +654,7 @@ def _unit_runs(spec: StudySpec, store: Store, study_id: int, storage: optuna.sto
         unit = unit_name(method, source)
         optuna_name = f"{spec.name}/{unit}"
         search_id = store.ensure_search(study_id, unit, method, source, optuna_name, spec.sampler.name,
-                                        spec.budget.trials, spec.space_for(method).model_dump())
+                                        spec.budget.trials, {k: r.model_dump() for k, r in spec.space_for(method).items()})
         _clean_optuna(storage, optuna_name)
         done = store.finished_count(search_id)
         tally = outcome.units[unit] = UnitTally(budget=spec.budget.trials, finished=done)
@@ -659,8 +665,12 @@ def _unit_runs(spec: StudySpec, store: Store, study_id: int, storage: optuna.sto
     return units
 
 
-def pareto_sizes(store: Store, name: str, objectives: list[str]) -> dict[str, int]:
-    return {unit: len(ids) for unit, ids in front_ids(store.trials(name), objectives).items()}
+def pareto_sizes(store: Store, name: str) -> dict[str, int]:
+    """Trials on each unit's stored Pareto front."""
+    sizes: dict[str, int] = {}
+    for row in store.trials(name):
+        sizes[row["unit"]] = sizes.get(row["unit"], 0) + int(row["pareto"])
+    return sizes
 
 
 def _optuna_engine_kwargs(url: str) -> dict[str, Any]:

@@ -3,22 +3,24 @@
 Rule (its tolerances are data in the spec's `target`): a trial *succeeds* when its forget gap is within
 `gap_tolerance` of 0 (and, when MIA AUC is an objective, its AUC within `mia_tolerance` of 0.5) and its
 utility drop within `utility_tolerance` (gap 0 reached by collapsing the model is no success). Among
-successes, prefer *robust* ones — whose neighbours in (log lr, epochs, log λ) space also succeed
-(guideline 5) — and then the smallest utility drop. With no success, report the closest trial and why.
+successes, prefer *robust* ones — whose neighbours in the method's hyperparameter space (each declared knob
+on its own scale, `tuner.hparams`) also succeed (guideline 5) — and then the smallest utility drop. With no
+success, report the closest trial and why.
+
+`recommend` is a pure function of the trial rows and the target: the study driver calls it once as trials
+finish and stores the result (`tuner.derived`); every view reads what was stored.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
-from tuner.store import Store
+from tuner import methods
+from tuner.hparams import LR, Hyperparameter
 
 OK_STATUSES = ("completed", "stopped_at_target")
-PARAMS = ("lr", "epochs", "retain_weight")
-LOG_PARAMS = ("lr", "retain_weight")
 
 
 def outcome(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> str:
@@ -47,10 +49,18 @@ def succeeded(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> b
     return outcome(row, target, use_mia) == "in_band" and (drop is None or drop <= target["utility_tolerance"])
 
 
+def axes(rows: list[dict[str, Any]]) -> list[Hyperparameter]:
+    """The declared hyperparameters the rows' settings vary along (the method's, in declaration order; a
+    name no method declares any more is left out)."""
+    names = {k for r in rows for k, v in (r.get("params") or {}).items() if v is not None}
+    method = next((r.get("method") for r in rows if r.get("method") in methods.available()), None)
+    return [hp for hp in methods.space_of(method) if hp.name in names]
+
+
 def scaled_params(rows: list[dict[str, Any]]) -> list[list[float]]:
-    """Hyperparameters scaled to [0, 1] per study unit (log scale for lr and λ)."""
-    names = [p for p in PARAMS if any(r["params"].get(p) is not None for r in rows)]
-    raw = [[math.log10(r["params"][p]) if p in LOG_PARAMS else float(r["params"][p]) for p in names] for r in rows]
+    """Hyperparameters scaled to [0, 1] per study unit, each on its declared scale (log for lr, λ, ...)."""
+    hps = axes(rows)
+    raw = [[hp.coordinate(r["params"].get(hp.name, hp.default)) for hp in hps] for r in rows]
     lows = [min(col) for col in zip(*raw, strict=True)] if raw else []
     spans = [(max(col) - lo) or 1.0 for col, lo in zip(zip(*raw, strict=True), lows, strict=True)] if raw else []
     return [[(v - lo) / s for v, lo, s in zip(row, lows, spans, strict=True)] for row in raw]
@@ -77,7 +87,7 @@ def robustness(rows: list[dict[str, Any]], success: list[bool], bandwidth: float
 
 def window_width(rows: list[dict[str, Any]], success: list[bool]) -> float:
     """Width of the success window in decades of learning rate (0 for a single success)."""
-    lrs = [math.log10(r["params"]["lr"]) for r, ok in zip(rows, success, strict=True) if ok]
+    lrs = [LR.coordinate(r["params"][LR.name]) for r, ok in zip(rows, success, strict=True) if ok]
     return max(lrs) - min(lrs) if lrs else 0.0
 
 
@@ -133,12 +143,9 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
                                                             "unseen_nll", "retain_nll")}}
 
 
-def recommend_study(store: Store, name: str) -> dict[str, Any]:
-    """Per search unit and overall; the overall pick is the best-utility unit recommendation, robust first."""
-    study = store.study(name)
-    target = study.spec["target"]
-    use_mia = "mia_auc" in study.spec.get("objectives", [])
-    rows = store.trials(name)
+def recommend(rows: list[dict[str, Any]], target: dict[str, float], use_mia: bool) -> dict[str, Any]:
+    """Per search unit and overall, from a study's trial rows (`Store.trials`); the overall pick is the
+    best-utility unit recommendation, robust first."""
     units: dict[str, dict[str, Any]] = {}
     for unit in dict.fromkeys(r["unit"] for r in rows):
         units[unit] = recommend_unit([r for r in rows if r["unit"] == unit], target, use_mia)
@@ -152,11 +159,4 @@ def recommend_study(store: Store, name: str) -> dict[str, Any]:
         overall = {"unit": unit, **rec}
     else:
         overall = {"unit": None, "trial_id": None, "status": "none", "reason": "no method reached the target band"}
-    return {"study": name, "target": target, "uses_mia": use_mia, "units": units, "overall": overall}
-
-
-def save(store: Store, name: str, recommendation: dict[str, Any]) -> None:
-    study = store.study(name)
-    store.replace_recommendations(study.id, [(unit, rec.get("trial_id"), rec)
-                                             for unit, rec in recommendation["units"].items()]
-                                  + [(None, recommendation["overall"].get("trial_id"), recommendation["overall"])])
+    return {"units": units, "overall": overall}

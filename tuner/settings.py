@@ -20,20 +20,21 @@ class RunSettings(BaseModel):
 
     batch_size: int = Field(8, gt=0, description="blocks per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    schedule: Schedule = "linear"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of the steps spent warming up the lr")
+    schedule: Schedule = Field("linear", description="lr schedule after the warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (null: no clipping)")
     precision: Precision = Field("auto", description=PRECISION_HELP)
     optimizer: Optimizer = Field("adamw", description=OPTIMIZER_HELP)
     lora: LoraSpec | None = Field(None, description="train low-rank adapters instead of all weights (peft)")
-    device: str = "auto"
-    gradient_checkpointing: bool = False
+    device: str = Field("auto", description="auto (a GPU when there is one), cpu, cuda, cuda:N")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less "
+                                                            "memory, about a third more compute")
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations (default: ~10 per run)")
     stop_at_target: bool = Field(True, description="stop once the forget gap reaches 0 (guideline 1)")
     checkpoint: Literal["best", "last"] = Field(
         "best", description="best: keep the evaluated step closest to the target; last: the final weights")
-    eval_batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(16, gt=0, description="blocks per evaluation batch")
     eval_utility_every: int = Field(
         1, gt=0, description="score retain/general NLL at every k-th curve point (forget and unseen: at every "
                              "point; the final evaluation: everything)")

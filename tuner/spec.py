@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tuner import methods
 from tuner.data import DataSpec, RetainSource
 from tuner.errors import TunerError, describe_validation_error, one_line
+from tuner.hparams import Hyperparameter
 from tuner.settings import RunSettings
 
 Objective = Literal["forget_gap", "utility_drop", "mia_auc"]
@@ -24,50 +25,48 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class FloatRange(_Strict):
+class Range(_Strict):
+    """A hyperparameter's search range. `log` defaults to its declaration's scale; integer knobs take whole
+    bounds."""
+
     low: float
     high: float
-    log: bool = True
+    log: bool | None = None
 
     @model_validator(mode="after")
-    def _ordered(self) -> FloatRange:
+    def _ordered(self) -> Range:
         if self.low > self.high:
-            raise ValueError(f"empty range: low {self.low} > high {self.high}")
+            raise ValueError(f"empty range: low {self.low:g} > high {self.high:g}")
         if self.log and self.low <= 0:
             raise ValueError("a log-scale range needs low > 0")
         return self
 
 
-class IntRange(_Strict):
-    low: int = Field(ge=1)
-    high: int = Field(ge=1)
+class PartialRange(_Strict):
+    """A per-method override of some of a range's fields."""
 
-    @model_validator(mode="after")
-    def _ordered(self) -> IntRange:
-        if self.low > self.high:
-            raise ValueError(f"empty range: low {self.low} > high {self.high}")
-        return self
+    low: float | None = None
+    high: float | None = None
+    log: bool | None = None
 
 
-class SearchSpace(_Strict):
-    """Ranges searched per method. Guideline 4: the learning rate on a log scale first."""
-
-    lr: FloatRange = FloatRange(low=1e-5, high=3e-3, log=True)
-    epochs: IntRange = IntRange(low=1, high=5)
-    retain_weight: FloatRange = FloatRange(low=0.1, high=10.0, log=True)
-
-    @field_validator("lr")
-    @classmethod
-    def _positive_lr(cls, value: FloatRange) -> FloatRange:
-        if value.low <= 0:
-            raise ValueError("learning rates must be > 0")
-        return value
-
-
-class PartialSearchSpace(_Strict):
-    lr: FloatRange | None = None
-    epochs: IntRange | None = None
-    retain_weight: FloatRange | None = None
+def resolved_range(hp: Hyperparameter, *layers: dict[str, Any]) -> Range:
+    """The declared default range of `hp`, overridden by each layer in turn (the study's `search`, then its
+    `per_method` entry), checked against what the hyperparameter may be."""
+    doc = hp.range()
+    for layer in layers:
+        doc.update({k: v for k, v in layer.items() if v is not None})
+    rng = Range.model_validate(doc)
+    if rng.log is None:
+        rng.log = hp.log
+    if rng.log and rng.low <= 0:
+        raise ValueError(f"{hp.name}: a log-scale range needs low > 0")
+    for bound in (rng.low, rng.high):
+        problem = hp.problem(bound) or (hp.integer and bound != int(bound) and f"{hp.name} is searched in whole "
+                                        f"numbers (got {bound:g})")
+        if problem:
+            raise ValueError(problem)
+    return rng
 
 
 class SamplerSpec(_Strict):
@@ -139,8 +138,11 @@ class StudySpec(_Strict):
     data: DataSpec | None = Field(None, description="required unless the model is a testbed")
     methods: list[str] = Field(default_factory=lambda: list(methods.available()))
     retain_sources: list[RetainSource] = ["in_distribution", "general"]
-    search: SearchSpace = SearchSpace()
-    per_method: dict[str, PartialSearchSpace] = Field(default_factory=dict)
+    search: dict[str, PartialRange] = Field(
+        default_factory=dict, description="hyperparameter -> range, for every method of the study that takes it "
+                                          "(unnamed ones keep their declared range; `tuner methods` lists them)")
+    per_method: dict[str, dict[str, PartialRange]] = Field(
+        default_factory=dict, description="method -> hyperparameter -> range, over `search`")
     objectives: list[Objective] = ["forget_gap", "utility_drop"]
     sampler: SamplerSpec = SamplerSpec()
     budget: Budget = Budget()
@@ -188,13 +190,36 @@ class StudySpec(_Strict):
                 raise ValueError(f"per_method: '{name}' is not among the study's methods")
         if len(set(self.objectives)) != len(self.objectives) or not self.objectives:
             raise ValueError("objectives: name each objective once, at least one")
+        self._check_search()
         return self
 
-    def space_for(self, method: str) -> SearchSpace:
-        override = self.per_method.get(method)
-        if override is None:
-            return self.search
-        return SearchSpace.model_validate({**self.search.model_dump(), **override.model_dump(exclude_none=True)})
+    def _check_search(self) -> None:
+        """Every named hyperparameter is one a method of the study takes, and every resolved range is valid;
+        errors name the field path (`search.lr`, `per_method.npo.beta`) and the method."""
+        spaces = {m: methods.get(m).space() for m in self.methods}
+        for name, partial in self.search.items():
+            takers = {m: hp for m, space in spaces.items() for hp in space if hp.name == name}
+            if not takers:
+                others = [m for m, pairs in methods.declared().items() if m == name for m, _ in pairs]
+                where = f"; {', '.join(others)} do" if others else "; no method declares it"
+                raise ValueError(f"search.{name}: no method of this study ({', '.join(self.methods)}) takes "
+                                 f"'{name}'{where}")
+            for method, hp in takers.items():
+                _checked(f"search.{name}", method, hp, _fields(partial))
+        for method, ranges in self.per_method.items():
+            own = {hp.name: hp for hp in spaces[method]}
+            for name, partial in ranges.items():
+                if name not in own:
+                    raise ValueError(f"per_method.{method}.{name}: method '{method}' has no hyperparameter "
+                                     f"'{name}' (it takes: {', '.join(own)})")
+                _checked(f"per_method.{method}.{name}", method, own[name], _fields(self.search.get(name)),
+                         _fields(partial))
+
+    def space_for(self, method: str) -> dict[str, Range]:
+        """The method's searched ranges, one per declared hyperparameter, in declaration order."""
+        over = self.per_method.get(method, {})
+        return {hp.name: resolved_range(hp, _fields(self.search.get(hp.name)), _fields(over.get(hp.name)))
+                for hp in methods.get(method).space()}
 
     def available_retain_sources(self) -> list[str]:
         """Testbeds bring both retain sources; otherwise those the data section names."""
@@ -212,6 +237,18 @@ class StudySpec(_Strict):
             else:
                 out.append((name, None))
         return out
+
+
+def _checked(path: str, method: str, hp: Hyperparameter, *layers: dict[str, Any]) -> Range:
+    try:
+        return resolved_range(hp, *layers)
+    except (ValueError, ValidationError) as err:
+        reason = err.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(err, ValidationError) else err
+        raise ValueError(f"{path}: {reason} (method '{method}')") from None
+
+
+def _fields(partial: PartialRange | None) -> dict[str, Any]:
+    return partial.model_dump() if partial is not None else {}
 
 
 def unit_name(method: str, retain_source: str | None) -> str:

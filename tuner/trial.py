@@ -42,6 +42,11 @@ def objective_values(metrics: dict[str, float] | None, objectives: list[str]) ->
     return {f"obj_{name}": float(values[name]) for name in objectives}
 
 
+def hyperparameters_of(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's hyperparameters: what the searcher suggested, without the search unit it is routed by."""
+    return {k: v for k, v in config.items() if k != "unit"}
+
+
 def _device_and_precision(study: dict[str, Any]) -> tuple[torch.device, PrecisionPlan]:
     settings = RunSettings.model_validate(study["run"])
     device = resolve_device(settings.device)
@@ -121,8 +126,8 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
     bench = workbench(study)
     baseline = prepared["baseline"]
     cfg = UnlearnConfig(method=unit["method"], retain_source=unit["retain_source"] or "in_distribution",
-                        seed=study["seed"], lr=params["lr"], epochs=params["epochs"],
-                        retain_weight=params.get("retain_weight", 1.0), world_size=study.get("workers", 1),
+                        seed=study["seed"], params=hyperparameters_of(params),
+                        world_size=study.get("workers", 1),
                         sharding=study.get("sharding", "ddp"), **study["run"])
 
     def on_eval(point: dict[str, float]) -> None:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from tuner import methods
 from tuner.data import RetainSource, UnlearnData
@@ -40,11 +40,11 @@ class UnlearnConfig(RunSettings):
     `params` holds the method's hyperparameters (`UnlearningMethod.space()`), defaults filled in; the flat
     keys of older exports (`lr: ...` beside `method:`) are read into it."""
 
-    method: str
+    method: str = Field(description="one of `tuner methods`")
     params: dict[str, float | int] = Field(default_factory=dict, description="the method's hyperparameters")
     max_steps: int | None = Field(None, gt=0, description="optimiser steps; overrides epochs when given")
-    retain_source: RetainSource = "in_distribution"
-    seed: int = 0
+    retain_source: RetainSource = Field("in_distribution", description="retain data of methods that train on it")
+    seed: int = Field(0, description="seeds the batch order and every random draw of the method")
     world_size: int = Field(1, ge=1, description="ranks the run is sharded over; batch_size is per rank")
     sharding: Strategy = Field("ddp", description="ddp: weights on every rank; fsdp: FSDP2 shards them")
 
@@ -73,10 +73,11 @@ class UnlearnConfig(RunSettings):
             raise ValueError(f"unknown method '{value}' (choose from: {', '.join(names)})")
         return value
 
-    @model_validator(mode="after")
-    def _complete_params(self) -> UnlearnConfig:
-        self.params = methods.get(self.method).settings(self.params)
-        return self
+    @field_validator("params")
+    @classmethod
+    def _complete_params(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        method = info.data.get("method")  # absent when the method itself was refused
+        return methods.get(method).settings(value) if method else value
 
     @property
     def lr(self) -> float:

@@ -47,6 +47,20 @@ def declared() -> dict[str, list[tuple[str, Hyperparameter]]]:
     return out
 
 
+def space_of(method: str | None) -> tuple[Hyperparameter, ...]:
+    """The method's declared hyperparameters; for a method this version no longer has, every declaration
+    (first of each name), so rows of older stores still read."""
+    if method in available():
+        return get(method).space()
+    return tuple(pairs[0][1] for pairs in declared().values())
+
+
+def describe(method: str | None, params: dict) -> str:
+    """"lr 2.87e-03, epochs 3, λ 0.5": a setting as tables, hovers and summaries print it."""
+    return ", ".join(f"{hp.short} {hp.format(params[hp.name])}" for hp in space_of(method)
+                     if params.get(hp.name) is not None)
+
+
 def get(name: str) -> type[UnlearningMethod]:
     methods = available()
     if name not in methods:
@@ -54,4 +68,5 @@ def get(name: str) -> type[UnlearningMethod]:
     return methods[name]
 
 
-__all__ = ["Batch", "MethodContext", "UnlearningMethod", "available", "declared", "get", "register"]
+__all__ = ["Batch", "MethodContext", "UnlearningMethod", "available", "declared", "describe", "get", "register",
+           "space_of"]

@@ -279,9 +279,8 @@ class Store:
             if found is not None:
                 return found
             number = (s.scalar(select(func.max(Trial.number)).where(Trial.search_id == search_id)) or 0) + 1
-            trial = Trial(search_id=search_id, number=number, status="running", params=params,
-                          lr=params.get("lr"), epochs=params.get("epochs"), retain_weight=params.get("retain_weight"),
-                          host=host, start_key=key)
+            trial = Trial(search_id=search_id, number=number, status="running", params=params, host=host,
+                          start_key=key)
             s.add(trial)
             s.flush()
             return trial.id
@@ -340,7 +339,8 @@ class Store:
         in_study = Search.study_id == study.id
         with self.sessions() as s:
             rows = s.execute(select(Trial.id, Search.unit, Search.method, Search.retain_source, Trial.number,
-                                    Trial.status, Trial.params, Trial.objectives, Trial.error, Trial.wall_time_s,
+                                    Trial.status, Trial.params, Trial.pareto, Trial.objectives, Trial.error,
+                                    Trial.wall_time_s,
                                     Trial.device, Trial.effective_batch, Trial.world_size, Trial.result)
                              .join(Search).where(in_study).order_by(Search.id, Trial.number)).all()
             metrics: dict[int, dict[str, float | None]] = {}
@@ -348,7 +348,8 @@ class Store:
                                                    .join(Trial).join(Search).where(in_study)):
                 metrics.setdefault(trial_id, {})[name] = value
         return [{"id": r.id, "unit": r.unit, "method": r.method, "retain_source": r.retain_source,
-                 "number": r.number, "status": r.status, "params": r.params, "objectives": r.objectives or {},
+                 "number": r.number, "status": r.status, "params": r.params, "pareto": bool(r.pareto),
+                 "objectives": r.objectives or {},
                  "error": r.error, "metrics": metrics.get(r.id, {}), "wall_time_s": r.wall_time_s,
                  "device": r.device, "effective_batch": r.effective_batch, "world_size": r.world_size,
                  "result": r.result or {}} for r in rows]
@@ -357,6 +358,13 @@ class Store:
         with self.sessions() as s:
             points = s.scalars(select(CurvePoint).where(CurvePoint.trial_id == trial_id).order_by(CurvePoint.step))
             return [{"step": p.step, **{k: getattr(p, k) for k in CURVE_KEYS}} for p in points]
+
+    @retrying
+    def set_pareto(self, study_id: int, front: set[int]) -> None:
+        """The study's Pareto flags: the trials in `front` on it, every other trial of the study off it."""
+        with self.sessions.begin() as s:
+            ids = select(Search.id).where(Search.study_id == study_id)
+            s.execute(update(Trial).where(Trial.search_id.in_(ids)).values(pareto=Trial.id.in_(sorted(front) or [-1])))
 
     @retrying
     def replace_recommendations(self, study_id: int, items: list[tuple[str | None, int | None, dict]]) -> None:
@@ -371,6 +379,14 @@ class Store:
         with self.sessions() as s:
             rows = s.scalars(select(Recommendation).where(Recommendation.study_id == study.id))
             return {r.method: r.payload for r in rows}
+
+    def recommendation(self, study_name: str) -> dict[str, Any] | None:
+        """The stored recommendation as the recommender made it ({"units": ..., "overall": ...}), or None
+        before the study driver has derived one."""
+        stored = self.recommendations(study_name)
+        if not stored:
+            return None
+        return {"units": {u: p for u, p in stored.items() if u is not None}, "overall": stored.get(None) or {}}
 
 
 def _refuse_foreign(url: str, tables: list[str], create: bool) -> None:

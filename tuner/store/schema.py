@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -65,10 +65,9 @@ class Trial(Base):
     search_id: Mapped[int] = mapped_column(ForeignKey("tuner_searches.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)  # the Optuna trial number
     status: Mapped[str] = mapped_column(String(30))  # running/completed/stopped_at_target/diverged/failed
-    params: Mapped[dict] = mapped_column(JSON)
-    lr: Mapped[float | None] = mapped_column(Float, nullable=True)
-    epochs: Mapped[float | None] = mapped_column(Float, nullable=True)
-    retain_weight: Mapped[float | None] = mapped_column(Float, nullable=True)
+    params: Mapped[dict] = mapped_column(JSON)  # the method's hyperparameters (tuner.hparams), by name
+    # on its search unit's Pareto front: derived by the study driver as trials finish, read by every view
+    pareto: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     objectives: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # steps, tokens, timings, environment
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
