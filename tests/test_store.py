@@ -113,6 +113,64 @@ def test_a_store_written_before_the_start_key_is_upgraded(store_url):
     assert [(r["number"], r["params"]["lr"]) for r in store.trials("old")] == [(1, 0.001), (2, 0.002)]
 
 
+def test_a_store_written_before_declared_hyperparameters_opens_and_shows_its_studies(store_url, tmp_path):
+    """A store at revision 0002 (a column per hyperparameter, no stored Pareto flags) is migrated on open:
+    its studies are listed, its trials keep their settings, the Pareto front of its stored objectives is
+    flagged, and `tuner study show` prints it with its stored recommendation."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sqlalchemy import create_engine, text
+
+    from tuner.store import migrate
+
+    engine = create_engine(store_url)
+    migrate(engine, "0002")
+    spec = {"name": "old", "objectives": ["forget_gap", "utility_drop"], "methods": ["ga_gd"],
+            "target": {"gap_tolerance": 0.1, "utility_tolerance": 0.5}}
+    trials = [(1, 1e-3, 2.0, 0.5, 0.05, 0.2), (2, 2e-3, 3.0, 1.0, 0.01, 0.4), (3, 1e-4, 1.0, 2.0, 0.3, 0.5)]
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tuner_studies (id, name, status, model, seed, spec, spec_text, created_at, "
+                          "updated_at) VALUES (1, 'old', 'finished', 'testbed:micro', 0, :spec, '', '2026-11-22', "
+                          "'2026-11-22')"), {"spec": json.dumps(spec)})
+        conn.execute(text("INSERT INTO tuner_searches (id, study_id, unit, method, retain_source, optuna_study, "
+                          "sampler, budget, space) VALUES (1, 1, 'ga_gd@general', 'ga_gd', 'general', "
+                          "'old/ga_gd@general', 'tpe', 3, '{}')"))
+        for number, lr, epochs, lam, gap, drop in trials:
+            params = {"lr": lr, "epochs": epochs, "retain_weight": lam}
+            conn.execute(text("INSERT INTO tuner_trials (search_id, number, status, params, lr, epochs, retain_weight, "
+                              "objectives, started_at) VALUES (1, :n, 'completed', :p, :lr, :ep, :lam, :obj, "
+                              "'2026-11-22')"),
+                         {"n": number, "p": json.dumps(params), "lr": lr, "ep": epochs, "lam": lam,
+                          "obj": json.dumps({"forget_gap": gap, "utility_drop": drop})})
+            conn.execute(text("INSERT INTO tuner_metrics (trial_id, name, value) VALUES (:t, 'forget_gap', :g)"),
+                         {"t": number, "g": gap})
+        overall = {"unit": "ga_gd@general", "trial_id": 2, "number": 2, "status": "recommended", "reason": "in band",
+                   "params": {"lr": 2e-3, "epochs": 3.0, "retain_weight": 1.0},
+                   "metrics": {"forget_gap": 0.01, "utility_drop": 0.4, "forget_nll": 5.0, "unseen_nll": 5.0}}
+        conn.execute(text("INSERT INTO tuner_recommendations (study_id, method, trial_id, payload, created_at) "
+                          "VALUES (1, NULL, 2, :p, '2026-11-22')"), {"p": json.dumps(overall)})
+    engine.dispose()
+
+    store = Store(store_url)
+    columns = {c["name"] for c in inspect(store.engine).get_columns("tuner_trials")}
+    assert {"lr", "epochs", "retain_weight"}.isdisjoint(columns) and "pareto" in columns
+    assert [s["name"] for s in store.list_studies()] == ["old"]
+    rows = store.trials("old")
+    assert [r["params"]["retain_weight"] for r in rows] == [0.5, 1.0, 2.0]
+    # (0.05, 0.2) and (0.01, 0.4) trade off; (0.3, 0.5) is dominated by both
+    assert [r["pareto"] for r in rows] == [True, True, False]
+    assert store.recommendation("old")["overall"]["trial_id"] == 2
+    if store_url.startswith("sqlite"):
+        tuner = str(Path(sys.executable).with_name("tuner"))
+        shown = subprocess.run([tuner, "study", "show", "old", "--storage", store_url], capture_output=True,
+                               text=True, timeout=120, env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"})
+        assert shown.returncode == 0, shown.stderr
+        assert "lr 2.00e-03, epochs 3, λ 1" in shown.stdout and "overall recommendation" in shown.stdout
+
+
 def test_the_migrations_build_the_schema_the_code_declares(store_url):
     """Alembic finds nothing to add or drop between the migrated database and tuner.store.schema."""
     from alembic.autogenerate import compare_metadata

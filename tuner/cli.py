@@ -435,12 +435,12 @@ def cmd_study_run(args: argparse.Namespace) -> int:
 
 
 def cmd_study_resume(args: argparse.Namespace) -> int:
-    from tuner.spec import validate_spec
+    from tuner.spec import stored_spec
 
     args.study_name = args.name
     store = _store(args, create=False)
     study = store.study(args.name)
-    spec = validate_spec(study.spec, f"stored spec of '{args.name}'")
+    spec = stored_spec(study.spec, f"stored spec of '{args.name}'")
     _warn_remote_code(spec)
     if args.address:
         spec.ray_address = args.address

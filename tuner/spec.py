@@ -287,6 +287,18 @@ def _load_spec(p: Path, overrides: dict | None) -> tuple[StudySpec, str]:
     return validate_spec(doc, str(p)), text
 
 
+def stored_spec(doc: dict, source: str) -> StudySpec:
+    """A spec as the store holds it. Versions before per-method hyperparameters wrote every shared range into
+    `search` (λ too, for studies of methods without a retain term): ranges no method of the study takes are
+    dropped here rather than refused, so such studies still resume."""
+    names = [m for m in doc.get("methods") or [] if m in methods.available()]
+    taken = {hp.name for m in names for hp in methods.get(m).space()}
+    search = doc.get("search")
+    if names and isinstance(search, dict):
+        doc = {**doc, "search": {k: v for k, v in search.items() if k in taken}}
+    return validate_spec(doc, source)
+
+
 def validate_spec(doc: dict, source: str) -> StudySpec:
     """The spec in `doc` (parsed YAML or a stored spec), or a one-line TunerError naming `source` and the field."""
     try:
