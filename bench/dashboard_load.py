@@ -39,6 +39,7 @@ import urllib.request
 from pathlib import Path
 
 from dashboards.headless import CHROMIUM_ARGS
+from tuner.hparams import EPOCHS, LR, RETAIN_WEIGHT
 from tuner.store import Store
 
 FIGURE_IDS = ("fig-pareto", "fig-robustness", "fig-curves", "fig-hypervolume", "fig-parallel", "fig-efficiency")
@@ -120,8 +121,8 @@ def fill_store(url: str, name: str, trials: int, seed: int = 0) -> Store:
     spec = {"name": name, "model": "testbed:micro", "notes": "SYNTHETIC trial rows written by bench/dashboard_load.py",
             "objectives": ["forget_gap", "utility_drop"], "sampler": {"name": "tpe"},
             "budget": {"trials": math.ceil(trials / len(UNITS))},
-            "search": {"lr": {"low": 1e-4, "high": 3e-3, "log": True}, "epochs": {"low": 1, "high": 4},
-                       "retain_weight": {"low": 0.3, "high": 3.0, "log": True}},
+            "search": {LR.name: {"low": 1e-4, "high": 3e-3, "log": True}, EPOCHS.name: {"low": 1, "high": 4},
+                       RETAIN_WEIGHT.name: {"low": 0.3, "high": 3.0, "log": True}},
             "target": {"gap_tolerance": 0.05, "utility_tolerance": 0.3, "mia_tolerance": 0.1}}
     study_id = store.create_study(name, "testbed:micro", seed, spec, "# synthetic\n", {"bench": "dashboard_load"})
     per_unit = [trials // len(UNITS) + (i < trials % len(UNITS)) for i in range(len(UNITS))]
@@ -132,7 +133,7 @@ def fill_store(url: str, name: str, trials: int, seed: int = 0) -> Store:
             lr = math.exp(rng.uniform(math.log(1e-4), math.log(3e-3)))
             epochs = rng.randint(1, 4)
             lam = math.exp(rng.uniform(math.log(0.3), math.log(3.0))) if method in ("ga_gd", "ga_kl") else None
-            params = {"lr": lr, "epochs": epochs} | ({"retain_weight": lam} if lam is not None else {})
+            params = {LR.name: lr, EPOCHS.name: epochs} | ({RETAIN_WEIGHT.name: lam} if lam is not None else {})
             row = store.start_trial(search_id, params, host="synthetic")
             if rng.random() < 0.01:  # a worker dies now and then
                 store.finish_trial(row, "failed", None, None, error="RuntimeError: worker lost (synthetic)")

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from tuner.hparams import EPOCHS, LR
 from tuner.settings import RunSettings
 from tuner.trial import prepare, run_trial
 
@@ -36,11 +37,11 @@ def main() -> None:
     print(f"device {args.device}: {torch.cuda.get_device_name() if cuda else 'cpu'}; after prepare: {allocated()}")
     big = {**study, "run": {**study["run"], "batch_size": oversized}}
     started = time.perf_counter()
-    failed = run_trial({"unit": "u", "lr": 5e-4, "epochs": 1, "retain_weight": 1.0}, big, prepared, lambda _r: None)
+    failed = run_trial({"unit": "u", LR.name: 5e-4, EPOCHS.name: 1}, big, prepared, lambda _r: None)
     print(f"oversized batch {oversized}: status {failed['status']} in {time.perf_counter() - started:.1f} s; "
           f"{allocated()}\n  reason: {failed['payload']['reason']}")
     started = time.perf_counter()
-    ok = run_trial({"unit": "u", "lr": 5e-4, "epochs": 2, "retain_weight": 1.0}, study, prepared, lambda _r: None)
+    ok = run_trial({"unit": "u", LR.name: 5e-4, EPOCHS.name: 2}, study, prepared, lambda _r: None)
     m = ok["payload"]["metrics"] or {}
     print(f"next trial, same process, batch {study['run']['batch_size']}: status {ok['status']} in "
           f"{time.perf_counter() - started:.1f} s; forget gap {m.get('forget_gap', float('nan')):+.3f}; {allocated()}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from tuner.hparams import EPOCHS, LR
 from tuner.orchestrator import run_study
 from tuner.spec import load_spec
 from tuner.store import Store
@@ -37,7 +38,7 @@ def main() -> None:
     spec_path.write_text(yaml.safe_dump({
         "name": "overhead", "model": args.model, "methods": args.methods, "retain_sources": ["in_distribution"],
         "budget": {"trials": args.trials}, "concurrency": 1, "run": {"device": "cpu"},
-        "search": {"lr": {"low": 1e-4, "high": 1e-3}, "epochs": {"low": 1, "high": 3}}}))
+        "search": {LR.name: {"low": 1e-4, "high": 1e-3}, EPOCHS.name: {"low": 1, "high": 3}}}))
     spec, text = load_spec(spec_path)
     store = Store(f"sqlite:///{tmp / 'overhead.db'}")
     started = time.time()

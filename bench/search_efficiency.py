@@ -18,6 +18,7 @@ import time
 
 import optuna
 
+from tuner.hparams import EPOCHS, LR, RETAIN_WEIGHT
 from tuner.settings import RunSettings
 from tuner.trial import prepare, run_trial
 
@@ -63,7 +64,7 @@ def main() -> None:
     def cached(lr: float, epochs: int, rw: float) -> tuple[float, float]:
         key = (round(math.log10(lr), 6), epochs, round(math.log10(rw), 6))
         if key not in cache:
-            cache[key] = evaluate({"lr": lr, "epochs": epochs, "retain_weight": rw}, study, prepared)
+            cache[key] = evaluate({LR.name: lr, EPOCHS.name: epochs, RETAIN_WEIGHT.name: rw}, study, prepared)
         return cache[key]
 
     started = time.perf_counter()
@@ -87,8 +88,8 @@ def main() -> None:
             points = []
             for _ in range(args.trials):
                 t = ost.ask()
-                values = cached(t.suggest_float("lr", lr_lo, lr_hi, log=True), t.suggest_int("epochs", 1, 3),
-                                t.suggest_float("retain_weight", rw_lo, rw_hi, log=True))
+                values = cached(t.suggest_float(LR.name, lr_lo, lr_hi, log=True), t.suggest_int(EPOCHS.name, 1, 3),
+                                t.suggest_float(RETAIN_WEIGHT.name, rw_lo, rw_hi, log=True))
                 if math.isfinite(values[0]):
                     ost.tell(t, list(values))
                 else:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tuner.errors import TunerError
 from tuner.evaluation import autocast_for
+from tuner.hparams import LR
 from tuner.precision import Optimizer
 
 if TYPE_CHECKING:
@@ -183,7 +184,7 @@ def run_loop(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         outcome.steps_done = step + 1
-        logs = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
+        logs = {"step": step + 1, "loss": loss_value, LR.name: lr, "grad_norm": norm_value}
         logs.update(zip(names, part_values, strict=True))
         outcome.history.append(logs)
         if after_step is not None and after_step(step + 1, logs):
