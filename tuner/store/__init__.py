@@ -360,11 +360,33 @@ class Store:
             return [{"step": p.step, **{k: getattr(p, k) for k in CURVE_KEYS}} for p in points]
 
     @retrying
-    def set_pareto(self, study_id: int, front: set[int]) -> None:
-        """The study's Pareto flags: the trials in `front` on it, every other trial of the study off it."""
+    def set_pareto(self, study_id: int, front: set[tuple[int, int | None]]) -> None:
+        """The study's Pareto flags from the candidates `(trial id, step)` on the front: those checkpoints
+        on it, and a trial on it when one of its checkpoints is; everything else of the study off it."""
+        trial_ids = sorted({t for t, _ in front}) or [-1]
         with self.sessions.begin() as s:
-            ids = select(Search.id).where(Search.study_id == study_id)
-            s.execute(update(Trial).where(Trial.search_id.in_(ids)).values(pareto=Trial.id.in_(sorted(front) or [-1])))
+            searches = select(Search.id).where(Search.study_id == study_id)
+            s.execute(update(Trial).where(Trial.search_id.in_(searches)).values(pareto=Trial.id.in_(trial_ids)))
+            trials = select(Trial.id).where(Trial.search_id.in_(searches))
+            s.execute(update(CurvePoint).where(CurvePoint.trial_id.in_(trials)).values(pareto=False))
+            for trial_id, step in front:
+                if step is not None:
+                    s.execute(update(CurvePoint).where(CurvePoint.trial_id == trial_id, CurvePoint.step == step)
+                              .values(pareto=True))
+
+    def study_curves(self, study_name: str) -> dict[int, list[dict[str, Any]]]:
+        """Every trial's curve of one study in one query: {trial id: [points by step, with their flag]}."""
+        study = self.study(study_name)
+        columns = [CurvePoint.trial_id, CurvePoint.step, CurvePoint.pareto, *(getattr(CurvePoint, k) for k in CURVE_KEYS)]
+        query = (select(*columns).join(Trial, Trial.id == CurvePoint.trial_id)
+                 .join(Search, Search.id == Trial.search_id).where(Search.study_id == study.id)
+                 .order_by(CurvePoint.trial_id, CurvePoint.step))
+        out: dict[int, list[dict[str, Any]]] = {}
+        with self.sessions() as s:
+            for row in s.execute(query):
+                out.setdefault(row[0], []).append({"step": row[1], "pareto": bool(row[2]),
+                                                   **dict(zip(CURVE_KEYS, row[3:], strict=True))})
+        return out
 
     @retrying
     def replace_recommendations(self, study_id: int, items: list[tuple[str | None, int | None, dict]]) -> None:

@@ -101,7 +101,8 @@ class Metric(Base):
 
 
 class CurvePoint(Base):
-    """An in-run evaluation: the unlearning curve."""
+    """An in-run evaluation: the unlearning curve. Every evaluated checkpoint is a candidate setting (the
+    trial's hyperparameters, stopped at this step)."""
 
     __tablename__ = "tuner_curve"
 
@@ -113,6 +114,8 @@ class CurvePoint(Base):
     retain_nll: Mapped[float | None] = mapped_column(Float, nullable=True)
     general_nll: Mapped[float | None] = mapped_column(Float, nullable=True)
     forget_gap: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # this evaluated checkpoint (a candidate) is on its search unit's Pareto front (tuner.derived)
+    pareto: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 
     trial: Mapped[Trial] = relationship(back_populates="curve")
 

@@ -1,12 +1,14 @@
-"""hyperparameters only in `params` (no column per hyperparameter); each trial's stored Pareto flag
+"""hyperparameters only in `params` (no column per hyperparameter); stored Pareto flags of trials and of
+their evaluated checkpoints (candidates)
 
 Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-30
 
 A method may declare any hyperparameters, so the per-hyperparameter columns of 0001 go: `params` (JSON) has
-always held the same values. The Pareto flag is derived once by the study driver and read by every view;
-for the studies already in the store it is computed here from their stored objectives.
+always held the same values. Pareto flags are derived once by the study driver and read by every view; for the
+studies already in the store the trials' flags are computed here from their stored objectives (their
+checkpoints' flags are derived when such a study is resumed).
 """
 
 import sqlalchemy as sa
@@ -24,6 +26,8 @@ def upgrade() -> None:
     with op.batch_alter_table('tuner_trials') as batch:
         for column in LEGACY_COLUMNS:
             batch.drop_column(column)
+        batch.add_column(sa.Column('pareto', sa.Boolean(), nullable=True))
+    with op.batch_alter_table('tuner_curve') as batch:
         batch.add_column(sa.Column('pareto', sa.Boolean(), nullable=True))
     _flag_existing_fronts(op.get_bind())
 
@@ -53,6 +57,8 @@ def _json(value):
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('tuner_curve') as batch:
+        batch.drop_column('pareto')
     with op.batch_alter_table('tuner_trials') as batch:
         batch.drop_column('pareto')
         for column in LEGACY_COLUMNS:
