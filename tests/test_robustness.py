@@ -55,6 +55,12 @@ def test_relearning_brings_the_forget_text_back_without_touching_the_candidate(u
     assert all(p.grad is None for p in model.parameters())  # no gradients left on it either
 
 
+def test_settings_are_the_attack_arguments():
+    import inspect
+
+    assert set(rb.RelearnSettings().model_dump()) <= set(inspect.signature(rb.relearn).parameters)
+
+
 def test_forget_split_is_fixed_and_disjoint():
     a1, e1 = rb.forget_split(10, 0.5, seed=3)
     a2, e2 = rb.forget_split(10, 0.5, seed=3)

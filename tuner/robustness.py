@@ -47,11 +47,12 @@ class RelearnSettings(BaseModel):
     """The relearning attack, as a setting a study can carry (`relearn(**settings.model_dump(), ...)`).
 
     Defaults: 10 optimiser steps of AdamW at a constant lr of 1e-5 on batches of 8 blocks, one half of the
-    forget blocks as attack text. lr 1e-5 is the usual full fine-tuning rate of 7B-class chat models (TOFU's
-    fine-tuning, and the order the relearning literature attacks at); it is a study setting because the right
-    rate scales with the model: the micro testbed, pre-trained at 3e-3, needs ~1e-3 to move in 10 steps.
-    Ten steps: the attack is meant to be *small*; the relearning paper's point is that little data and few
-    steps suffice, and a short attack keeps the check cheap next to a trial (bench/robustness_cost.py)."""
+    forget blocks as attack text. lr 1e-5 is the usual full fine-tuning rate of 7B-class models (TOFU fine-tunes
+    Llama-2-7B at 1e-5); the relearning paper's per-benchmark settings could not be checked here, so treat it as
+    a starting point. It is a setting because the right rate scales with the model: the micro testbed,
+    pre-trained at 3e-3, needs ~1e-3 to move visibly in 5 steps. Ten steps: the attack is meant to be *small*
+    (the paper's point is that little data and few steps suffice), and a short attack keeps the check cheap next
+    to a trial (bench/robustness_cost.py)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -246,8 +247,9 @@ def quantize_weights(model: torch.nn.Module, bits: int, group_size: int = QUANT.
     of `group_size`), in `dtype` (the compute dtype a deployment would quantize; None: as the model is).
 
     The output head (and the embedding it may be tied to) stays in full precision, as GPTQ and AWQ leave it.
-    torchao's `IntxWeightOnlyConfig` runs on CPU and GPU for fp32 and bf16 models; its `Int4WeightOnlyConfig`
-    needs GPU kernels (tinygemm / mslk), so it is not used."""
+    torchao's `IntxWeightOnlyConfig` (int4 stored unpacked in int8, dequantized in the matmul) runs on CPU for
+    fp32 and bf16 models and needs no GPU kernel; `Int4WeightOnlyConfig` (torchao 0.18) fails on CPU ("Requires
+    mslk", its GPU kernel library), so it is not used."""
     if not 1 <= bits <= 8:
         raise TunerError(f"quantization to {bits} bits: choose 1 to 8")
     q = _torchao_quantization()
