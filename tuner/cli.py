@@ -384,13 +384,14 @@ def _print_recommendation(rec: dict[str, Any], target: dict[str, float], exact: 
 
     table = Table(title="recommendation per search unit (target: |forget gap| ≤ "
                   f"{target['gap_tolerance']}; robust = neighbours also succeed)")
-    for col in ("unit", "status", "trial", "setting", "forget gap", "utility drop", "robustness",
+    for col in ("unit", "status", "trial", "step", "setting", "forget gap", "utility drop", "robustness",
                 "window (decades)", "reason"):
         table.add_column(col)
     for unit, r in rec["units"].items():
         m = r.get("metrics") or {}
-        table.add_row(unit, r["status"], str(r.get("number", "-")), describe(unit.split("@")[0], r.get("params") or {})
-                      or "-", f"{m['forget_gap']:+.3f}" if m.get("forget_gap") is not None else "-",
+        table.add_row(unit, r["status"], str(r.get("number", "-")), str(r.get("step", "-")),
+                      describe(unit.split("@")[0], r.get("params") or {}) or "-",
+                      f"{m['forget_gap']:+.3f}" if m.get("forget_gap") is not None else "-",
                       f"{m['utility_drop']:+.3f}" if m.get("utility_drop") is not None else "-",
                       f"{r['robustness']:.2f}" if r.get("robustness") is not None else "-",
                       f"{r.get('window_width', 0):.2f}", escape(r["reason"]))
@@ -400,7 +401,7 @@ def _print_recommendation(rec: dict[str, Any], target: dict[str, float], exact: 
         out.print(f"overall: {o['reason']}")
         return
     m = o["metrics"]
-    line = (f"overall recommendation: [bold]{o['unit']}[/] trial {o['number']} "
+    line = (f"overall recommendation: [bold]{o['unit']}[/] trial {o['number']} step {o.get('step')} "
             f"({describe(o['unit'].split('@')[0], o['params'])}): forget gap {m['forget_gap']:+.3f}, "
             f"utility drop {m['utility_drop']:+.3f}")
     if exact:
@@ -501,8 +502,8 @@ def _print_study(store, name: str) -> None:
 
     rows = store.trials(name)
     table = Table(title=f"trials of {escape(name)}")
-    for col in ("unit", "#", "status", "setting", "forget gap", "utility drop", "MIA AUC", "steps", "time s",
-                "Pareto"):
+    for col in ("id", "unit", "#", "status", "setting", "forget gap", "utility drop", "MIA AUC", "steps (kept)",
+                "time s", "Pareto"):
         table.add_column(col)
     for r in rows:
         m, res = r["metrics"], r["result"]
@@ -510,9 +511,10 @@ def _print_study(store, name: str) -> None:
         def fmt(key, spec=".3f", src=m):
             return f"{src[key]:{spec}}" if src.get(key) is not None else "-"
 
-        table.add_row(r["unit"], str(r["number"]), r["status"], describe(r["method"], r["params"]) or "-",
+        table.add_row(str(r["id"]), r["unit"], str(r["number"]), r["status"], describe(r["method"], r["params"]) or "-",
                       fmt("forget_gap", "+.3f"), fmt("utility_drop", "+.3f"), fmt("mia_auc"),
-                      str(res.get("steps_done", "-")), fmt("wall_time_s", ".1f", r), "*" if r["pareto"] else "")
+                      f"{res.get('steps_done', '-')} ({res.get('selected_step', '-')})", fmt("wall_time_s", ".1f", r),
+                      "*" if r["pareto"] else "")
     out.print(table)
 
 
@@ -530,12 +532,15 @@ def cmd_study_show(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tuner.export import build_export, render, write_atomic
 
-    doc = build_export(_store(args, create=False), args.name, args.method)
+    if args.step is not None and args.trial is None:
+        raise TunerError("--step needs --trial: the trial id whose checkpoint to export (`tuner study show`)")
+    doc = build_export(_store(args, create=False), args.name, args.method, trial=args.trial, step=args.step)
     text = render(doc, args.format)
     if args.output:
         target = Path(args.output).expanduser()
         write_atomic(target, text)
-        console.print(f"wrote {doc['unit']} trial {doc['provenance']['trial_number']} ({doc['status']}) to {target}")
+        console.print(f"wrote {doc['unit']} trial {doc['provenance']['trial_number']} at step {doc['step']} "
+                      f"({doc['status']}) to {target}")
     else:
         sys.stdout.write(text)
     return 0
@@ -627,6 +632,10 @@ def build_parser(unlearn_flags: bool = True) -> argparse.ArgumentParser:
                         "nearby trials) and provenance; apply them with `tuner unlearn --config FILE`.")
     ex.add_argument("name", help="study name")
     ex.add_argument("--method", help="a method or search unit (default: the overall recommendation)")
+    ex.add_argument("--trial", type=int, help="export this trial (its id in `tuner study show`) instead of a "
+                    "recommendation")
+    ex.add_argument("--step", type=int, help="with --trial: the evaluated checkpoint (step) to export (default: "
+                    "the trial's selected one); applying the file ends the run at that step")
     ex.add_argument("--format", choices=["yaml", "json"], default="yaml")
     ex.add_argument("-o", "--output", help="output file (default: standard output)")
     ex.add_argument("--storage", help=storage_help)

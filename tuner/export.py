@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
+from tuner.candidates import OK_STATUSES, candidates
 from tuner.errors import TunerError
-from tuner.recommend import OK_STATUSES, scaled_params
+from tuner.recommend import scaled_params
 from tuner.store import Store
 
 FORMAT = "unlearn-tuner/recommendation@2"  # @2: the hyperparameters under config.params (@1 files still apply)
@@ -40,13 +41,14 @@ def _pick(recommendation: dict[str, Any], method: str | None, study: str) -> tup
     return unit, usable[unit]
 
 
-def _spread(rows: list[dict[str, Any]], chosen_id: int, radius: float) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation of each metric over the finished trials near the chosen one."""
+def _spread(rows: list[dict[str, Any]], chosen: dict[str, Any], radius: float) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation of each metric over the finished trials near the chosen candidate (their
+    selected checkpoints, in the scaled hyperparameter space)."""
     done = [r for r in rows if r["status"] in OK_STATUSES and r["metrics"]]
-    coords = scaled_params(done)
-    me = next(i for i, r in enumerate(done) if r["id"] == chosen_id)
-    near = [r for r, c in zip(done, coords, strict=True)
-            if sum((a - b) ** 2 for a, b in zip(c, coords[me], strict=True)) ** 0.5 <= radius]
+    coords = scaled_params(done + [chosen])
+    me = coords[-1]
+    near = [r for r, c in zip(done, coords, strict=False)
+            if sum((a - b) ** 2 for a, b in zip(c, me, strict=True)) ** 0.5 <= radius]
     out = {}
     for key in EXPECTED:
         values = [r["metrics"][key] for r in near if r["metrics"].get(key) is not None]
@@ -54,26 +56,58 @@ def _spread(rows: list[dict[str, Any]], chosen_id: int, radius: float) -> dict[s
             continue
         mean = sum(values) / len(values)
         std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-        out[key] = {"value": done[me]["metrics"].get(key), "mean": mean, "std": std, "n": len(values)}
+        out[key] = {"value": chosen["metrics"].get(key), "mean": mean, "std": std, "n": len(values)}
     return out
 
 
-def build_export(store: Store, name: str, method: str | None = None) -> dict[str, Any]:
+def _candidate(store: Store, name: str, rows: list[dict[str, Any]], trial_id: int, step: int | None
+               ) -> dict[str, Any]:
+    """One candidate of the study: trial `trial_id` (its id, as `study show` and the dashboards list it) at
+    `step` (default: its selected checkpoint)."""
+    objectives = store.study(name).spec.get("objectives") or []
+    mine = [c for c in candidates([r for r in rows if r["id"] == trial_id], store.study_curves(name), objectives)]
+    if not mine:
+        raise TunerError(f"study '{name}' has no trial with id {trial_id} (ids are in `tuner study show {name}`)")
+    if mine[0]["status"] not in OK_STATUSES:
+        raise TunerError(f"trial {trial_id} of study '{name}' {mine[0]['status']}: it has no checkpoint to export")
+    found = next((c for c in mine if (c["selected"] if step is None else c["step"] == step)), None)
+    if found is None:
+        steps = ", ".join(str(c["step"]) for c in sorted(mine, key=lambda c: c["step"] or 0))
+        raise TunerError(f"trial {trial_id} of study '{name}' has no evaluated checkpoint at step {step} "
+                         f"(steps: {steps})")
+    return found
+
+
+def build_export(store: Store, name: str, method: str | None = None, trial: int | None = None,
+                 step: int | None = None) -> dict[str, Any]:
+    """The recommended candidate (of the study, or of `method`), or the candidate `trial`/`step` the user
+    chose, as a file `tuner unlearn --config` applies: the trial's settings ending at the candidate's step."""
     study = store.study(name)
-    recommendation = store.recommendation(name)  # derived once by the study driver
-    if recommendation is None:
-        raise TunerError(f"study '{name}': no recommendation is stored yet (no trial has finished; "
-                         f"`tuner study resume {name}` runs the rest)")
-    unit, rec = _pick(recommendation, method, name)
-    rows = [r for r in store.trials(name) if r["unit"] == unit]
-    trial = next(r for r in rows if r["id"] == rec["trial_id"])
-    config = dict(trial["result"].get("config") or {})
+    all_rows = store.trials(name)
+    if trial is not None:
+        chosen = _candidate(store, name, all_rows, trial, step)
+        rec = {"status": "chosen", "reason": f"chosen by the user: trial {trial} at step {chosen['step']}",
+               "trial_id": trial, "step": chosen["step"]}
+        unit = chosen["unit"]
+    else:
+        recommendation = store.recommendation(name)  # derived once by the study driver
+        if recommendation is None:
+            raise TunerError(f"study '{name}': no recommendation is stored yet (no trial has finished; "
+                             f"`tuner study resume {name}` runs the rest)")
+        unit, rec = _pick(recommendation, method, name)
+        chosen = _candidate(store, name, all_rows, rec["trial_id"], rec.get("step"))
+    rows = [r for r in all_rows if r["unit"] == unit]
+    config = dict(chosen["result"].get("config") or {})
     config["device"] = "auto"  # where it runs next is the user's choice; the tuned device is in provenance
+    if chosen["step"]:
+        # the same schedule, ended at the candidate's step, keeping those weights
+        config.update(end_step=chosen["step"], checkpoint="last", stop_at_target=False)
     summary = study.data_summary or {}
     return {
         "format": FORMAT,
         "study": name,
         "unit": unit,
+        "step": chosen["step"],
         "status": rec["status"],
         "reason": rec["reason"],
         "robustness": rec.get("robustness"),
@@ -81,14 +115,14 @@ def build_export(store: Store, name: str, method: str | None = None) -> dict[str
         "success_rate": rec.get("success_rate"),
         "warnings": rec.get("warnings", []),
         "config": config,
-        "expected": _spread(rows, trial["id"], study.spec["target"].get("neighbourhood", 0.25)),
+        "expected": _spread(rows, chosen, study.spec["target"].get("neighbourhood", 0.25)),
         "exact_retrain_forget_nll": (study.exact_retrain or {}).get("forget_nll"),
         "provenance": {
-            "study": name, "trial_id": trial["id"], "trial_number": trial["number"], "seed": study.seed,
-            "model": {"name": study.model, "fingerprint": summary.get("model")},
+            "study": name, "trial_id": chosen["id"], "trial_number": chosen["number"], "step": chosen["step"],
+            "seed": study.seed, "model": {"name": study.model, "fingerprint": summary.get("model")},
             "data": {"sources": summary.get("sources"), "sha256": summary.get("sha256"),
                      "blocks": summary.get("blocks")},
-            "environment": trial["result"].get("environment"), "versions": study.versions,
+            "environment": chosen["result"].get("environment"), "versions": study.versions,
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     }

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from tuner.trial import objective_values, run_trial
+from tuner.candidates import objective_values
+from tuner.trial import run_trial
 
 ENGINE = "ray.train.torch.TorchTrainer"
 

@@ -7,7 +7,12 @@ successes, prefer *robust* ones — whose neighbours in the method's hyperparame
 on its own scale, `tuner.hparams`) also succeed (guideline 5) — and then the smallest utility drop. With no
 success, report the closest trial and why.
 
-`recommend` is a pure function of the trial rows and the target: the study driver calls it once as trials
+It ranks candidates (`tuner.candidates`: every evaluated checkpoint of a trial), so a run whose best point
+came before its stop is not lost; `target.candidates: first_at_target` keeps MUSE's rule instead (per trial,
+the first checkpoint whose forget gap reaches the band). Neighbours for robustness are other trials'
+candidates: a trial's own checkpoints share its hyperparameters and would vouch for each other.
+
+`recommend` is a pure function of the candidate rows and the target: the study driver calls it once as trials
 finish and stores the result (`tuner.derived`); every view reads what was stored.
 """
 
@@ -18,9 +23,8 @@ from typing import Any
 import numpy as np
 
 from tuner import methods
+from tuner.candidates import OK_STATUSES
 from tuner.hparams import LR, Hyperparameter
-
-OK_STATUSES = ("completed", "stopped_at_target")
 
 
 def outcome(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> str:
@@ -67,7 +71,7 @@ def scaled_params(rows: list[dict[str, Any]]) -> list[list[float]]:
 
 
 def robustness(rows: list[dict[str, Any]], success: list[bool], bandwidth: float) -> list[float | None]:
-    """Kernel-weighted share of *other* trials nearby that also succeed; None with no other trial.
+    """Kernel-weighted share of *other* trials' candidates nearby that also succeed; None with none.
 
     All pairs at once with numpy: the dashboards recompute it on every load, and pure-Python pairs took most
     of a 2000-trial page's server time."""
@@ -79,7 +83,8 @@ def robustness(rows: list[dict[str, Any]], success: list[bool], bandwidth: float
     for column in coords.T:  # one parameter at a time: memory stays (trials x trials)
         squared += (column[:, None] - column[None, :]) ** 2
     weights = np.exp(-squared / (2 * bandwidth ** 2))
-    np.fill_diagonal(weights, 0.0)
+    trial = np.array([r["id"] for r in rows])
+    weights[trial[:, None] == trial[None, :]] = 0.0  # a trial's own checkpoints (and itself) are no neighbours
     num = weights @ np.asarray(success, dtype=float)
     den = weights.sum(axis=1)
     return [float(n / d) if d > 1e-9 else None for n, d in zip(num, den, strict=True)]
@@ -91,21 +96,43 @@ def window_width(rows: list[dict[str, Any]], success: list[bool]) -> float:
     return max(lrs) - min(lrs) if lrs else 0.0
 
 
+def selectable(rows: list[dict[str, Any]], target: dict[str, Any]) -> list[dict[str, Any]]:
+    """The candidates the rule may pick: all of them, or per trial (MUSE's rule, `first_at_target`) only its
+    first checkpoint whose forget gap reaches the band, else its selected one."""
+    if target.get("candidates", "all") != "first_at_target":
+        return rows
+    out, chosen = [], {}
+    for r in sorted(rows, key=lambda r: (r["id"], r.get("step") or 0)):
+        gap = (r.get("metrics") or {}).get("forget_gap")
+        if r["id"] not in chosen and not r.get("selected", True) and gap is not None \
+                and gap >= -target["gap_tolerance"]:
+            chosen[r["id"]] = r
+    for r in rows:
+        first = chosen.get(r["id"])
+        if first is r or (first is None and r.get("selected", True)):
+            out.append(r)
+    return out
+
+
 def recommend_unit(rows: list[dict[str, Any]], target: dict[str, float], use_mia: bool) -> dict[str, Any]:
-    finished = [r for r in rows if r["status"] not in ("running", "interrupted")]
+    """The unit's pick among its candidates (rows of `tuner.candidates.candidates`, or plain trial rows)."""
+    finished = selectable([r for r in rows if r["status"] not in ("running", "interrupted")], target)
     if not finished:
         return {"trial_id": None, "status": "none", "reason": "no finished trials", "robustness": None,
                 "window_width": 0.0, "success_rate": 0.0, "n_trials": 0}
     classes = [outcome(r, target, use_mia) for r in finished]
     success = [succeeded(r, target, use_mia) for r in finished]
     robust = robustness(finished, success, target.get("neighbourhood", 0.25))
-    base = {"window_width": window_width(finished, success), "success_rate": sum(success) / len(finished),
-            "n_trials": len(finished)}
+    trials = [i for i, r in enumerate(finished) if r.get("selected", True)]  # one per trial, for the rates
+    base = {"window_width": window_width([finished[i] for i in trials], [success[i] for i in trials]),
+            "success_rate": sum(success[i] for i in trials) / len(trials) if trials else 0.0,
+            "n_trials": len(trials), "n_candidates": len(finished)}
     winners = [i for i, ok in enumerate(success) if ok]
     if winners:
         solid = [i for i in winners if _solid(robust[i], target)]
         pool = solid or winners
-        best = min(pool, key=lambda i: (finished[i]["metrics"].get("utility_drop") or 0.0, finished[i]["id"]))
+        best = min(pool, key=lambda i: (finished[i]["metrics"].get("utility_drop") or 0.0, finished[i]["id"],
+                                        finished[i].get("step") or 0))
         row = finished[best]
         reason = (f"in the target band (gap {row['metrics']['forget_gap']:+.3f}) with the smallest utility drop "
                   + ("among robust settings" if solid else "(no setting had succeeding neighbours: not robust)"))
@@ -138,7 +165,8 @@ def _solid(score: float | None, target: dict[str, float]) -> bool:
 
 
 def _summary(row: dict[str, Any]) -> dict[str, Any]:
-    return {"number": row["number"], "params": row["params"],
+    return {"number": row["number"], "params": row["params"], "step": row.get("step"),
+            "selected": row.get("selected", True),
             "metrics": {k: row["metrics"].get(k) for k in ("forget_gap", "utility_drop", "mia_auc", "forget_nll",
                                                             "unseen_nll", "retain_nll")}}
 

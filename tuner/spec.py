@@ -113,6 +113,9 @@ class Target(_Strict):
     mia_tolerance: float = Field(0.1, gt=0, description="|MIA AUC - 0.5| within this is indistinguishable")
     min_robustness: float = Field(0.5, ge=0, le=1, description="share of succeeding neighbours for 'robust'")
     neighbourhood: float = Field(0.25, gt=0, description="kernel width in hyperparameter space scaled to [0, 1]")
+    candidates: Literal["all", "first_at_target"] = Field(
+        "all", description="all: every evaluated checkpoint competes; first_at_target: per trial only the first "
+                           "checkpoint whose forget gap reaches the band (MUSE's selection rule)")
 
 
 def gpu_share(gpus: float) -> float:

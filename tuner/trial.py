@@ -12,13 +12,13 @@ and data themselves, so driver and workers need not share a filesystem; results 
 
 from __future__ import annotations
 
-import math
 import socket
 from typing import Any
 
 import torch
 
 from tuner import methods
+from tuner.candidates import objective_values
 from tuner.data import DataSpec, UnlearnData, build_data
 from tuner.evaluation import full_metrics
 from tuner.memory import STUDY_MAX_WORKERS, device_capacity, model_shape, refusal, run_shape
@@ -30,16 +30,6 @@ from tuner.testbed import data_spec as testbed_data_spec
 from tuner.unlearn import UnlearnConfig, resolve_device, run_unlearning
 
 _WORKER: dict[str, Any] = {}
-
-
-def objective_values(metrics: dict[str, float] | None, objectives: list[str]) -> dict[str, float]:
-    """What the sampler minimises: distance to the approximate-retraining point, utility drop, and the
-    MIA AUC's distance from 0.5. A trial without metrics (diverged) gets +inf on every objective."""
-    if not metrics:
-        return {f"obj_{name}": math.inf for name in objectives}
-    values = {"forget_gap": abs(metrics["forget_gap"]), "utility_drop": metrics.get("utility_drop", 0.0),
-              "mia_auc": abs(metrics.get("mia_auc", 0.5) - 0.5)}
-    return {f"obj_{name}": float(values[name]) for name in objectives}
 
 
 def hyperparameters_of(config: dict[str, Any]) -> dict[str, Any]:

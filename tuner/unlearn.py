@@ -43,6 +43,9 @@ class UnlearnConfig(RunSettings):
     method: str = Field(description="one of `tuner methods`")
     params: dict[str, float | int] = Field(default_factory=dict, description="the method's hyperparameters")
     max_steps: int | None = Field(None, gt=0, description="optimiser steps; overrides epochs when given")
+    end_step: int | None = Field(
+        None, gt=0, description="end the run after this step while the lr schedule still spans the planned steps: "
+                                "reproduces a trial's checkpoint at that step (an exported candidate)")
     retain_source: RetainSource = Field("in_distribution", description="retain data of methods that train on it")
     seed: int = Field(0, description="seeds the batch order and every random draw of the method")
     world_size: int = Field(1, ge=1, description="ranks the run is sharded over; batch_size is per rank")
@@ -264,7 +267,7 @@ def run_unlearning(
         nonlocal eval_time, eval_tokens
         if on_progress is not None:
             on_progress(step, total_steps, logs)
-        if step % eval_every and step != total_steps:
+        if step % eval_every and step not in (total_steps, cfg.end_step):
             return False
         n_point = len(curve)  # 1 for the first point after step 0
         with_utility = n_point % cfg.eval_utility_every == 0 or step == total_steps
@@ -285,7 +288,7 @@ def run_unlearning(
         if cfg.stop_at_target and point["forget_gap"] >= 0:
             state["stop_step"] = step
             return True
-        return False
+        return cfg.end_step is not None and step >= cfg.end_step
 
     sync = StepSync(train_model, ranks) if ranks.world > 1 else None
     # after sharding: FSDP2 replaces the parameters with sharded ones

@@ -1,0 +1,66 @@
+"""Every evaluated checkpoint of a trial is a candidate: the trial's hyperparameters stopped at that step.
+
+A trial evaluates a curve of points as it runs; each point with a forget gap and a utility drop is a setting
+a model owner can ship (`tuner export --trial N --step S`, applied with `run.stop_step`). The Pareto front and
+the recommender take these candidates, not only each trial's selected checkpoint. The selected checkpoint
+carries the trial's full final metrics (MIA and every utility block); the other points carry what the curve
+measured.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+OK_STATUSES = ("completed", "stopped_at_target")
+CURVE_METRICS = ("forget_gap", "forget_nll", "unseen_nll", "retain_nll", "general_nll")
+
+
+def objective_values(metrics: dict[str, float] | None, objectives: Iterable[str]) -> dict[str, float]:
+    """What the sampler minimises: distance to the approximate-retraining point, utility drop, and the MIA
+    AUC's distance from 0.5. A trial without metrics (diverged) gets +inf on every objective."""
+    if not metrics:
+        return {f"obj_{name}": math.inf for name in objectives}
+    values = {"forget_gap": abs(metrics["forget_gap"]), "utility_drop": metrics.get("utility_drop", 0.0),
+              "mia_auc": abs(metrics.get("mia_auc", 0.5) - 0.5)}
+    return {f"obj_{name}": float(values[name]) for name in objectives}
+
+
+def _measured_objectives(metrics: dict[str, float | None], objectives: Iterable[str]) -> dict[str, float]:
+    """A mid-run checkpoint's objective values, only for what its curve point measured (no MIA there)."""
+    out = {}
+    for name in objectives:
+        value = metrics.get(name)
+        if value is not None and math.isfinite(value):
+            out[name] = abs(value - 0.5) if name == "mia_auc" else abs(value) if name == "forget_gap" else value
+    return out
+
+
+def candidates(rows: list[dict[str, Any]], curves: dict[int, list[dict[str, Any]]],
+               objectives: list[str]) -> list[dict[str, Any]]:
+    """The study's candidates as rows like `Store.trials` gives (plus `step` and `selected`): per finished
+    trial its selected checkpoint (with the trial's own metrics) and every other evaluated step after 0.
+    Trials that failed or diverged appear once, as themselves, so the recommender can say so."""
+    out = []
+    for row in rows:
+        selected = (row.get("result") or {}).get("selected_step")
+        out.append({**row, "step": selected, "selected": True})
+        if row["status"] not in OK_STATUSES:
+            continue
+        points = curves.get(row["id"], [])
+        start = next((p for p in points if p["step"] == 0), None)
+        for point in points:
+            if point["step"] in (0, selected) or point.get("forget_gap") is None:
+                continue
+            metrics = {k: point.get(k) for k in CURVE_METRICS if point.get(k) is not None}
+            if start is not None and point.get("retain_nll") is not None and start.get("retain_nll") is not None:
+                # against the step-0 point: both scored the same (possibly subsampled) retain blocks
+                metrics["utility_drop"] = point["retain_nll"] - start["retain_nll"]
+            out.append({**row, "step": point["step"], "selected": False, "metrics": metrics,
+                        "objectives": _measured_objectives(metrics, objectives)})
+    return out
+
+
+def key(candidate: dict[str, Any]) -> tuple[int, int | None]:
+    return candidate["id"], candidate.get("step")
