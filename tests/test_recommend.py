@@ -75,16 +75,47 @@ def test_exported_recommendation_reproduces_its_metrics(tuned, cache_dir):
     assert doc["config"]["method"] == "ga_gd" and doc["provenance"]["model"]["fingerprint"]["model_type"] == "gpt2"
     assert set(doc["provenance"]["data"]["sha256"]) >= {"forget", "unseen", "retain_in_distribution"}
     assert doc["provenance"]["versions"]["torch"] and doc["expected"]["forget_gap"]["n"] >= 1
-    stored = next(r for r in Store(url).trials("tuned") if r["id"] == doc["provenance"]["trial_id"])
+    expected = {k: v["value"] for k, v in doc["expected"].items() if v["value"] is not None}
+    assert {"forget_gap", "utility_drop", "forget_nll"} <= set(expected)
     out = tmp / "applied"
     proc = cli("unlearn", "--model", "testbed:micro", "--config", str(exported), "--out", str(out), cache_dir=cache_dir)
     assert proc.returncode == 0, proc.stderr
-    applied = json.loads((out / "metrics.json").read_text())["metrics"]
-    for key in ("forget_gap", "utility_drop", "forget_nll", "mia_auc"):
-        assert applied[key] == pytest.approx(stored["metrics"][key], abs=0.01), key  # same seed, CPU
+    applied = json.loads((out / "metrics.json").read_text())
+    assert applied["selected_step"] == doc["step"]
+    for key, value in expected.items():
+        assert applied["metrics"][key] == pytest.approx(value, abs=0.01), key  # same seed, CPU
     assert (out / "model" / "config.json").exists()
     as_json = cli("export", "tuned", "--storage", url, "--format", "json", cache_dir=cache_dir)
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["format"] == "unlearn-tuner/recommendation@2"
+
+
+def test_the_pareto_front_is_made_of_candidates_and_a_mid_run_one_reproduces(tuned, cache_dir):
+    """Every evaluated checkpoint competes: the stored front names (trial, step) pairs, and a checkpoint the
+    trial did not keep, exported and applied, ends at that step with that step's metrics."""
+    tmp, url = tuned
+    store = Store(url)
+    curves = store.study_curves("tuned")
+    rows = {r["id"]: r for r in store.trials("tuned") if r["unit"] == "ga_gd@in_distribution"}
+    front = [(tid, p["step"]) for tid in rows for p in curves.get(tid, []) if p["pareto"]]
+    assert front and all(rows[tid]["pareto"] for tid, _ in front)
+    kept = {tid: rows[tid]["result"]["selected_step"] for tid in rows}
+    trial, point = next((tid, p) for tid in rows for p in curves.get(tid, [])
+                        if 0 < p["step"] != kept[tid] and p["retain_nll"] is not None)
+    exported = tmp / "mid.yaml"
+    proc = cli("export", "tuned", "--trial", str(trial), "--step", str(point["step"]), "--storage", url,
+               "-o", str(exported), cache_dir=cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    doc = yaml.safe_load(exported.read_text())
+    assert doc["step"] == point["step"] and doc["config"]["end_step"] == point["step"]
+    out = tmp / "mid-applied"
+    proc = cli("unlearn", "--model", "testbed:micro", "--config", str(exported), "--out", str(out), cache_dir=cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    applied = json.loads((out / "metrics.json").read_text())
+    assert applied["steps_done"] == point["step"] == applied["selected_step"]
+    for key in ("forget_gap", "forget_nll", "unseen_nll", "retain_nll"):
+        assert applied["metrics"][key] == pytest.approx(point[key], abs=0.01), key
+    bad = cli("export", "tuned", "--trial", str(trial), "--step", "99999", "--storage", url, cache_dir=cache_dir)
+    assert bad.returncode == 2 and "no evaluated checkpoint at step 99999" in bad.stderr
 
 
 def test_bad_export_and_apply_inputs(tuned, cache_dir, bench):
