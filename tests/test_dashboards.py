@@ -778,3 +778,29 @@ def test_a_study_without_a_stored_recommendation_says_why(own_knobs):
     missing = client.get("/api/studies/fresh/recommendation")
     assert missing.status_code == 404 and D.NO_RECOMMENDATION in missing.get_json()["error"]
     assert client.get("/api/studies/own/recommendation").get_json() == store.recommendation("own")
+
+
+def test_study_page_with_a_methods_own_knobs(browser, own_knobs):
+    """In the browser: the β and layer rows of the robustness map and the β column, sortable by clicking it."""
+    from dashboards.app import create_app
+
+    store, beta = own_knobs["store"], own_knobs["beta"]
+    data = D.load_study(store, "own")
+    srv = BackgroundServer(create_app(store.url))
+    context, page, problems = open_page(browser, srv.url + "/study/own")
+    try:
+        check_rendered(page, D.expected_points(data))
+        titles = page.evaluate("""() => { const l = document.querySelector('#fig-robustness .js-plotly-plot').layout;
+            return Object.keys(l).filter(k => k.startsWith('yaxis')).map(k => l[k].title.text); }""")
+        assert beta.label in titles and own_knobs["layer"].label in titles
+        assert page.inner_text("#trial-table th[data-column='beta']").startswith("β")
+        for direction in ("▲", "▼"):
+            page.click("#trial-table th[data-column='beta'] button")
+            page.wait_for_selector(f"#trial-table th[data-column='beta'] button:has-text('{direction}')", timeout=10_000)
+            cells = page.eval_on_selector_all("#trial-tbody td[data-column='beta']", "els => els.map(e => e.textContent)")
+            values = [float(v) for v in cells if v.strip()]
+            assert values and values == sorted(values, reverse=direction == "▼")
+        assert not problems, problems
+    finally:
+        context.close()
+        srv.stop()
