@@ -251,7 +251,7 @@ def robustness(data: StudyData, columns: int = 5) -> go.Figure:
         bottom = max((row for row, c in panels if c == col), default=rows_n - 1)
         x0 = col * (width + hs)
         layout[_axis_key("x", col)] = dict(
-            type="log" if LR.log else "linear", range=lr_range, domain=[x0, x0 + width],
+            type="log" if LR.log else "linear", range=lr_range, domain=_domain(x0, x0 + width),
             anchor=_axis_id("y", bottom), tickfont=dict(size=9), tickformat=".0e" if LR.log else None, nticks=5,
             tickangle=0, title=_title(LR.label, 10))
     for row in range(rows_n):  # one axis per row of panels, drawn left of the row's first panel
@@ -261,7 +261,7 @@ def robustness(data: StudyData, columns: int = 5) -> go.Figure:
         first = min(c for r, c in panels if r == row)
         values = [u.value(r, hp) for (pr, _), (u, _) in panels.items() if pr == row and hp is not None
                   for r in u.rows]
-        layout[_axis_key("y", row)] = dict(domain=[y1 - height, y1], anchor=_axis_id("x", first),
+        layout[_axis_key("y", row)] = dict(domain=_domain(y1 - height, y1), anchor=_axis_id("x", first),
                                            tickfont=dict(size=9), **_param_axis(hp, [v for v in values if v is not None]))
     traces, shapes, notes = [], [], []
     shown: set[str] = set()
@@ -316,6 +316,11 @@ def _axis_id(letter: str, index: int) -> str:
 
 def _axis_key(letter: str, index: int) -> str:
     return f"{letter}axis" if index == 0 else f"{letter}axis{index + 1}"
+
+
+def _domain(lo: float, hi: float) -> list[float]:
+    """An axis domain inside [0, 1] (sums of many fractions can land a rounding error outside it)."""
+    return [min(1.0, max(0.0, lo)), min(1.0, max(0.0, hi))]
 
 
 def _axis_range(hp: Hyperparameter, values: list[float]) -> list[float] | None:
