@@ -717,7 +717,7 @@ def test_a_methods_own_hyperparameters_are_axes_columns_and_hovers(own_knobs):
     y_axes = {a["title"]["text"]: a for k, a in layout.items() if k.startswith("yaxis")}
     expected = [EPOCHS, RETAIN_WEIGHT, beta, layer]
     if "npo@in_distribution" in data.units:
-        expected.insert(3, next(hp for hp in data.units["npo@in_distribution"].axes if hp.name == "beta"))
+        expected.append(next(hp for hp in data.units["npo@in_distribution"].axes if hp.name == "beta"))  # its own β
     assert list(y_axes) == [hp.label for hp in expected]
     betas = [r["params"]["beta"] for r in toy.rows]
     assert y_axes[beta.label]["type"] == "log" and y_axes[RETAIN_WEIGHT.label]["type"] == "log"
