@@ -350,6 +350,8 @@ def _param_axis(hp: Hyperparameter | None, values: list[float]) -> dict[str, Any
         ticks = _log_ticks(axis["range"])
         if len(ticks) >= 2:
             axis["tickvals"] = ticks
+        else:  # under about half a decade: a few of plotly's own ticks
+            axis["nticks"] = 4
     else:
         axis["type"] = "linear"
         if hp.integer:
@@ -359,12 +361,16 @@ def _param_axis(hp: Hyperparameter | None, values: list[float]) -> dict[str, Any
 
 
 def _log_ticks(rng: list[float] | None) -> list[float]:
-    """1-3 ticks (1 and 3 times powers of ten) inside a log range; powers of ten alone over more than 3 decades."""
+    """1-3 ticks (1 and 3 times powers of ten) inside a log range; powers of ten alone over more than 3 decades,
+    1-2-5 ticks when 1-3 would leave fewer than two."""
     if rng is None:
         return []
-    mantissas = LOG_TICK_MANTISSAS if rng[1] - rng[0] <= 3.5 else (1,)
-    return [float(f"{m}e{k}") for k in range(math.floor(rng[0]), math.ceil(rng[1]) + 1) for m in mantissas
-            if rng[0] <= math.log10(m) + k <= rng[1]]
+    for mantissas in ((1,) if rng[1] - rng[0] > 3.5 else LOG_TICK_MANTISSAS, (1, 2, 5)):
+        ticks = [float(f"{m}e{k}") for k in range(math.floor(rng[0]), math.ceil(rng[1]) + 1) for m in mantissas
+                 if rng[0] <= math.log10(m) + k <= rng[1]]
+        if len(ticks) >= 2:
+            break
+    return ticks
 
 
 def _whole_step(span: float) -> int:
