@@ -144,6 +144,9 @@ def fill_store(url: str, name: str, trials: int, seed: int = 0) -> Store:
               "retain_in_distribution_eval": 176, "retain_general_eval": 197}
     store.update_study(study_id, status="finished", baseline=BASE, exact_retrain=EXACT,
                        data_summary={"blocks": blocks, "sources": {}})
+    from tuner import derived
+
+    derived.refresh(store, name)  # the Pareto flags and the recommendation, as the study driver stores them
     return store
 
 

@@ -1,5 +1,5 @@
 """Read-only JSON endpoints beside the pages, for other tools: the study list, a study's Pareto points and
-its recommendation. They sit behind the same loopback binding and optional token as the pages."""
+its stored recommendation. They sit behind the same loopback binding and optional token as the pages."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from typing import Any
 from flask import Flask, jsonify
 
 from dashboards import queries
-from dashboards.data import load_study
+from dashboards.data import load_study, no_recommendation_note
 from tuner.errors import TunerError
-from tuner.recommend import recommend_study
 from tuner.store import Store
 
 PARETO_FIELDS = ("id", "unit", "method", "retain_source", "number", "status", "params", "objectives")
@@ -47,7 +46,11 @@ def register(server: Flask, store: Store) -> None:
 
     @server.get("/api/studies/<name>/recommendation")
     def api_recommendation(name: str):
+        """The recommendation the study driver stored (it is not computed here); 404 before there is one."""
         try:
-            return jsonify(_jsonable(recommend_study(store, name)))
+            stored = store.recommendation(name)
+            if stored is None:
+                return jsonify({"error": f"study '{name}': {no_recommendation_note(store.trials(name))}"}), 404
         except TunerError as err:
             return jsonify({"error": str(err)}), 404
+        return jsonify(_jsonable(stored))

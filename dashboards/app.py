@@ -24,9 +24,10 @@ from dash import ALL, Dash, Input, Output, State, ctx, dcc, html
 from dash.exceptions import PreventUpdate
 
 from dashboards import api, figures, plotlyjs, queries, trialtable
-from dashboards.data import StudyData, fmt, load_study, table_rows
+from dashboards.data import StudyData, fmt, load_study, table_columns, table_rows
 from dashboards.page import SECTIONS, VERDICT_COLOURS, guideline_rows, header_facts, recommendation_rows
 from tuner.errors import TunerError
+from tuner.hparams import EPOCHS, LR
 from tuner.store import Store, safe_url
 
 REFRESH_MS = 5000
@@ -265,7 +266,9 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
                   Input("trial-prev", "n_clicks"), Input("trial-next", "n_clicks"), Input("study-stamp", "data"),
                   State("trial-view", "data"), State("study-name", "data"), prevent_initial_call=True)
     def refresh_trials(_sorts, filter_text, _prev, _next, _stamp, view_data, name):
-        view = trialtable.View.from_data(view_data)
+        _, data = cache.study(name)
+        columns = table_columns(data)
+        view = trialtable.View.from_data(view_data, columns)
         trigger = ctx.triggered_id
         if isinstance(trigger, dict):  # a column header
             view = view.sorted_by(trigger["column"])
@@ -273,9 +276,8 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
             view = replace(view, filter=filter_text or "", page=0)
         elif trigger in ("trial-prev", "trial-next"):
             view = replace(view, page=max(0, view.page + (1 if trigger == "trial-next" else -1)))
-        _, data = cache.study(name)
-        rows, label, view, problem = trialtable.body(table_rows(data), view)
-        return rows, label, problem, view.as_data(), trialtable.sort_marks(view)
+        rows, label, view, problem = trialtable.body(table_rows(data), view, columns)
+        return rows, label, problem, view.as_data(), trialtable.sort_marks(view, columns)
 
     @app.callback(Output("trial-wrap", "className"), Input("trial-columns", "value"), prevent_initial_call=True)
     def toggle_columns(value):
@@ -343,9 +345,9 @@ def list_page(store: Store, refresh_ms: int) -> html.Div:
     rows = queries.study_list(store)
     return html.Div([
         html.H1("Unlearning studies"),
-        html.P("Each study tunes learning rate, epochs and retain weight of unlearning methods against the "
-               "approximate-retraining target. Pick one to see its Pareto fronts, robustness and guidelines.",
-               className="lead"),
+        html.P(f"Each study tunes the {LR.label}, {EPOCHS.label} and each method's own hyperparameters of "
+               "unlearning methods against the approximate-retraining target. Pick one to see its Pareto fronts, "
+               "robustness and guidelines.", className="lead"),
         html.Div(study_table(rows), id="study-list"),
         dcc.Interval(id="list-refresh", interval=refresh_ms, disabled=not any(r["status"] == "running" for r in rows)),
     ])
@@ -407,7 +409,7 @@ def study_page(cache: StudyCache, name: str, refresh_ms: int) -> html.Div:
         html.Section([html.H2("4c. Trials"), html.P("Sort by clicking a column header (again to reverse); filter "
                                                     "with terms like status = failed, forget_gap > 0.1 or a unit "
                                                     "name, separated by commas.", className="lead"),
-                      trialtable.layout(table_rows(data))], id="trials"),
+                      trialtable.layout(table_rows(data), columns=table_columns(data))], id="trials"),
         _section("fig-efficiency", sections, [graph["fig-efficiency"]]),
     ])
 

@@ -24,7 +24,8 @@ from datetime import datetime
 from typing import Any
 
 from dashboards import queries
-from tuner.pareto import pareto_indices
+from tuner import methods
+from tuner.hparams import LR, RETAIN_WEIGHT, SHARED, Hyperparameter
 from tuner.recommend import OK_STATUSES, outcome, succeeded
 from tuner.store import Store
 
@@ -33,7 +34,9 @@ OUTCOME_LABELS = {"remembered": "still remembered", "in_band": "in the target ba
                   "diverged": "diverged", "failed": "failed", "running": "running", "interrupted": "interrupted",
                   "in_band_damaged": "in the band, utility drop over tolerance"}
 DEFAULT_TARGET = {"gap_tolerance": 0.1, "utility_tolerance": 0.5, "mia_tolerance": 0.1}
-PARAM_LABELS = {"lr": "learning rate", "epochs": "epochs", "retain_weight": "retain weight λ"}
+# every declared hyperparameter's label by name (the first declaration of a name that several methods declare)
+PARAM_LABELS = {name: pairs[0][1].label for name, pairs in methods.declared().items()}
+NO_RECOMMENDATION = "no recommendation stored yet: no trial has finished"
 
 
 def classify(row: dict[str, Any], target: dict[str, float], use_mia: bool = False) -> str:
@@ -48,8 +51,29 @@ class Unit:
     name: str
     method: str
     retain_source: str | None
-    has_lambda: bool
     rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def hyperparameters(self) -> tuple[Hyperparameter, ...]:
+        """What the unit's method declares (for a method this version does not know, the declarations its
+        rows carry values for)."""
+        if self.method in methods.available():
+            return methods.space_of(self.method)
+        return tuple(hp for hp in methods.space_of(self.method) if self.carries(hp))
+
+    @property
+    def axes(self) -> list[Hyperparameter]:
+        """The unit's hyperparameters other than the learning rate that its rows have values for: the y axes
+        of its robustness panels (the learning rate is every panel's x axis)."""
+        return [hp for hp in self.hyperparameters if hp.name != LR.name and self.carries(hp)]
+
+    def carries(self, hp: Hyperparameter) -> bool:
+        return any(r["params"].get(hp.name) is not None for r in self.rows)
+
+    def value(self, row: dict[str, Any], hp: Hyperparameter) -> float | None:
+        """The row's value of `hp` when this unit's method declares it (another method's same-named knob is not
+        this one)."""
+        return row["params"].get(hp.name) if hp in self.hyperparameters else None
 
     @property
     def finished(self) -> list[dict[str, Any]]:
@@ -72,8 +96,23 @@ class Unit:
     @property
     def window_decades(self) -> float:
         """Width of the success window in decades of learning rate (0 for one success or none)."""
-        lrs = [math.log10(r["params"]["lr"]) for r in self.successes if r["params"].get("lr")]
+        lrs = [LR.coordinate(r["params"][LR.name]) for r in self.successes if r["params"].get(LR.name)]
         return max(lrs) - min(lrs) if lrs else 0.0
+
+
+def ordered(declared: Any) -> list[Hyperparameter]:
+    """Distinct declarations, the shared ones first (learning rate, epochs, λ), the rest as they come."""
+    first = [*SHARED, RETAIN_WEIGHT]
+    out = list(dict.fromkeys(declared))
+    return sorted(out, key=lambda hp: (first.index(hp) if hp in first else len(first), out.index(hp)))
+
+
+def study_axes(units: Any) -> list[Hyperparameter]:
+    """Every declaration some unit's rows carry a value for, the learning rate first: the parallel-coordinates
+    axes. Two methods' same-named knobs (NPO's and SimNPO's β) are two axes."""
+    units = list(units)
+    lr = [hp for u in units for hp in u.hyperparameters if hp.name == LR.name and u.carries(hp)]
+    return ordered([*lr, *(hp for u in units for hp in u.axes)])
 
 
 @dataclass
@@ -108,6 +147,15 @@ class StudyData:
     def row(self, trial_id: int | None) -> dict[str, Any] | None:
         return next((r for r in self.rows if r["id"] == trial_id), None)
 
+    def hyperparameters(self) -> list[Hyperparameter]:
+        """One declaration per hyperparameter name the study's units declare: the trial table's columns. From
+        the units (the study's searches), not only the rows so far, so the columns stay while a study runs."""
+        seen: dict[str, Hyperparameter] = {}
+        for unit in self.units.values():
+            for hp in unit.hyperparameters:
+                seen.setdefault(hp.name, hp)
+        return ordered(seen.values())
+
     def recommended_ids(self) -> dict[str, int]:
         """unit → trial id of its recommended (or closest) trial."""
         rec = self.recommendation or {}
@@ -135,17 +183,17 @@ class StudyData:
 
 
 def load_study(store: Store, name: str, curves: bool = True, recommend: bool = True) -> StudyData:
-    """Everything the dashboards show of one study, from the store only (raises TunerError if unknown)."""
+    """Everything the dashboards show of one study, from the store only (raises TunerError if unknown). The
+    Pareto flags and the recommendation are the ones the study driver derived and stored (`tuner.derived`)."""
     study = store.study(name)
     spec = study.spec or {}
     target = {**DEFAULT_TARGET, **(spec.get("target") or {})}
     objectives = list(spec.get("objectives") or ["forget_gap", "utility_drop"])
     use_mia = "mia_auc" in objectives
     rows = store.trials(name)
-    pristine = [dict(r) for r in rows]  # the rows as the store gave them, for the recommender
     units: dict[str, Unit] = {}
     for search in sorted(study.searches, key=lambda s: s.id):
-        units[search.unit] = Unit(search.unit, search.method, search.retain_source, has_lambda=False)
+        units[search.unit] = Unit(search.unit, search.method, search.retain_source)
     for r in rows:
         r["metrics"] = r.get("metrics") or {}
         r["params"] = r.get("params") or {}
@@ -153,19 +201,13 @@ def load_study(store: Store, name: str, curves: bool = True, recommend: bool = T
         r["outcome"] = classify(r, target, use_mia)
         r["success"] = succeeded(r, target, use_mia)
         r["map_class"] = "in_band_damaged" if r["outcome"] == "in_band" and not r["success"] else r["outcome"]
-        r["pareto"] = False
+        r["pareto"] = bool(r.get("pareto"))  # the stored flag
         r["recommended"] = False
         unit = units.get(r["unit"])
         if unit is None:
-            unit = units[r["unit"]] = Unit(r["unit"], r["method"], r["retain_source"], False)
-        if r["params"].get("retain_weight") is not None:
-            unit.has_lambda = True
+            unit = units[r["unit"]] = Unit(r["unit"], r["method"], r["retain_source"])
         unit.rows.append(r)
-    for unit in units.values():
-        scored = [r for r in unit.rows if objective_point(r, objectives) is not None]
-        for i in pareto_indices([objective_point(r, objectives) for r in scored]):
-            scored[i]["pareto"] = True
-    recommendation, note = _recommend(_Preloaded(store, study, pristine), name) if recommend else \
+    recommendation, note = _stored_recommendation(store, name, rows) if recommend else \
         (None, "recommendation not requested")
     data = StudyData(name=study.name, model=study.model, status=study.status, notes=spec.get("notes") or "",
                      spec=spec, target=target, objectives=objectives, baseline=study.baseline,
@@ -180,33 +222,20 @@ def load_study(store: Store, name: str, curves: bool = True, recommend: bool = T
     return data
 
 
-class _Preloaded:
-    """The store, except that the study and its trials already read are handed out again (as copies) instead
-    of being read twice: the recommender reads the same rows the page shows, in the same state."""
-
-    def __init__(self, store: Store, study: Any, rows: list[dict[str, Any]]) -> None:
-        self._store, self._study, self._rows = store, study, rows
-
-    def study(self, name: str) -> Any:
-        return self._study if name == self._study.name else self._store.study(name)
-
-    def trials(self, name: str) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._rows] if name == self._study.name else self._store.trials(name)
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self._store, attr)
+def no_recommendation_note(rows: list[dict[str, Any]]) -> str:
+    """Why a study has no stored recommendation."""
+    if not any(r["status"] not in ("running", "interrupted") for r in rows):
+        return NO_RECOMMENDATION
+    return "no recommendation stored yet: the study driver stores one as trials finish (resume the study to derive it)"
 
 
-def _recommend(store: Store, name: str) -> tuple[dict[str, Any] | None, str | None]:
-    """The recommender's picks (`tuner.recommend.recommend_study`); the dashboards still draw without it."""
+def _stored_recommendation(store: Store, name: str, rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
+    """The recommendation the study driver stored, or None and why; the dashboards still draw without it."""
     try:
-        from tuner.recommend import recommend_study
-    except ImportError as err:
-        return None, f"the recommender is not available ({err})"
-    try:
-        return recommend_study(store, name), None
+        stored = store.recommendation(name)
     except Exception as err:  # noqa: BLE001 - one broken panel must not take the whole page down
-        return None, f"the recommender failed: {type(err).__name__}: {err}"
+        return None, f"the stored recommendation could not be read: {type(err).__name__}: {err}"
+    return (stored, None) if stored is not None else (None, no_recommendation_note(rows))
 
 
 def objective_point(row: dict[str, Any], objectives: list[str]) -> list[float] | None:
@@ -300,8 +329,47 @@ def fmt(value: Any, spec: str = ".3f") -> str:
         return str(value)
 
 
+@dataclass(frozen=True)
+class Column:
+    """One trial-table column: its key in `table_rows`' records, its header, whether it sorts and filters as
+    a number, and for a hyperparameter its declaration (which formats its cells)."""
+
+    key: str
+    label: str
+    numeric: bool = False
+    param: Hyperparameter | None = None
+
+
+_BEFORE = (Column("id", "trial", True), Column("unit", "unit"), Column("number", "#", True),
+           Column("status", "status"), Column("outcome", "outcome"), Column("pareto", "Pareto"),
+           Column("recommended", "picked"))
+_AFTER = (Column("forget_gap", "forget gap", True), Column("utility_drop", "utility drop", True),
+          Column("mia_auc", "MIA AUC", True), Column("forget_nll", "forget NLL", True),
+          Column("unseen_nll", "unseen NLL", True), Column("retain_nll", "retain NLL", True),
+          Column("steps", "steps", True), Column("stop_step", "stop step", True),
+          Column("selected_step", "selected step", True), Column("device_s", "device-s", True),
+          Column("tokens", "tokens", True), Column("device", "device"), Column("effective_batch", "eff. batch", True),
+          Column("world_size", "world", True), Column("sharding", "sharding"), Column("precision", "precision"),
+          Column("error", "error"))
+_FIXED = {c.key for c in (*_BEFORE, *_AFTER)}
+
+
+def param_key(hp: Hyperparameter) -> str:
+    """A hyperparameter's column key: its name (prefixed in the unlikely case it is a fixed column's key)."""
+    return hp.name if hp.name not in _FIXED else f"param_{hp.name}"
+
+
+def table_columns(data: StudyData | None = None) -> list[Column]:
+    """The trial table's columns: one per hyperparameter the study's units declare (header: its symbol or
+    name), between the trial's identity and its metrics. Without a study, one per declared hyperparameter."""
+    declared = data.hyperparameters() if data is not None else \
+        ordered(pairs[0][1] for pairs in methods.declared().values())
+    return [*_BEFORE, *(Column(param_key(hp), hp.short, True, hp) for hp in declared), *_AFTER]
+
+
 def table_rows(data: StudyData) -> list[dict[str, Any]]:
     """The sortable trial table: one flat record per trial (numbers stay numbers, so sorting is numeric)."""
+    params = data.hyperparameters()
     out = []
     for r in data.rows:
         m, p, res = r["metrics"], r["params"], r["result"]
@@ -309,7 +377,7 @@ def table_rows(data: StudyData) -> list[dict[str, Any]]:
             "id": r["id"], "unit": r["unit"], "number": r["number"], "status": r["status"],
             "outcome": OUTCOME_LABELS.get(r["map_class"], r["map_class"]),
             "pareto": "yes" if r["pareto"] else "", "recommended": "yes" if r["recommended"] else "",
-            "lr": p.get("lr"), "epochs": p.get("epochs"), "retain_weight": p.get("retain_weight"),
+            **{param_key(hp): p.get(hp.name) for hp in params},
             "forget_gap": _round(m.get("forget_gap")), "utility_drop": _round(m.get("utility_drop")),
             "mia_auc": _round(m.get("mia_auc")), "forget_nll": _round(m.get("forget_nll")),
             "unseen_nll": _round(m.get("unseen_nll")), "retain_nll": _round(m.get("retain_nll")),
@@ -320,18 +388,6 @@ def table_rows(data: StudyData) -> list[dict[str, Any]]:
             "sharding": (res.get("environment") or {}).get("sharding"), "error": r.get("error") or "",
         })
     return out
-
-
-TABLE_COLUMNS = [
-    ("id", "trial"), ("unit", "unit"), ("number", "#"), ("status", "status"), ("outcome", "outcome"),
-    ("pareto", "Pareto"), ("recommended", "picked"), ("lr", "lr"), ("epochs", "epochs"), ("retain_weight", "λ"),
-    ("forget_gap", "forget gap"), ("utility_drop", "utility drop"), ("mia_auc", "MIA AUC"),
-    ("forget_nll", "forget NLL"), ("unseen_nll", "unseen NLL"), ("retain_nll", "retain NLL"), ("steps", "steps"),
-    ("stop_step", "stop step"), ("selected_step", "selected step"), ("device_s", "device-s"), ("tokens", "tokens"),
-    ("device", "device"), ("effective_batch", "eff. batch"), ("world_size", "world"), ("sharding", "sharding"),
-    ("precision", "precision"),
-    ("error", "error"),
-]
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:

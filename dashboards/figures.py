@@ -20,13 +20,18 @@ from dashboards import hypervolume
 from dashboards.data import (
     OUTCOME_LABELS,
     StudyData,
+    Unit,
     device_seconds,
     efficiency,
     fmt,
     objective_point,
+    ordered,
     plotted,
+    study_axes,
     tokens,
 )
+from tuner.hparams import LR, Hyperparameter
+from tuner.methods import describe
 
 METHOD_ORDER = ("ga", "random_label", "random_model_label", "adversarial", "retain_finetune", "ga_gd", "ga_kl")
 PALETTE = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#7f7f7f", "#2ca02c", "#d62728", "#17becf", "#bcbd22",
@@ -39,7 +44,7 @@ SOURCE_SYMBOL = {None: "circle", "in_distribution": "circle", "general": "diamon
 SOURCE_DASH = {None: "solid", "in_distribution": "solid", "general": "dash"}
 TRIAL_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 BAND_FILL = "rgba(44, 160, 44, 0.13)"
-LAMBDA_TICKS = (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)
+LOG_TICK_MANTISSAS = (1, 3)  # ticks of a log-scale hyperparameter's axis: ..., 0.1, 0.3, 1, 3, 10, ...
 # Drawing time in the browser matters (a study page draws six figures): margins are set by hand instead of
 # automargin (which redraws), tick labels may overflow (checking costs a text measurement per label), and a
 # few template lines replace "plotly_white", which carries defaults for every trace type.
@@ -83,13 +88,10 @@ def _empty(title: str, message: str, height: int = 320) -> go.Figure:
 
 def hover(row: dict[str, Any]) -> str:
     """Hyperparameters and metrics of one trial, escaped, for a hover label."""
-    p, m, res = row["params"], row["metrics"], row["result"]
-    params = [f"lr {fmt(p.get('lr'), '.2e')}", f"epochs {fmt(p.get('epochs'), 'g')}"]
-    if p.get("retain_weight") is not None:
-        params.append(f"λ {fmt(p.get('retain_weight'), '.3g')}")
+    m, res = row["metrics"], row["result"]
     lines = [f"<b>{esc(row['unit'])}</b> #{row['number']} (trial {row['id']})",
              f"{esc(row['status'])}: {esc(OUTCOME_LABELS.get(row['map_class'], row['map_class']))}",
-             ", ".join(params),
+             esc(describe(row.get("method"), row["params"])),
              f"forget gap {fmt(m.get('forget_gap'), '+.4f')}, utility drop {fmt(m.get('utility_drop'), '+.4f')}",
              f"MIA AUC {fmt(m.get('mia_auc'))}, forget NLL {fmt(m.get('forget_nll'))}, "
              f"unseen NLL {fmt(m.get('unseen_nll'))}",
@@ -102,10 +104,9 @@ def hover(row: dict[str, Any]) -> str:
 
 def hover_short(row: dict[str, Any], cost: bool = False) -> str:
     """A compact label (the Pareto figure has the full one): trial, outcome, hyperparameters, gap and utility."""
-    p, m = row["params"], row["metrics"]
-    lam = f", λ {p['retain_weight']:.3g}" if p.get("retain_weight") is not None else ""
+    m = row["metrics"]
     text = (f"<b>{esc(row['unit'])}</b> #{row['number']}: {OUTCOME_LABELS.get(row['map_class'], row['map_class'])}"
-            f"<br>lr {fmt(p.get('lr'), '.2e')}, epochs {fmt(p.get('epochs'), 'g')}{lam}")
+            f"<br>{esc(describe(row.get('method'), row['params']))}")
     if m.get("forget_gap") is not None:
         text += f"<br>gap {m['forget_gap']:+.3f}, utility drop {fmt(m.get('utility_drop'), '+.3f')}"
     if cost:
@@ -204,23 +205,29 @@ def _references(data: StudyData, abs_gap: bool) -> list[dict]:
 # ---- 2. Robustness map ------------------------------------------------------------------------------------------
 
 def robustness(data: StudyData, columns: int = 5) -> go.Figure:
-    """Per unit, learning rate × epochs (and × retain weight where there is one) coloured by outcome; the lr
-    span of the unit's successes (in the band, utility drop within tolerance: its success window) is shaded.
+    """Per unit, the learning rate against each of its other hyperparameters (epochs, λ, the method's own
+    knobs) coloured by outcome; the learning-rate span of the unit's successes (in the band, utility drop within
+    tolerance: its success window) is shaded.
 
-    The panels are small multiples on shared axes: one lr axis per column and one axis per row of panels
-    (epochs, or λ), each with one range for the whole figure, labelled on the outer panels. Windows compare
-    side by side, zoom acts on a whole column or row, and the figure has 8 axes instead of one pair per
-    panel (plotly.js draws a clip path for every x-y axis pair, so 28 axes cost 224 of them)."""
+    The panels are small multiples on shared axes: one learning-rate axis per column and, in each block of
+    units, one row of panels per hyperparameter the block's units search besides the learning rate (one axis
+    per row, its range from that row's trials, log-scaled or whole-numbered as the hyperparameter is declared),
+    labelled on the outer panels. Windows compare side by side, zoom acts on a whole column or row, and the
+    figure has one axis per column and row instead of one pair per panel (plotly.js draws a clip path for
+    every x-y axis pair, so 28 axes cost 224 of them)."""
     units = [u for u in data.units.values() if u.rows]
     title = "Robustness map: where each method succeeds (guidelines 2 and 3)"
     if not units:
         return _empty(title, "no trials yet")
     cols = min(columns, len(units))
     blocks = math.ceil(len(units) / cols)
-    # a block (row of units) gets a second row of panels, lr × λ, when one of its units has a retain weight
-    block_rows = [2 if any(u.has_lambda for u in units[b * cols:(b + 1) * cols]) else 1 for b in range(blocks)]
-    first_row = [sum(block_rows[:b]) for b in range(blocks)]
-    rows_n = sum(block_rows)
+    block_units = [units[b * cols:(b + 1) * cols] for b in range(blocks)]
+    # a block (row of units) gets one row of panels per hyperparameter its units' rows carry besides the
+    # learning rate (two methods' same-named knobs are two rows); one row against nothing when there is none
+    block_axes: list[list[Hyperparameter | None]] = [ordered(hp for u in bu for hp in u.axes) or [None]
+                                                     for bu in block_units]
+    first_row = [sum(len(a) for a in block_axes[:b]) for b in range(blocks)]
+    rows_n = sum(len(a) for a in block_axes)
     # sizes in pixels, turned into paper fractions: panels, the gap inside a block, the gap between blocks
     # (tick labels, the axis title and the next block's two-line panel titles)
     panel_px, inner_px, block_px = 175, 24, 100
@@ -228,63 +235,65 @@ def robustness(data: StudyData, columns: int = 5) -> go.Figure:
     hs, vs, block_gap = 0.035, inner_px / plot_px, block_px / plot_px
     width = (1 - hs * (cols - 1)) / cols
     height = panel_px / plot_px
-    ranges = {"lr": _log_range(units, "lr"), "retain_weight": _log_range(units, "retain_weight")}
-    epochs = [r["params"]["epochs"] for u in units for r in u.rows if r["params"].get("epochs") is not None]
-    ranges["epochs"] = [min(epochs) - 0.5, max(epochs) + 0.5] if epochs else None
-    # which panels exist: (panel row, column) -> (unit, the parameter on y)
-    panels: dict[tuple[int, int], tuple[Any, str]] = {}
-    for i, u in enumerate(units):
-        block, col = divmod(i, cols)
-        panels[first_row[block], col] = (u, "epochs")
-        if u.has_lambda:
-            panels[first_row[block] + 1, col] = (u, "retain_weight")
+    # which panels exist: (panel row, column) -> (unit, the hyperparameter on y, or None)
+    panels: dict[tuple[int, int], tuple[Unit, Hyperparameter | None]] = {}
+    row_block: dict[int, int] = {}
+    for b, bu in enumerate(block_units):
+        for k, hp in enumerate(block_axes[b]):
+            row_block[first_row[b] + k] = b
+            for col, u in enumerate(bu):
+                if hp is None or hp in u.axes:
+                    panels[first_row[b] + k, col] = (u, hp)
     layout: dict[str, Any] = {}
+    lr_range = _axis_range(LR, [r["params"][LR.name] for u in units for r in u.rows
+                                if r["params"].get(LR.name) is not None])
     for col in range(cols):  # one lr axis per column, drawn under the column's lowest panel
-        bottom = max(row for row, c in panels if c == col)
+        bottom = max((row for row, c in panels if c == col), default=rows_n - 1)
         x0 = col * (width + hs)
         layout[_axis_key("x", col)] = dict(
-            type="log", range=ranges["lr"], domain=[x0, x0 + width], anchor=_axis_id("y", bottom),
-            tickfont=dict(size=9), tickformat=".0e", nticks=5, tickangle=0, title=_title("learning rate", 10))
+            type="log" if LR.log else "linear", range=lr_range, domain=_domain(x0, x0 + width),
+            anchor=_axis_id("y", bottom), tickfont=dict(size=9), tickformat=".0e" if LR.log else None, nticks=5,
+            tickangle=0, title=_title(LR.label, 10))
     for row in range(rows_n):  # one axis per row of panels, drawn left of the row's first panel
-        block = max(b for b in range(blocks) if first_row[b] <= row)
-        param = "epochs" if row == first_row[block] else "retain_weight"
+        block = row_block[row]
+        hp = block_axes[block][row - first_row[block]]
         y1 = 1 - row * height - (row - block) * vs - block * block_gap
         first = min(c for r, c in panels if r == row)
-        yaxis = dict(domain=[y1 - height, y1], anchor=_axis_id("x", first), tickfont=dict(size=9),
-                     title=_title("epochs" if param == "epochs" else "retain weight λ", 10))
-        if param == "epochs":
-            yaxis.update(type="linear", dtick=1, range=ranges["epochs"])
-        else:
-            yaxis.update(type="log", tickvals=list(LAMBDA_TICKS), range=ranges["retain_weight"])
-        layout[_axis_key("y", row)] = yaxis
+        values = [u.value(r, hp) for (pr, _), (u, _) in panels.items() if pr == row and hp is not None
+                  for r in u.rows]
+        layout[_axis_key("y", row)] = dict(domain=_domain(y1 - height, y1), anchor=_axis_id("x", first),
+                                           tickfont=dict(size=9), **_param_axis(hp, [v for v in values if v is not None]))
     traces, shapes, notes = [], [], []
     shown: set[str] = set()
-    for (row, col), (u, param) in sorted(panels.items()):
+    for (row, col), (u, hp) in sorted(panels.items()):
         xa, ya = _axis_id("x", col), _axis_id("y", row)
-        if param == "epochs":
+        block = row_block[row]
+        if row == first_row[block]:  # the unit's title over the block's top row
             x0, y1 = col * (width + hs), layout[_axis_key("y", row)]["domain"][1]
             notes.append(dict(text=f"<b>{esc(u.name)}</b><br>{len(u.successes)}/{len(u.finished)} succeed, "
-                                   f"window {u.window_decades:.2f} decades of lr",
+                                   f"window {u.window_decades:.2f} decades of {esc(LR.short)}",
                               x=x0 + width / 2, y=y1, xref="paper", yref="paper", xanchor="center",
                               yanchor="bottom", showarrow=False, font=dict(size=11)))
         # one trace per panel, coloured point by point (a trace per outcome and panel draws slower)
-        rs = [r for r in u.rows if r["map_class"] in MAP_CLASSES and r["params"].get("lr") is not None
-              and r["params"].get(param) is not None]
+        rs = [r for r in u.rows if r["map_class"] in MAP_CLASSES and r["params"].get(LR.name) is not None
+              and (hp is None or u.value(r, hp) is not None)]
         rs.sort(key=lambda r: MAP_CLASSES.index(r["map_class"]))
         damaged = [r["map_class"] == "in_band_damaged" for r in rs]
         traces.append(dict(
-            type="scatter", x=[r["params"]["lr"] for r in rs], y=[r["params"][param] for r in rs],
+            type="scatter", x=[r["params"][LR.name] for r in rs], y=[0 if hp is None else u.value(r, hp) for r in rs],
             mode="markers", showlegend=False, xaxis=xa, yaxis=ya,
             marker=dict(color=[OUTCOME_COLOURS[r["map_class"]] for r in rs], size=9,
                         symbol=["x" if r["map_class"] in ("diverged", "failed") else "circle" for r in rs],
                         line=dict(color=["#d62728" if d else "white" for d in damaged],
                                   width=[1.5 if d else 0.5 for d in damaged])),
             hovertext=[hover_short(r) for r in rs], hovertemplate="%{hovertext}<extra></extra>",
-            customdata=[r["map_class"] for r in rs], meta={"unit": u.name, "role": "trials", "y": param}))
+            customdata=[r["map_class"] for r in rs], meta={"unit": u.name, "role": "trials",
+                                                           "y": hp.name if hp is not None else None}))
         shown.update(r["map_class"] for r in rs)
-        ok = [r["params"]["lr"] for r in u.successes if r["params"].get("lr")]
+        ok = [r["params"][LR.name] for r in u.successes if r["params"].get(LR.name)]
         if ok:
-            shapes.append(dict(type="rect", xref=xa, yref=f"{ya} domain", x0=min(ok) / 1.08, x1=max(ok) * 1.08,
+            lo, hi = (min(ok) / 1.08, max(ok) * 1.08) if LR.log else (min(ok), max(ok))
+            shapes.append(dict(type="rect", xref=xa, yref=f"{ya} domain", x0=lo, x1=hi,
                                y0=0, y1=1, fillcolor=BAND_FILL, line=dict(width=0), layer="below"))
     for cls in MAP_CLASSES:  # the legend: one entry per outcome that occurs
         if cls in shown:
@@ -309,14 +318,67 @@ def _axis_key(letter: str, index: int) -> str:
     return f"{letter}axis" if index == 0 else f"{letter}axis{index + 1}"
 
 
-def _log_range(units: list, param: str) -> list[float] | None:
-    """A log axis range covering every trial's `param`, padded by 8% (at least 0.1 decade) each side."""
-    values = [r["params"][param] for u in units for r in u.rows if (r["params"].get(param) or 0) > 0]
+def _domain(lo: float, hi: float) -> list[float]:
+    """An axis domain inside [0, 1] (sums of many fractions can land a rounding error outside it)."""
+    return [min(1.0, max(0.0, lo)), min(1.0, max(0.0, hi))]
+
+
+def _axis_range(hp: Hyperparameter, values: list[float]) -> list[float] | None:
+    """An axis range covering `values` on the hyperparameter's declared scale: a log axis (in decades) padded by
+    8% (at least 0.1 decade) each side, a whole-number axis by half a step, a linear one by 8%."""
+    if hp.log:
+        values = [v for v in values if v > 0]
     if not values:
         return None
-    lo, hi = math.log10(min(values)), math.log10(max(values))
-    pad = max(0.1, (hi - lo) * 0.08)
+    lo, hi = hp.coordinate(min(values)), hp.coordinate(max(values))
+    if hp.log:
+        pad = max(0.1, (hi - lo) * 0.08)
+    elif hp.integer:
+        pad = 0.5
+    else:
+        pad = (hi - lo) * 0.08 or max(abs(lo) * 0.1, 0.5)
     return [lo - pad, hi + pad]
+
+
+def _param_axis(hp: Hyperparameter | None, values: list[float]) -> dict[str, Any]:
+    """The y axis of a row of robustness panels: type, range, ticks and title from the declaration."""
+    if hp is None:  # a unit whose rows carry no hyperparameter besides the learning rate
+        return dict(type="linear", range=[-1, 1], showticklabels=False, title=_title("(learning rate only)", 10))
+    axis: dict[str, Any] = dict(range=_axis_range(hp, values), title=_title(esc(hp.label), 10))
+    if hp.log:
+        axis["type"] = "log"
+        ticks = _log_ticks(axis["range"])
+        if len(ticks) >= 2:
+            axis["tickvals"] = ticks
+        else:  # under about half a decade: a few of plotly's own ticks
+            axis["nticks"] = 4
+    else:
+        axis["type"] = "linear"
+        if hp.integer:
+            span = (max(values) - min(values)) if values else 0
+            axis["dtick"] = _whole_step(span)
+    return axis
+
+
+def _log_ticks(rng: list[float] | None) -> list[float]:
+    """1-3 ticks (1 and 3 times powers of ten) inside a log range; powers of ten alone over more than 3 decades,
+    1-2-5 ticks when 1-3 would leave fewer than two."""
+    if rng is None:
+        return []
+    for mantissas in ((1,) if rng[1] - rng[0] > 3.5 else LOG_TICK_MANTISSAS, (1, 2, 5)):
+        ticks = [float(f"{m}e{k}") for k in range(math.floor(rng[0]), math.ceil(rng[1]) + 1) for m in mantissas
+                 if rng[0] <= math.log10(m) + k <= rng[1]]
+        if len(ticks) >= 2:
+            break
+    return ticks
+
+
+def _whole_step(span: float) -> int:
+    """Tick step of a whole-number axis: 1, or a round step (2, 5, 10, ...) that keeps about 8 ticks or fewer."""
+    step = 1
+    while span / step > 8:
+        step = step * 5 // 2 if str(step)[0] == "2" else step * 2
+    return step
 
 
 # ---- 3. Unlearning curves ---------------------------------------------------------------------------------------
@@ -422,18 +484,24 @@ def parallel(data: StudyData) -> go.Figure:
     Drawn with SVG lines on normalised axes rather than `go.Parcoords`: Parcoords needs WebGL, which costs
     more than a second per page in a browser without a GPU (headless, remote desktops). The hover points sit
     on the forget-gap axis; the trial table filters what Parcoords' brushing would."""
-    rows = [r for r in data.rows if plotted(r) and r["params"].get("lr")]
+    rows = [r for r in data.rows if plotted(r) and r["params"].get(LR.name)]
     title = "Parallel coordinates: hyperparameters → objectives (colour: outcome)"
     if not rows:
         return _empty(title, "no finished trials with metrics yet")
     units = [u for u in data.units if any(r["unit"] == u for r in rows)]
-    lam = [math.log10(r["params"]["retain_weight"]) if r["params"].get("retain_weight") else None for r in rows]
     dims: list[tuple[str, list[float | None], Any]] = [
-        ("unit", [units.index(r["unit"]) for r in rows], [(i, esc(u)) for i, u in enumerate(units)]),
-        ("learning rate", [math.log10(r["params"]["lr"]) for r in rows], "log"),
-        ("epochs", [r["params"].get("epochs") for r in rows], None)]
-    if any(v is not None for v in lam):
-        dims.append(("retain weight λ", lam, "log"))
+        ("unit", [units.index(r["unit"]) for r in rows], [(i, esc(u)) for i, u in enumerate(units)])]
+    # one axis per declared hyperparameter the plotted trials carry (on its declared scale); a trial whose
+    # method does not declare it sits under the axis, at "none"
+    shown = [data.units[u] for u in units]
+    axes = study_axes(shown)
+    labels = [hp.label for hp in axes]
+    for hp in axes:
+        owners = [u.method for u in shown if hp in u.hyperparameters]
+        label = hp.label if labels.count(hp.label) == 1 else f"{hp.label} ({', '.join(dict.fromkeys(owners))})"
+        values = [data.units[r["unit"]].value(r, hp) for r in rows]
+        dims.append((esc(label), [None if v is None or (hp.log and v <= 0) else hp.coordinate(v) for v in values],
+                     "log" if hp.log else None))
     dims += [("forget gap", [r["metrics"]["forget_gap"] for r in rows], None),
              ("utility drop", [r["metrics"]["utility_drop"] for r in rows], None)]
     if any(r["metrics"].get("mia_auc") is not None for r in rows):
@@ -443,7 +511,7 @@ def parallel(data: StudyData) -> go.Figure:
         known = [v for v in values if v is not None]
         lo, hi = (min(known), max(known)) if known else (0.0, 1.0)
         span = (hi - lo) or 1.0
-        # a missing value (no λ for this method) sits just under the axis, labelled "none"
+        # a missing value (a hyperparameter this method does not take) sits just under the axis, labelled "none"
         scaled.append([(v - lo) / span if v is not None else -0.08 for v in values])
         shapes.append(dict(type="line", x0=k, x1=k, y0=0, y1=1, xref="x", yref="y", line=dict(color="#444", width=1)))
         annotations.append(dict(x=k, y=1.06, text=f"<b>{label}</b>", showarrow=False, xref="x", yref="y",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dashboards.data import StudyData, Unit
+from tuner.hparams import LR
 
 HOLDS, CONTRADICTED, NOT_ENOUGH = "holds", "contradicted", "not enough data"
 MIN_TRIALS = 3  # finished trials a unit needs before its success rate is compared
@@ -112,7 +113,8 @@ def ga_is_brittle(data: StudyData) -> Check:
     narrow = ga_rate < ref or (ga_rate == ref and ga.window_decades < statistics.median(u.window_decades for u in others))
     kind = "GA+descent/KL" if _retain_units(data) else "other"
     facts = (f"GA succeeds in {len(ga.successes)}/{len(ga.finished)} trials ({ga_rate:.0%}, window "
-             f"{ga.window_decades:.2f} decades of lr) against a median {ref:.0%} over {len(others)} {kind} methods; "
+             f"{ga.window_decades:.2f} decades of {LR.short}) against a median {ref:.0%} over {len(others)} {kind} "
+             "methods; "
              f"{collapsed} GA trials diverged or exceeded the utility tolerance")
     return Check(2, title, rule, HOLDS if narrow else CONTRADICTED, facts, fig, name)
 
@@ -188,7 +190,7 @@ def lr_steps_trade_off(data: StudyData) -> Check:
     title, rule = "Learning rate and steps trade off", \
         "search the learning rate on a log scale; along the success ridge a smaller rate needs more steps"
     fig, name = "fig-parallel", "Parallel coordinates"
-    lr_log = (data.spec.get("search") or {}).get("lr", {}).get("log", True)
+    lr_log = ((data.spec.get("search") or {}).get(LR.name) or {}).get("log", LR.log)
     weighted = total = 0.0
     per_unit = []
     for unit in data.units.values():
@@ -197,18 +199,19 @@ def lr_steps_trade_off(data: StudyData) -> Check:
             res = r["result"]
             steps = res.get("stop_step") if res.get("stop_step") is not None else (
                 res.get("selected_step") if r["outcome"] == "in_band" else None)
-            if steps and r["params"].get("lr"):
-                pts.append((math.log10(r["params"]["lr"]), float(steps)))
+            if steps and r["params"].get(LR.name):
+                pts.append((LR.coordinate(r["params"][LR.name]), float(steps)))
         rho = spearman([p[0] for p in pts], [p[1] for p in pts])
         if rho is not None:
             per_unit.append(f"{unit.name} {rho:+.2f} (n={len(pts)})")
             weighted += rho * len(pts)
             total += len(pts)
-    scale = "" if lr_log else "; note: the spec searched lr on a linear scale"
+    scale = "" if lr_log else f"; note: the spec searched {LR.short} on a linear scale"
     if not total:
         return Check(4, title, rule, NOT_ENOUGH, "no method has 3 trials that reached the target" + scale, fig, name)
     rho = weighted / total
-    facts = f"rank correlation of lr with steps to the target {rho:+.2f} over {int(total)} trials ({'; '.join(per_unit)})"
+    facts = (f"rank correlation of {LR.short} with steps to the target {rho:+.2f} over {int(total)} trials "
+             f"({'; '.join(per_unit)})")
     if rho <= -0.3:
         verdict = HOLDS
     elif rho >= 0.3 or total >= 8:

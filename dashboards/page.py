@@ -8,6 +8,8 @@ from typing import Any
 
 from dashboards.data import StudyData, fmt
 from dashboards.guidelines import CONTRADICTED, HOLDS, check_all
+from tuner.hparams import LR
+from tuner.methods import describe
 
 VERDICT_COLOURS = {HOLDS: "#1a7f37", CONTRADICTED: "#cf222e", "not enough data": "#6e7781"}
 SECTIONS = (
@@ -15,7 +17,8 @@ SECTIONS = (
      "Each method's front over the study's objectives as a line, dominated trials faded; green band: the "
      "approximate-retraining target; red dashed line: the utility tolerance; ★: each method's recommended point."),
     ("fig-robustness", "2. Robustness map",
-     "Learning rate × epochs (and × retain weight λ) per method, coloured by outcome; the shaded lr span is the "
+     f"{LR.label.capitalize()} against each of the method's other hyperparameters (one row of panels each: "
+     f"epochs, λ and the method's own), per method, coloured by outcome; the shaded {LR.short} span is the "
      "method's success window (in the band with the utility drop within tolerance)."),
     ("fig-curves", "3. Unlearning curves",
      "Forget, unseen and retain NLL against step for the chosen trials, the forget gap against the target band, "
@@ -65,12 +68,13 @@ def recommendation_rows(data: StudyData) -> list[dict[str, str]]:
         params = (row or {}).get("params") or r.get("params") or {}
         metrics = (row or {}).get("metrics") or r.get("metrics") or {}
         unit = r.get("unit") if label == "overall" else label
+        method = (row or {}).get("method") or getattr(data.units.get(unit or ""), "method", None)
         warnings = "; ".join(r.get("warnings") or [])
         out.append({
             "scope": "overall" + (f" ({unit})" if unit else "") if label == "overall" else label,
             "status": r.get("status", ""),
             "trial": f"#{row['number']} (id {row['id']})" if row else "–",
-            "params": ", ".join(f"{k} {fmt(v, '.3g')}" for k, v in params.items()) or "–",
+            "params": describe(method, params) or "–",
             "forget_gap": fmt(metrics.get("forget_gap"), "+.3f"), "utility_drop": fmt(metrics.get("utility_drop"), "+.3f"),
             "robustness": fmt(r.get("robustness"), ".2f"),
             "reason": r.get("reason", "") + (f" (warning: {warnings})" if warnings else ""),

@@ -13,7 +13,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from dashboards import figures, plotlyjs
-from dashboards.data import TABLE_COLUMNS, StudyData, load_study, table_rows
+from dashboards.data import StudyData, load_study, table_columns, table_rows
 from dashboards.page import SECTIONS, VERDICT_COLOURS, guideline_rows, header_facts, recommendation_rows
 from dashboards.trialtable import cell_text
 from tuner.errors import TunerError
@@ -121,15 +121,17 @@ def _guidelines(data: StudyData) -> str:
 
 def _trial_table(data: StudyData) -> str:
     rows = table_rows(data)
-    head = "".join(f"<th title='sort'>{e(label)}</th>" for _, label in TABLE_COLUMNS)
+    columns = table_columns(data)
+    head = "".join(f"<th title='sort by {e(c.param.label if c.param else c.label)}' data-column='{e(c.key)}'>"
+                   f"{e(c.label)}</th>" for c in columns)
     body = []
     for r in rows:
         cells = []
-        for key, _ in TABLE_COLUMNS:
-            v = r.get(key)
+        for c in columns:
+            v = r.get(c.key)
             numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
-            shown = e(cell_text(key, v))
-            cls = " class='num'" if numeric else (" class='err'" if key == "error" and v else "")
+            shown = e(cell_text(c.key, v, c.param))
+            cls = " class='num'" if numeric else (" class='err'" if c.key == "error" and v else "")
             cells.append(f"<td{cls} data-v='{e('' if v is None else v)}'>{shown}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f"<section id='trials'><h2>4c. Trials ({len(rows)})</h2><p class='lead'>Click a column header to sort."

@@ -18,18 +18,17 @@ from typing import Any
 
 from dash import dcc, html
 
-from dashboards.data import TABLE_COLUMNS
+from dashboards.data import Column, table_columns
+from tuner.hparams import Hyperparameter
 
 PAGE_SIZE = 15
 # shown with the "all columns" box: fewer columns are easier to read
 OPTIONAL = ("unseen_nll", "retain_nll", "selected_step", "effective_batch", "world_size", "sharding", "device",
             "precision")
-NUMERIC = {"id", "number", "lr", "epochs", "retain_weight", "forget_gap", "utility_drop", "mia_auc", "forget_nll",
-           "unseen_nll", "retain_nll", "steps", "stop_step", "selected_step", "device_s", "tokens",
-           "effective_batch", "world_size"}
+METRICS = ("forget_gap", "utility_drop", "mia_auc", "forget_nll", "unseen_nll", "retain_nll")  # to 4 decimals
 TEXT_SEARCHED = ("unit", "status", "outcome", "precision", "error")
-LABELS = dict(TABLE_COLUMNS)
-_TERM = re.compile(r"^\s*([A-Za-zλ_ .-]+?)\s*(!=|>=|<=|=|>|<)\s*(.+?)\s*$")
+# a column name: letters of any script (λ, β), '_', ' ', '.', '-'
+_TERM = re.compile(r"^\s*((?:[^\W\d]|[ .-])+?)\s*(!=|>=|<=|=|>|<)\s*(.+?)\s*$")
 _OPS = {"=": lambda a, b: a == b, "!=": lambda a, b: a != b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
         "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
 CSS = """
@@ -60,9 +59,9 @@ class View:
     page: int = 0
 
     @classmethod
-    def from_data(cls, data: dict[str, Any] | None) -> View:
+    def from_data(cls, data: dict[str, Any] | None, columns: list[Column] | None = None) -> View:
         data = data or {}
-        sort = data.get("sort") if data.get("sort") in LABELS else "id"
+        sort = data.get("sort") if data.get("sort") in {c.key for c in columns or table_columns()} else "id"
         return cls(sort, bool(data.get("descending")), str(data.get("filter") or ""), max(0, int(data.get("page") or 0)))
 
     def as_data(self) -> dict[str, Any]:
@@ -74,22 +73,28 @@ class View:
         return replace(self, sort=column, descending=descending, page=0)
 
 
-def column_key(name: str) -> str:
-    """A column named by its key or its header label, any case ('forget gap', 'forget_gap', 'λ')."""
+def _numeric(columns: list[Column]) -> set[str]:
+    return {c.key for c in columns if c.numeric}
+
+
+def column_key(name: str, columns: list[Column] | None = None) -> str:
+    """A column named by its key or its header label, any case ('forget gap', 'forget_gap', 'λ', 'β')."""
+    columns = columns or table_columns()
     wanted = name.strip().lower().replace(" ", "_")
-    for key, label in TABLE_COLUMNS:
-        if wanted in (key, label.lower().replace(" ", "_")):
-            return key
-    raise FilterError(f"unknown column '{name.strip()}' (columns: {', '.join(k for k, _ in TABLE_COLUMNS)})")
+    for c in columns:
+        if wanted in (c.key, c.label.lower().replace(" ", "_")):
+            return c.key
+    raise FilterError(f"unknown column '{name.strip()}' (columns: {', '.join(c.key for c in columns)})")
 
 
-def _predicate(term: str):
+def _predicate(term: str, columns: list[Column]):
     match = _TERM.match(term)
     if match is None:
         needle = term.strip().lower()
         return lambda row: any(needle in str(row.get(k) or "").lower() for k in TEXT_SEARCHED)
-    key, op, raw = column_key(match.group(1)), match.group(2), match.group(3).strip().strip("'\"")
-    if key in NUMERIC:
+    key, op, raw = column_key(match.group(1), columns), match.group(2), match.group(3).strip().strip("'\"")
+    numeric = key in _numeric(columns)
+    if numeric:
         try:
             value: Any = float(raw)
         except ValueError:
@@ -103,82 +108,91 @@ def _predicate(term: str):
         cell = row.get(key)
         if cell is None or cell == "":
             return op == "!="
-        if key not in NUMERIC:
+        if not numeric:
             cell = str(cell).lower()
         return _OPS[op](cell, value)
 
     return test
 
 
-def apply(rows: list[dict[str, Any]], view: View) -> list[dict[str, Any]]:
-    """The rows the view selects, in its order; empty cells sort last either way. FilterError for a bad term."""
-    tests = [_predicate(t) for t in view.filter.split(",") if t.strip()]
+def apply(rows: list[dict[str, Any]], view: View, columns: list[Column] | None = None) -> list[dict[str, Any]]:
+    """The rows the view selects, in its order; empty cells sort last either way. FilterError for a bad term.
+    `columns`: the table's (`dashboards.data.table_columns`; default: every declared hyperparameter's)."""
+    columns = columns or table_columns()
+    tests = [_predicate(t, columns) for t in view.filter.split(",") if t.strip()]
     kept = [r for r in rows if all(test(r) for test in tests)]
     present = [r for r in kept if r.get(view.sort) not in (None, "")]
     absent = [r for r in kept if r.get(view.sort) in (None, "")]
-    if view.sort in NUMERIC:
+    if view.sort in _numeric(columns):
         present.sort(key=lambda r: r[view.sort], reverse=view.descending)
     else:
         present.sort(key=lambda r: str(r[view.sort]).lower(), reverse=view.descending)
     return present + absent
 
 
-def cell_text(key: str, value: Any) -> str:
-    """How a cell reads: lr in exponent form, metrics to 4 decimals, tokens with separators."""
+def cell_text(key: str, value: Any, param: Hyperparameter | None = None) -> str:
+    """How a cell reads: a hyperparameter as its declaration formats it, metrics to 4 decimals, tokens with
+    separators."""
     if value is None:
         return ""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if key == "lr":
-        return f"{value:.3e}"
-    if key in ("forget_gap", "utility_drop", "mia_auc", "forget_nll", "unseen_nll", "retain_nll"):
+    if param is not None:
+        return param.format(value)
+    if key in METRICS:
         return f"{value:.4f}"
     if isinstance(value, int):
         return f"{value:,}" if key == "tokens" else str(value)
     return f"{value:.4g}"
 
 
-def _cell(key: str, value: Any) -> html.Td:
-    classes = [c for c in ("num" if key in NUMERIC else "", "err" if key == "error" and value else "",
+def _cell(column: Column, value: Any) -> html.Td:
+    key = column.key
+    classes = [c for c in ("num" if column.numeric else "", "err" if key == "error" and value else "",
                            "optional" if key in OPTIONAL else "") if c]
-    text = cell_text(key, value)
+    text = cell_text(key, value, column.param)
     return html.Td(text, className=" ".join(classes) or None, title=text if key == "error" and text else None,
                    **{"data-column": key})
 
 
-def body(rows: list[dict[str, Any]], view: View) -> tuple[list[html.Tr], str, View, str | None]:
+def body(rows: list[dict[str, Any]], view: View,
+         columns: list[Column] | None = None) -> tuple[list[html.Tr], str, View, str | None]:
     """The visible page of rows, the pager's label, the view (page clamped) and a filter problem, if any."""
+    columns = columns or table_columns()
     problem = None
     try:
-        shown = apply(rows, view)
+        shown = apply(rows, view, columns)
     except FilterError as err:
-        problem, shown = str(err), apply(rows, replace(view, filter="", page=0))
+        problem, shown = str(err), apply(rows, replace(view, filter="", page=0), columns)
     pages = max(1, math.ceil(len(shown) / PAGE_SIZE))
     view = replace(view, page=min(view.page, pages - 1))
     first = view.page * PAGE_SIZE
     page_rows = shown[first:first + PAGE_SIZE]
-    trs = [html.Tr([_cell(key, r.get(key)) for key, _ in TABLE_COLUMNS]) for r in page_rows]
+    trs = [html.Tr([_cell(c, r.get(c.key)) for c in columns]) for r in page_rows]
     of = f"of {len(shown)}" + (f" (filtered from {len(rows)})" if len(shown) != len(rows) else "")
     label = f"trials {first + 1}–{first + len(page_rows)} {of}, page {view.page + 1}/{pages}" if page_rows \
         else f"no trials match ({len(rows)} in the study)"
     return trs, label, view, problem
 
 
-def sort_marks(view: View) -> list[str]:
+def sort_marks(view: View, columns: list[Column] | None = None) -> list[str]:
     """The header labels, the sorting column marked with its direction."""
-    return [label + ((" ▼" if view.descending else " ▲") if key == view.sort else "") for key, label in TABLE_COLUMNS]
+    return [c.label + ((" ▼" if view.descending else " ▲") if c.key == view.sort else "")
+            for c in columns or table_columns()]
 
 
-def layout(rows: list[dict[str, Any]], view: View | None = None) -> html.Div:
+def layout(rows: list[dict[str, Any]], view: View | None = None, columns: list[Column] | None = None) -> html.Div:
     """The table with its filter box, column switch and pager, showing `view` (default: by trial id)."""
+    columns = columns or table_columns()
     view = view or View()
-    trs, label, view, problem = body(rows, view)
-    marks = sort_marks(view)
-    head = html.Tr([html.Th(html.Button(mark, id={"type": "trial-sort", "column": key}, title=f"sort by {label}"),
-                            className="optional" if key in OPTIONAL else None, **{"data-column": key})
-                    for (key, label), mark in zip(TABLE_COLUMNS, marks, strict=True)])
+    trs, label, view, problem = body(rows, view, columns)
+    marks = sort_marks(view, columns)
+    head = html.Tr([html.Th(html.Button(mark, id={"type": "trial-sort", "column": c.key},
+                                        title=f"sort by {c.param.label if c.param else c.label}"),
+                            className="optional" if c.key in OPTIONAL else None, **{"data-column": c.key})
+                    for c, mark in zip(columns, marks, strict=True)])
     return html.Div([
         dcc.Store(id="trial-view", data=view.as_data()),
         html.Div([

@@ -200,7 +200,9 @@ def test_every_figure_builds_and_escapes_stored_text(loaded):
     x_axes = [v for k, v in layout.items() if k.startswith("xaxis")]
     y_axes = [v for k, v in layout.items() if k.startswith("yaxis")]
     assert len(x_axes) == min(5, len(units)) and len({tuple(a["range"]) for a in x_axes}) == 1
-    assert len(y_axes) == math.ceil(len(units) / 5) * (1 + any(u.has_lambda for u in units))
+    # one row of panels per hyperparameter besides lr in each block of 5 units: epochs, and λ for GA+GD
+    assert len(y_axes) == sum(len(D.ordered(hp for u in units[b:b + 5] for hp in u.axes)) for b in range(0, len(units), 5))
+    assert [a["title"]["text"] for a in y_axes] == ["epochs", "retain weight λ"]
     assert shown == sum(r["status"] not in ("running", "interrupted") for r in loaded.rows)
     curves = F.curves(loaded)
     assert any((t.meta or {}).get("role") == "forget_nll" for t in curves.data)
@@ -261,7 +263,7 @@ def test_guideline_checks_follow_the_data():
         r["outcome"] = D.classify(r, target)
         r["success"] = r["outcome"] == "in_band" and r["metrics"]["utility_drop"] <= 0.5
         r["map_class"] = r["outcome"]
-        units.setdefault(r["unit"], D.Unit(r["unit"], r["method"], None, False)).rows.append(r)
+        units.setdefault(r["unit"], D.Unit(r["unit"], r["method"], None)).rows.append(r)
     data = D.StudyData(name="s", model="m", status="finished", notes="", spec={}, target=target,
                        objectives=["forget_gap", "utility_drop"], baseline=None, exact_retrain=None,
                        data_summary=None, versions=None, created_at=None, updated_at=None, rows=rows, units=units,
@@ -385,12 +387,11 @@ def test_json_endpoints_serve_studies_pareto_points_and_recommendation(study, lo
     assert all(set(p["objectives"]) == {"forget_gap", "utility_drop"} for p in pareto["points"])
     rec = client.get("/api/studies/dash/recommendation").get_json()
     assert set(rec["units"]) == {"ga", "ga_gd@in_distribution"}
-    from tuner.recommend import recommend_study
-
-    direct = recommend_study(study["store"], "dash")
+    stored = study["store"].recommendation("dash")  # what the study driver derived: served, not recomputed
     assert {u: (r["status"], r["trial_id"]) for u, r in rec["units"].items()} == \
-        {u: (r["status"], r["trial_id"]) for u, r in direct["units"].items()}
-    assert rec["overall"]["trial_id"] == direct["overall"]["trial_id"]
+        {u: (r["status"], r["trial_id"]) for u, r in stored["units"].items()}
+    assert rec["overall"]["trial_id"] == stored["overall"]["trial_id"]
+    assert loaded.recommendation == stored
     missing = client.get("/api/studies/nope/recommendation")
     assert missing.status_code == 404 and "no study named 'nope'" in missing.get_json()["error"]
     guarded = create_app(study["url"], token="s3cret").server.test_client()
@@ -642,3 +643,164 @@ def test_nan_free_figures(loaded):
     for fig in F.all_figures(loaded).values():
         assert "NaN" not in fig.to_json()
     assert all(not (isinstance(v, float) and math.isnan(v)) for r in D.table_rows(loaded) for v in r.values())
+
+
+# ---- a method's own hyperparameters ---------------------------------------------------------------------------
+
+@pytest.fixture
+def own_knobs(tmp_path, monkeypatch):
+    """A store written directly (no training): GA, GA+GD (λ) and a method with its own knobs, a log-scale β and a
+    whole-numbered layer, registered for this test only (and NPO's β when this version has NPO); the Pareto flags
+    and the recommendation derived and stored as the study driver does (`tuner.derived.refresh`)."""
+    from tuner import derived, methods
+    from tuner.hparams import RETAIN_WEIGHT, Hyperparameter
+    from tuner.methods.base import UnlearningMethod
+
+    beta = Hyperparameter("beta", "toy inverse temperature β", default=0.1, low=0.01, high=1.0, log=True, symbol="β")
+    layer = Hyperparameter("layer", "toy steered layer", default=4, low=0, high=7, integer=True, at_least=0)
+
+    class Toy(UnlearningMethod):
+        name = "toy"
+        summary = "a test method with its own knobs"
+        has_retain_term = True
+        uses_retain = True
+        own = (beta, layer)
+
+    methods.available()
+    monkeypatch.setitem(methods._REGISTRY, "toy", Toy)
+    store = Store(f"sqlite:///{tmp_path / 'own.db'}")
+    target = {"gap_tolerance": 0.1, "utility_tolerance": 0.5, "mia_tolerance": 0.1}
+    spec = {"objectives": ["forget_gap", "utility_drop"], "target": target}
+    study_id = store.create_study("own", "testbed:micro", 0, spec, "", {})
+    units = {"ga": ("ga", None), "ga_gd@in_distribution": ("ga_gd", "in_distribution"),
+             "toy@in_distribution": ("toy", "in_distribution")}
+    if "npo" in methods.available():
+        units["npo@in_distribution"] = ("npo", "in_distribution")
+    rng = random.Random(3)
+    for unit, (method, source) in units.items():
+        search = store.ensure_search(study_id, unit, method, source, f"own/{unit}", "tpe", 6, {})
+        for i in range(6):
+            params = {hp.name: hp.cast(hp.low + (hp.high - hp.low) * i / 5) for hp in methods.get(method).space()}
+            params[RETAIN_WEIGHT.name] = params.get(RETAIN_WEIGHT.name) and 10 ** (i / 5 - 0.5)
+            params = {k: v for k, v in params.items() if v is not None}
+            gap, drop = rng.uniform(-0.3, 0.3), rng.uniform(0.0, 0.8)
+            metrics = {"forget_gap": gap, "utility_drop": drop, "forget_nll": 5.0, "unseen_nll": 5.0 - gap,
+                       "retain_nll": 4.0 + drop}
+            tid = store.start_trial(search, params)
+            store.finish_trial(tid, "completed", {"forget_gap": abs(gap), "utility_drop": drop},
+                               {"metrics": metrics, "wall_time_s": 1.0, "steps_done": 8})
+    derived.refresh(store, "own")
+    return {"store": store, "beta": beta, "layer": layer, "units": units}
+
+
+def test_a_methods_own_hyperparameters_are_axes_columns_and_hovers(own_knobs):
+    import plotly.graph_objects as go
+
+    from dashboards import page, report
+    from dashboards import trialtable as T
+    from tuner.hparams import EPOCHS, LR, RETAIN_WEIGHT
+
+    store, beta, layer = own_knobs["store"], own_knobs["beta"], own_knobs["layer"]
+    data = D.load_study(store, "own")
+    toy = data.units["toy@in_distribution"]
+    assert toy.axes == [EPOCHS, RETAIN_WEIGHT, beta, layer] and data.units["ga"].axes == [EPOCHS]
+    # derived once and stored: the dashboards read the flags and the recommendation, they do not recompute them
+    assert data.recommendation == store.recommendation("own") and data.recommendation_note is None
+    flags = {r["id"]: r["pareto"] for r in store.trials("own")}
+    assert {r["id"]: r["pareto"] for r in data.rows} == flags and any(flags.values())
+
+    # the robustness map: one row of panels per hyperparameter besides lr, ranged, scaled and ticked by declaration
+    fig = F.robustness(data)
+    raw = fig.to_plotly_json()
+    assert go.Figure(raw).to_plotly_json() == raw
+    layout = raw["layout"]
+    y_axes = {a["title"]["text"]: a for k, a in layout.items() if k.startswith("yaxis")}
+    expected = [EPOCHS, RETAIN_WEIGHT, beta, layer]
+    if "npo@in_distribution" in data.units:
+        expected.append(next(hp for hp in data.units["npo@in_distribution"].axes if hp.name == "beta"))  # its own β
+    assert list(y_axes) == [hp.label for hp in expected]
+    betas = [r["params"]["beta"] for r in toy.rows]
+    assert y_axes[beta.label]["type"] == "log" and y_axes[RETAIN_WEIGHT.label]["type"] == "log"
+    lo, hi = y_axes[beta.label]["range"]
+    assert lo < math.log10(min(betas)) < math.log10(max(betas)) < hi < math.log10(max(betas)) + 0.5
+    assert y_axes[layer.label]["type"] == "linear" and y_axes[layer.label]["dtick"] == 1
+    assert y_axes[layer.label]["range"] == [layer.low - 0.5, layer.high + 0.5]
+    assert y_axes[EPOCHS.label]["dtick"] == 1
+    panels = {(t["meta"]["unit"], t["meta"]["y"]): t for t in raw["data"] if t.get("meta", {}).get("role") == "trials"}
+    assert set(panels) >= {("toy@in_distribution", "beta"), ("toy@in_distribution", "layer"), ("ga", "epochs")}
+    assert ("ga", "beta") not in panels and ("ga_gd@in_distribution", "layer") not in panels
+    assert sorted(panels["toy@in_distribution", "beta"]["y"]) == sorted(betas)
+    assert all("<br>" in h and "β " in h and "layer " in h for h in panels["toy@in_distribution", "beta"]["hovertext"])
+
+    # hovers: every declared knob of the trial's method, as its declaration formats it
+    row = next(r for r in toy.rows if r["params"]["beta"] == betas[-1])
+    for text in (F.hover(row), F.hover_short(row)):
+        assert f"β {beta.format(betas[-1])}" in text and f"layer {layer.format(row['params']['layer'])}" in text
+        assert f"{LR.short} {LR.format(row['params'][LR.name])}" in text and "λ " in text
+    assert "β" not in F.hover(data.units["ga"].rows[0])
+
+    # parallel coordinates: an axis per knob, GA's trials under β's axis at "none"
+    par = F.parallel(data).to_plotly_json()
+    titles = [a["text"] for a in par["layout"]["annotations"] if a["text"].startswith("<b>")]
+    assert f"<b>{beta.label}</b>" in titles and f"<b>{layer.label}</b>" in titles and "none" in [
+        a["text"] for a in par["layout"]["annotations"]]
+
+    # the trial table: a numeric β column and a layer column, filtered and sorted by them
+    columns = D.table_columns(data)
+    by_key = {c.key: c for c in columns}
+    assert by_key["beta"].label == "β" and by_key["beta"].numeric and by_key["layer"].param == layer
+    assert [c.key for c in columns].index("lr") < [c.key for c in columns].index("beta")
+    rows = D.table_rows(data)
+    assert all(isinstance(r["beta"], float) for r in rows if r["unit"] == "toy@in_distribution")
+    picked = T.apply(rows, T.View(sort="beta", descending=True, filter="β > 0.05"), columns)
+    assert [r["beta"] for r in picked] == sorted((r["beta"] for r in rows if (r["beta"] or 0) > 0.05), reverse=True)
+    assert picked and {r["unit"] for r in picked} <= {"toy@in_distribution", "npo@in_distribution"}
+    trs, _, _, problem = T.body(rows, T.View(sort="beta"), columns)
+    assert problem is None and len(trs[0].children) == len(columns)
+    assert T.cell_text("beta", 0.0316, beta) == beta.format(0.0316)
+    html_text = report.render(data)
+    assert "data-column='beta'>β</th>" in html_text and "data-column='layer'>layer</th>" in html_text
+    rec = page.recommendation_rows(data)
+    assert rec and all(r["params"] for r in rec)
+
+
+def test_a_study_without_a_stored_recommendation_says_why(own_knobs):
+    from dashboards.app import create_app
+
+    store = own_knobs["store"]
+    study_id = store.create_study("fresh", "testbed:micro", 0, {"target": {}}, "", {})
+    search = store.ensure_search(study_id, "ga", "ga", None, "fresh/ga", "tpe", 2, {})
+    store.start_trial(search, {"lr": 1e-4, "epochs": 1})  # running: nothing finished, nothing derived
+    data = D.load_study(store, "fresh")
+    assert data.recommendation is None and data.recommendation_note == D.NO_RECOMMENDATION
+    assert G.robust_over_lucky(data).reason == D.NO_RECOMMENDATION
+    client = create_app(store.url).server.test_client()
+    missing = client.get("/api/studies/fresh/recommendation")
+    assert missing.status_code == 404 and D.NO_RECOMMENDATION in missing.get_json()["error"]
+    assert client.get("/api/studies/own/recommendation").get_json() == store.recommendation("own")
+
+
+def test_study_page_with_a_methods_own_knobs(browser, own_knobs):
+    """In the browser: the β and layer rows of the robustness map and the β column, sortable by clicking it."""
+    from dashboards.app import create_app
+
+    store, beta = own_knobs["store"], own_knobs["beta"]
+    data = D.load_study(store, "own")
+    srv = BackgroundServer(create_app(store.url))
+    context, page, problems = open_page(browser, srv.url + "/study/own")
+    try:
+        check_rendered(page, D.expected_points(data))
+        titles = page.evaluate("""() => { const l = document.querySelector('#fig-robustness .js-plotly-plot').layout;
+            return Object.keys(l).filter(k => k.startsWith('yaxis')).map(k => l[k].title.text); }""")
+        assert beta.label in titles and own_knobs["layer"].label in titles
+        assert page.inner_text("#trial-table th[data-column='beta']").startswith("β")
+        for direction in ("▲", "▼"):
+            page.click("#trial-table th[data-column='beta'] button")
+            page.wait_for_selector(f"#trial-table th[data-column='beta'] button:has-text('{direction}')", timeout=10_000)
+            cells = page.eval_on_selector_all("#trial-tbody td[data-column='beta']", "els => els.map(e => e.textContent)")
+            values = [float(v) for v in cells if v.strip()]
+            assert values and values == sorted(values, reverse=direction == "▼")
+        assert not problems, problems
+    finally:
+        context.close()
+        srv.stop()
