@@ -178,7 +178,7 @@ def relearn(
     first, last = curve[0], curve[-1]
     diverged = outcome.diverged_at is not None or not all(math.isfinite(v) for v in last.values())
     return {
-        "source": source, "steps": steps, "steps_done": outcome.steps_done, "lr": lr, "batch_size": batch_size,
+        "source": source, "steps": steps, "steps_done": outcome.steps_done, "attack_lr": lr, "batch_size": batch_size,
         "attack_blocks": int(attack.shape[0]), "eval_blocks": int(held.shape[0]), "seed": seed,
         "curve": curve, "diverged": diverged,
         "relearn_gap_before": first["forget_gap"], "relearn_gap": last["forget_gap"],
