@@ -37,15 +37,18 @@ def _measured_objectives(metrics: dict[str, float | None], objectives: Iterable[
     return out
 
 
-def candidates(rows: list[dict[str, Any]], curves: dict[int, list[dict[str, Any]]],
-               objectives: list[str]) -> list[dict[str, Any]]:
+def candidates(rows: list[dict[str, Any]], curves: dict[int, list[dict[str, Any]]], objectives: list[str],
+               checks: dict[tuple[int, int], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The study's candidates as rows like `Store.trials` gives (plus `step` and `selected`): per finished
-    trial its selected checkpoint (with the trial's own metrics) and every other evaluated step after 0.
-    Trials that failed or diverged appear once, as themselves, so the recommender can say so."""
+    trial its selected checkpoint (with the trial's own metrics) and every other evaluated step after 0,
+    each with the metrics of its robustness checks (`Store.study_checks`). Trials that failed or diverged
+    appear once, as themselves, so the recommender can say so."""
+    checks = checks or {}
     out = []
     for row in rows:
         selected = (row.get("result") or {}).get("selected_step")
-        out.append({**row, "step": selected, "selected": True})
+        checked = (checks.get((row["id"], selected)) or {}).get("metrics") or {}
+        out.append({**row, "step": selected, "selected": True, "metrics": {**row["metrics"], **checked}})
         if row["status"] not in OK_STATUSES:
             continue
         points = curves.get(row["id"], [])
@@ -57,6 +60,7 @@ def candidates(rows: list[dict[str, Any]], curves: dict[int, list[dict[str, Any]
             if start is not None and point.get("retain_nll") is not None and start.get("retain_nll") is not None:
                 # against the step-0 point: both scored the same (possibly subsampled) retain blocks
                 metrics["utility_drop"] = point["retain_nll"] - start["retain_nll"]
+            metrics.update((checks.get((row["id"], point["step"])) or {}).get("metrics") or {})
             out.append({**row, "step": point["step"], "selected": False, "metrics": metrics,
                         "objectives": _measured_objectives(metrics, objectives)})
     return out
@@ -64,3 +68,30 @@ def candidates(rows: list[dict[str, Any]], curves: dict[int, list[dict[str, Any]
 
 def key(candidate: dict[str, Any]) -> tuple[int, int | None]:
     return candidate["id"], candidate.get("step")
+
+
+# A robustness limit of the spec's `target`, the checked metric it bounds from below (the forget gap after an
+# attack must stay >= -limit) and what failing it means.
+LIMITS = (("relearn_limit", "relearn_gap", "relearning brings the forget set back"),
+          ("quant_limit", "quant4_gap", "4-bit quantization brings the forget set back"))
+
+
+def check_failures(metrics: dict[str, Any], target: dict[str, Any]) -> list[str]:
+    """Why a candidate fails the study's robustness limits (empty: it passes, or was not checked)."""
+    out = []
+    for limit, metric, meaning in LIMITS:
+        bound, value = target.get(limit), metrics.get(metric)
+        if bound is not None and value is not None and value < -bound:
+            out.append(f"{meaning}: {metric} {value:+.3f} < -{bound:g}")
+    return out
+
+
+def constraint_values(metrics: dict[str, Any], target: dict[str, Any]) -> list[float]:
+    """Optuna's constraints (<= 0 is feasible): the utility drop within its tolerance, and each robustness
+    limit the target sets. An unchecked value counts as feasible (0): checks run only where they matter."""
+    values = [float(metrics.get("utility_drop") or 0.0) - float(target["utility_tolerance"])]
+    for limit, metric, _ in LIMITS:
+        if target.get(limit) is not None:
+            value = metrics.get(metric)
+            values.append(0.0 if value is None else -float(value) - float(target[limit]))
+    return values

@@ -65,7 +65,8 @@ def _candidate(store: Store, name: str, rows: list[dict[str, Any]], trial_id: in
     """One candidate of the study: trial `trial_id` (its id, as `study show` and the dashboards list it) at
     `step` (default: its selected checkpoint)."""
     objectives = store.study(name).spec.get("objectives") or []
-    mine = [c for c in candidates([r for r in rows if r["id"] == trial_id], store.study_curves(name), objectives)]
+    mine = candidates([r for r in rows if r["id"] == trial_id], store.study_curves(name), objectives,
+                      store.study_checks(name))
     if not mine:
         raise TunerError(f"study '{name}' has no trial with id {trial_id} (ids are in `tuner study show {name}`)")
     if mine[0]["status"] not in OK_STATUSES:

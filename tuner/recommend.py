@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tuner import methods
-from tuner.candidates import OK_STATUSES
+from tuner.candidates import OK_STATUSES, check_failures
 from tuner.hparams import LR, Hyperparameter
 
 
@@ -127,7 +127,11 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, float], use_mia
     base = {"window_width": window_width([finished[i] for i in trials], [success[i] for i in trials]),
             "success_rate": sum(success[i] for i in trials) / len(trials) if trials else 0.0,
             "n_trials": len(trials), "n_candidates": len(finished)}
-    winners = [i for i, ok in enumerate(success) if ok]
+    in_band = [i for i, ok in enumerate(success) if ok]
+    failures = {i: check_failures(finished[i]["metrics"], target) for i in in_band}
+    winners = [i for i in in_band if not failures[i]]
+    skipped = [f"skipped trial {finished[i]['number']} step {finished[i].get('step')}: {'; '.join(failures[i])}"
+               for i in in_band if failures[i]]
     if winners:
         solid = [i for i in winners if _solid(robust[i], target)]
         pool = solid or winners
@@ -135,9 +139,17 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, float], use_mia
                                         finished[i].get("step") or 0))
         row = finished[best]
         reason = (f"in the target band (gap {row['metrics']['forget_gap']:+.3f}) with the smallest utility drop "
-                  + ("among robust settings" if solid else "(no setting had succeeding neighbours: not robust)"))
+                  + ("among robust settings" if solid else "(no setting had succeeding neighbours: not robust)")
+                  + (f"; {len(skipped)} candidate(s) in the band skipped: they fail a robustness check"
+                     if skipped else ""))
         return {"trial_id": row["id"], "status": "recommended", "reason": reason, "robustness": robust[best],
-                "warnings": [], **base, **_summary(row)}
+                "warnings": skipped[:5], "check_failures": [], **base, **_summary(row)}
+    if skipped:
+        best = min(in_band, key=lambda i: finished[i]["metrics"].get("utility_drop") or 0.0)
+        row = finished[best]
+        return {"trial_id": row["id"], "status": "closest", "robustness": robust[best], **base, **_summary(row),
+                "reason": f"every candidate in the target band fails a robustness check ({failures[best][0]})",
+                "warnings": skipped[:5], "check_failures": failures[best]}
     collapsed = [i for i, c in enumerate(classes) if c == "in_band"]
     if collapsed:
         best = min(collapsed, key=lambda i: finished[i]["metrics"].get("utility_drop") or 0.0)
@@ -160,6 +172,10 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, float], use_mia
             "robustness": robust[best], **base, **_summary(row)}
 
 
+CHECKED = ("relearn_gap", "relearn_drop", "relearn_speed_ratio", "quant4_gap", "quant8_gap", "quant4_utility_drop",
+           "forget_gap_std", "utility_drop_std", "forget_gap_spread", "utility_drop_spread")  # robustness checks
+
+
 def _solid(score: float | None, target: dict[str, float]) -> bool:
     return score is not None and score >= target.get("min_robustness", 0.5)
 
@@ -167,8 +183,9 @@ def _solid(score: float | None, target: dict[str, float]) -> bool:
 def _summary(row: dict[str, Any]) -> dict[str, Any]:
     return {"number": row["number"], "params": row["params"], "step": row.get("step"),
             "selected": row.get("selected", True),
-            "metrics": {k: row["metrics"].get(k) for k in ("forget_gap", "utility_drop", "mia_auc", "forget_nll",
-                                                            "unseen_nll", "retain_nll")}}
+            "metrics": {**{k: row["metrics"].get(k) for k in ("forget_gap", "utility_drop", "mia_auc", "forget_nll",
+                                                              "unseen_nll", "retain_nll")},
+                        **{k: row["metrics"][k] for k in CHECKED if row["metrics"].get(k) is not None}}}
 
 
 def recommend(rows: list[dict[str, Any]], target: dict[str, float], use_mia: bool) -> dict[str, Any]:

@@ -27,9 +27,10 @@ import copy
 import logging
 import math
 import statistics
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -337,3 +338,38 @@ def seed_spread(runs: Iterable[Mapping[str, float] | None],
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
         out[f"{key}_spread"] = max(values) - min(values) if values else math.nan
     return out
+
+
+# ---- a candidate's checks, as a study runs them --------------------------------------------------------------
+
+def retrain_relearning(retrain: torch.nn.Module, data: UnlearnData, settings: RelearnSettings, seed: int,
+                       device: torch.device, dtype: torch.dtype, eval_batch_size: int) -> dict[str, Any]:
+    """The exact-retrain model under the study's attack, once per study: how fast a model that never learned
+    the forget set picks it up (the yardstick of every candidate's `relearn_speed_ratio`)."""
+    result = relearn(retrain, data, **settings.model_dump(), seed=seed, device=device, dtype=dtype,
+                     eval_batch_size=eval_batch_size)
+    return {k: result[k] for k in ("relearn_gap_before", "relearn_gap", "relearn_drop", "curve", "steps", "diverged")}
+
+
+def check_candidate(model: torch.nn.Module, data: UnlearnData, checks: list[str], relearn_settings: RelearnSettings,
+                    quant_settings: QuantSettings, retrain: Mapping[str, Any] | None,
+                    baseline: Mapping[str, float] | None, metrics: Mapping[str, float] | None, seed: int,
+                    device: torch.device, dtype: torch.dtype, eval_batch_size: int) -> dict[str, Any]:
+    """The study's robustness checks of one candidate (the model at its checkpoint, left unchanged):
+    `{"metrics": {relearn_gap, relearn_drop, relearn_speed_ratio, quant4_gap, ...}, "details": {the attack's
+    curve}, "time_s"}`, as `Store.add_check` stores them."""
+    started = time.perf_counter()
+    out: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    if "relearn" in checks:
+        r = relearn(model, data, **relearn_settings.model_dump(), seed=seed, device=device, dtype=dtype,
+                    eval_batch_size=eval_batch_size)
+        out.update({k: r[k] for k in ("relearn_gap_before", "relearn_gap", "relearn_drop")})
+        if retrain and retrain.get("relearn_drop") is not None:
+            out["relearn_speed_ratio"] = relearn_speed_ratio(r["relearn_drop"], retrain["relearn_drop"])
+        details["relearn_curve"] = r["curve"]
+    if "quantization" in checks:
+        quant = quantized_metrics(model, data, quant_settings.bits, baseline, metrics, quant_settings.group_size,
+                                  quant_settings.symmetric, device, dtype, eval_batch_size)
+        out.update({k: v for k, v in quant.items() if k.endswith(("_gap", "_utility_drop", "_gap_shift"))})
+    return {"metrics": out, "details": details, "time_s": time.perf_counter() - started}

@@ -14,6 +14,7 @@ from tuner import methods
 from tuner.data import DataSpec, RetainSource
 from tuner.errors import TunerError, describe_validation_error, one_line
 from tuner.hparams import Hyperparameter
+from tuner.robustness import QuantSettings, RelearnSettings
 from tuner.settings import RunSettings
 
 Objective = Literal["forget_gap", "utility_drop", "mia_auc"]
@@ -113,9 +114,33 @@ class Target(_Strict):
     mia_tolerance: float = Field(0.1, gt=0, description="|MIA AUC - 0.5| within this is indistinguishable")
     min_robustness: float = Field(0.5, ge=0, le=1, description="share of succeeding neighbours for 'robust'")
     neighbourhood: float = Field(0.25, gt=0, description="kernel width in hyperparameter space scaled to [0, 1]")
+    relearn_limit: float | None = Field(
+        None, gt=0, description="after the relearning attack the forget gap must stay >= -relearn_limit")
+    quant_limit: float | None = Field(
+        None, gt=0, description="after 4-bit quantization the forget gap must stay >= -quant_limit")
     candidates: Literal["all", "first_at_target"] = Field(
         "all", description="all: every evaluated checkpoint competes; first_at_target: per trial only the first "
                            "checkpoint whose forget gap reaches the band (MUSE's selection rule)")
+
+
+class Robustness(_Strict):
+    """Robustness checks of candidates (tuner/robustness.py): a relearning attack and weight quantization, run
+    on a trial's selected checkpoint in the trial itself, and the seed spread of the overall recommendation
+    (re-runs at the study's end). Their results are metrics like any other: `target.relearn_limit` and
+    `target.quant_limit` make them constraints of the search and of the recommendation."""
+
+    checks: list[Literal["relearn", "quantization"]] = Field(
+        default_factory=lambda: ["relearn", "quantization"], description="which checks run")
+    when: Literal["in_band", "every_trial", "off"] = Field(
+        "in_band", description="in_band: on trials whose kept checkpoint is in the target band (the ones a "
+                               "recommendation can pick); every_trial; off")
+    relearn: RelearnSettings = RelearnSettings()
+    quantization: QuantSettings = QuantSettings()
+    seeds: int = Field(3, ge=1, le=10, description="seeds the overall recommendation is run with at the end "
+                                                   "(1: no seed spread)")
+
+    def enabled(self, check: str) -> bool:
+        return self.when != "off" and check in self.checks
 
 
 def gpu_share(gpus: float) -> float:
@@ -157,6 +182,7 @@ class StudySpec(_Strict):
     storage: str | None = Field(None, description="SQLAlchemy URL; default: the user's SQLite file")
     ray_address: str | None = Field(None, description="an existing Ray cluster, HOST:PORT of its head (or auto)")
     target: Target = Target()
+    robustness: Robustness = Robustness()
 
     @field_validator("ray_address")
     @classmethod

@@ -18,14 +18,16 @@ from typing import Any
 import torch
 
 from tuner import methods
-from tuner.candidates import objective_values
+from tuner.candidates import constraint_values, objective_values
 from tuner.data import DataSpec, UnlearnData, build_data
 from tuner.evaluation import full_metrics
 from tuner.memory import STUDY_MAX_WORKERS, device_capacity, model_shape, refusal, run_shape
 from tuner.memory import plan as memory_plan
 from tuner.models import Workbench, fingerprint, load, resolve
 from tuner.precision import PrecisionPlan, resolve_precision
+from tuner.robustness import check_candidate, retrain_relearning
 from tuner.settings import RunSettings
+from tuner.spec import Robustness
 from tuner.testbed import data_spec as testbed_data_spec
 from tuner.unlearn import UnlearnConfig, resolve_device, run_unlearning
 
@@ -93,6 +95,9 @@ def prepare(study: dict[str, Any]) -> dict[str, Any]:
     if bench.source.retrain_path is not None:
         retrain, _ = load(resolve(str(bench.source.retrain_path)), torch_dtype=dtype)
         exact = full_metrics(retrain.to(device), data, batch, device, dtype)
+        checks = Robustness.model_validate(study.get("robustness") or {})
+        if checks.enabled("relearn"):  # the yardstick of every candidate's relearning speed, once per study
+            exact["relearn"] = retrain_relearning(retrain, data, checks.relearn, study["seed"], device, dtype, batch)
         del retrain
     summary = {"blocks": data.summary(), "sources": data.sources, "sha256": data.fingerprints(),
                "model": fingerprint(bench.reference.config)}
@@ -140,9 +145,34 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
         return final
     payload = result.to_dict()
     payload.setdefault("environment", {}).update(host=socket.gethostname(), ray_node=_ray_node())
-    final = {"kind": "final", "status": result.status, "payload": payload, **objective_values(result.metrics, objectives)}
+    checked = dict(result.metrics or {})
+    if result.metrics is not None and should_check(study, result.metrics):
+        payload["checks"] = {"step": result.selected_step, **robustness_checks(model, data, study, prepared, cfg,
+                                                                                   result.metrics)}
+        checked.update(payload["checks"]["metrics"])
+    final = {"kind": "final", "status": result.status, "payload": payload, **objective_values(result.metrics, objectives),
+             "constraints": constraint_values(checked, study["target"]) if result.metrics else None}
     report(final)
     return final
+
+
+def should_check(study: dict[str, Any], metrics: dict[str, float]) -> bool:
+    """Whether this trial's kept checkpoint gets the robustness checks (`robustness.when`). Trials sharded over
+    several ranks are not checked: the attack and quantization copy the whole model on one device."""
+    spec = Robustness.model_validate(study.get("robustness") or {})
+    if spec.when == "off" or not spec.checks or int(study.get("workers", 1)) > 1:
+        return False
+    return spec.when == "every_trial" or abs(metrics["forget_gap"]) <= study["target"]["gap_tolerance"]
+
+
+def robustness_checks(model: torch.nn.Module, data: UnlearnData, study: dict[str, Any], prepared: dict[str, Any],
+                      cfg: UnlearnConfig, metrics: dict[str, float]) -> dict[str, Any]:
+    """The study's checks of the model as the trial left it (its kept checkpoint)."""
+    spec = Robustness.model_validate(study.get("robustness") or {})
+    device, precision = resolve_device(cfg.device), resolve_precision(cfg.precision, resolve_device(cfg.device))
+    return check_candidate(model, data, spec.checks, spec.relearn, spec.quantization,
+                           (prepared.get("exact_retrain") or {}).get("relearn"), prepared["baseline"],
+                           metrics, cfg.seed, device, precision.compute, cfg.eval_batch_size)
 
 
 def _out_of_memory(err: BaseException) -> bool:

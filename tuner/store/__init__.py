@@ -26,7 +26,7 @@ from sqlalchemy.orm import selectinload, sessionmaker
 
 from tuner.errors import TunerError
 from tuner.retry import retrying
-from tuner.store.schema import CurvePoint, Metric, Recommendation, Search, Study, Trial
+from tuner.store.schema import Check, CurvePoint, Metric, Recommendation, Search, Study, Trial
 
 # The databases the store runs on: the check of a URL and its error message both come from here.
 DIALECTS = {"sqlite": "sqlite:///PATH (a file)", "postgresql": "postgresql://USER@HOST/DB (psycopg 3)"}
@@ -319,6 +319,25 @@ class Store:
                 if s.get(CurvePoint, (trial_id, int(point["step"]))) is None:
                     s.add(CurvePoint(trial_id=trial_id, step=int(point["step"]),
                                      **{k: _finite(point.get(k)) for k in CURVE_KEYS}))
+            checks = payload.get("checks")
+            if checks:
+                _merge_check(s, trial_id, checks)
+
+    @retrying
+    def add_check(self, trial_id: int, checks: dict[str, Any]) -> None:
+        """Robustness checks of a candidate run after its trial (`{"step", "metrics", "details", "time_s"}`);
+        metrics of an earlier check of the same candidate are kept unless named again."""
+        with self.sessions.begin() as s:
+            _merge_check(s, trial_id, checks)
+
+    def study_checks(self, study_name: str) -> dict[tuple[int, int], dict[str, Any]]:
+        """{(trial id, step): {"metrics", "details", "time_s"}} of every checked candidate of the study."""
+        study = self.study(study_name)
+        with self.sessions() as s:
+            rows = s.scalars(select(Check).join(Trial, Trial.id == Check.trial_id)
+                             .join(Search, Search.id == Trial.search_id).where(Search.study_id == study.id))
+            return {(c.trial_id, c.step): {"metrics": c.metrics, "details": c.details, "time_s": c.time_s}
+                    for c in rows}
 
     @retrying
     def interrupt_running(self, study_id: int, reason: str) -> int:
@@ -409,6 +428,19 @@ class Store:
         if not stored:
             return None
         return {"units": {u: p for u, p in stored.items() if u is not None}, "overall": stored.get(None) or {}}
+
+
+def _merge_check(session, trial_id: int, checks: dict[str, Any]) -> None:
+    step = int(checks["step"])
+    metrics = {k: _finite(v) for k, v in (checks.get("metrics") or {}).items()}
+    found = session.get(Check, (trial_id, step))
+    if found is None:
+        session.add(Check(trial_id=trial_id, step=step, metrics=metrics, details=checks.get("details"),
+                          time_s=checks.get("time_s")))
+    else:
+        found.metrics = {**found.metrics, **metrics}
+        found.details = {**(found.details or {}), **(checks.get("details") or {})}
+        found.time_s = (found.time_s or 0.0) + (checks.get("time_s") or 0.0)
 
 
 def _refuse_foreign(url: str, tables: list[str], create: bool) -> None:

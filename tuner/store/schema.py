@@ -120,6 +120,21 @@ class CurvePoint(Base):
     trial: Mapped[Trial] = relationship(back_populates="curve")
 
 
+class Check(Base):
+    """Robustness checks of one candidate (a trial's checkpoint at `step`): the forget gap after a relearning
+    attack and after weight quantization, the spread over seeds. Merged into the candidate's metrics, so
+    the recommender and the dashboards read them like any other metric."""
+
+    __tablename__ = "tuner_checks"
+
+    trial_id: Mapped[int] = mapped_column(ForeignKey("tuner_trials.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    metrics: Mapped[dict] = mapped_column(JSON)  # relearn_gap, relearn_drop, quant4_gap, seed spread, ...
+    details: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the attack's curve
+    time_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # what the checks cost
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Recommendation(Base):
     __tablename__ = "tuner_recommendations"
 
