@@ -84,6 +84,22 @@ def test_training_terms_equal_the_full_logits_and_their_gradients(bench, data):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_per_token_training_ce_equals_the_full_logits_and_their_gradients(bench, data):
+    """The per-token term that NPO, SimNPO and WGA weight: chunked (here 100 tokens a chunk, recomputed in the
+    backward pass) it gives the full logits' per-token CE and, through any weighting, the same gradients."""
+    ids = data.forget[:4]
+    model = bench.fresh().eval()  # no dropout: both passes see the same function
+    weights = torch.rand(4, ids.shape[1] - 1)
+    full = F.cross_entropy(next_token_logits(model, ids).float().transpose(1, 2), ids[:, 1:], reduction="none")
+    full_grads = torch.autograd.grad((weights * full).sum(), list(model.parameters()))
+    ours = lossfn.next_token_ce_tokens(model, ids, ids[:, 1:], budget_bytes=4 * 512 * 100)
+    assert ours.shape == full.shape and ours.dtype == torch.float32
+    assert torch.allclose(ours, full, atol=1e-5)
+    grads = torch.autograd.grad((weights * ours).sum(), list(model.parameters()))
+    for a, b in zip(grads, full_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_a_logit_softcap_falls_back_to_the_full_logits():
     """Gemma-style soft-capping after the head: head(decoder(x)) is not the model's logits, so scoring
     uses the model's own logits."""

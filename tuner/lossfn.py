@@ -165,6 +165,40 @@ def next_token_ce(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tens
     return chunked_mean_ce(hidden, parts.head, targets, chunk_rows(vocab, budget_bytes))
 
 
+def _chunk_ce_tokens(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                     targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def next_token_ce_tokens(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor,
+                         budget_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """Per-token cross-entropy `[B, T-1]` (fp32) toward hard labels `targets`, differentiable: for losses that
+    weight or group tokens (per-sequence log-likelihoods, per-token weights) rather than take one mean.
+
+    Chunked like `chunked_mean_ce`: with gradients on and more than one chunk, each chunk's logits are
+    recomputed in the backward pass, so only the hidden states and the `[B, T-1]` result are kept."""
+    parts = lm_parts(model, ids)
+    if parts is None:
+        logits = next_token_logits(model, ids)
+        return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    hidden = parts.hidden(ids)[:, :-1]
+    vocab = parts.head.weight.shape[0] if hasattr(parts.head, "weight") else model.config.vocab_size
+    rows = chunk_rows(vocab, budget_bytes)
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_t = targets.reshape(-1)
+    if flat_t.shape[0] <= rows:
+        return _chunk_ce_tokens(parts.head, flat_h, flat_t).view(targets.shape)
+    recompute = torch.is_grad_enabled() and flat_h.requires_grad
+    pieces = []
+    for start in range(0, flat_t.shape[0], rows):
+        h, t = flat_h[start:start + rows], flat_t[start:start + rows]
+        if recompute:
+            pieces.append(checkpoint(_chunk_ce_tokens, parts.head, h, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_ce_tokens(parts.head, h, t))
+    return torch.cat(pieces).view(targets.shape)
+
+
 def next_token_nll(model: torch.nn.Module, ids: torch.Tensor, budget_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """Per-token NLL `[B, T-1]` (fp32, on the device) of each block's tokens 1..T-1, for scoring.
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tuner.hparams import RETAIN_WEIGHT, SHARED, Hyperparameter, complete
-from tuner.lossfn import next_token_ce, next_token_logits
+from tuner.lossfn import next_token_ce, next_token_ce_tokens, next_token_logits
 from tuner.training import LossOut
 
 
@@ -84,6 +84,12 @@ def nll_term(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of a batch of blocks, chunked through the output head (`tuner.lossfn`): no
     `[B, T, V]` logits are kept for the backward pass."""
     return next_token_ce(model, ids, ids[:, 1:])
+
+
+def token_nll_term(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token NLL `[B, T-1]` of a batch of blocks, differentiable and chunked like `nll_term`:
+    for methods that sum it per sequence (NPO, SimNPO) or weight it per token (WGA)."""
+    return next_token_ce_tokens(model, ids, ids[:, 1:])
 
 
 def target_ce_term(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,116 @@
+"""RMU, representation misdirection for unlearning (Li et al. 2024, WMDP): scramble the forget data's
+activations at one decoder layer instead of touching its next-token probabilities.
+
+    loss = mean ‖h_θ(forget) - c·u‖² + α · mean ‖h_θ(retain) - h_ref(retain)‖²
+
+where h is the output of decoder layer `layer`, u a fixed random unit vector (uniform [0, 1) entries,
+normalised, as in centerforaisafety/wmdp rmu/unlearn.py; drawn once per run from the run's seed) and both
+means are over tokens and hidden units (blocks carry no padding). The retain term is RMU's own α, not the
+shared λ: α is on a scale of its own (activation MSE, ~10³) and is declared here, so λ is not also searched.
+
+The WMDP code updates only the MLPs of layers 5-7; here the whole model trains, as open-unlearning's RMU
+config does (`trainable_params_regex: .*`). The activations are read by a forward hook on the layer, and the
+forward pass stops there (the rest of the model, head included, never runs)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tuner.errors import TunerError
+from tuner.hparams import Hyperparameter
+from tuner.methods import register
+from tuner.methods.base import Batch, MethodContext, UnlearningMethod
+from tuner.training import LossOut
+
+LAYER = Hyperparameter(
+    "layer", "RMU layer", default=7, low=0, high=7, integer=True, at_least=0,
+    source="centerforaisafety/wmdp rmu/unlearn.py (layer_id 7, for zephyr-7b); open-unlearning "
+           "configs/trainer/RMU.yaml (model.layers.7)",
+    help="the decoder layer (0-based) whose output activations RMU steers; must exist in the model")
+STEERING = Hyperparameter(
+    "steering_coeff", "RMU steering coefficient c", default=6.5, low=1.0, high=100.0, log=True, symbol="c",
+    source="WMDP paper / centerforaisafety/wmdp README run for zephyr-7b (--steering_coeffs 6.5,6.5)",
+    help="c, the norm of the random target c·u for forget activations (scale it with the model's activations)")
+ALPHA = Hyperparameter(
+    "alpha", "RMU retain weight α", default=1200.0, low=10.0, high=1e4, log=True, symbol="α",
+    source="WMDP paper / centerforaisafety/wmdp README run for zephyr-7b (--alpha 1200,1200)",
+    help="α, the weight of the retain activations' MSE to the frozen model's")
+
+
+class _Reached(Exception):
+    """Raised by the hook once the layer has run: the rest of the forward pass is not needed."""
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The decoder's list of layers (`model.layers` in Llama-style models, `transformer.h` in GPT-2), also
+    inside a peft or DDP wrapper; None when the module exposes none (the LoRA reference wrapper)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h"):
+            return module
+    return None
+
+
+def layer_output(model: torch.nn.Module, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The output hidden states `[B, T, H]` of `layer` when `model` runs on `ids`; the forward pass stops
+    right after it. The hook is removed before returning, so a recomputation of the layer in the backward
+    pass (gradient checkpointing) runs it plain."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _Reached
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError("RMU's layer did not run in the model's forward pass")
+    return captured[0]
+
+
+def steering_vector(hidden: int, seed: int) -> torch.Tensor:
+    """u: uniform [0, 1) entries normalised to unit length, from the run's seed (CPU generator, so the same
+    seed gives the same u on any device)."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    u = torch.rand(hidden, generator=gen)
+    return u / u.norm()
+
+
+@register
+class RMU(UnlearningMethod):
+    name = "rmu"
+    summary = "steer forget activations at one layer to a random vector; hold retain activations to the original"
+    uses_retain = True  # the retain term is weighted by RMU's own α, not λ
+    needs_reference = True  # the frozen model's retain activations
+    own = (LAYER, STEERING, ALPHA)
+
+    def prepare(self, ctx: MethodContext) -> None:
+        super().prepare(ctx)
+        layers = decoder_layers(ctx.model)
+        if layers is None:
+            raise TunerError("rmu: cannot find the model's decoder layers (expected a 'layers' or 'h' list)")
+        index = int(self.value(LAYER))
+        if not 0 <= index < len(layers):
+            raise TunerError(f"rmu: layer {index} does not exist: the model has {len(layers)} decoder layers "
+                             f"(choose layer 0..{len(layers) - 1})")
+        self.layer = layers[index]
+        # With LoRA the reference is the same model with its adapters off: the same layer module.
+        ref_layers = decoder_layers(ctx.reference)
+        self.ref_layer = ref_layers[index] if ref_layers is not None else self.layer
+        self.u = steering_vector(ctx.model.config.get_text_config().hidden_size, ctx.seed).to(ctx.device)
+
+    def loss(self, model, batch: Batch) -> LossOut:
+        forget_h = layer_output(model, self.layer, batch.forget).float()
+        target = (self.value(STEERING) * self.u).expand_as(forget_h)
+        forget = F.mse_loss(forget_h, target)
+        retain_h = layer_output(model, self.layer, batch.retain).float()
+        with torch.no_grad():
+            ref_h = layer_output(self.ctx.reference, self.ref_layer, batch.retain).float()
+        retain = F.mse_loss(retain_h, ref_h)
+        loss = forget + self.value(ALPHA) * retain
+        return LossOut(loss, {"forget_mse": forget, "retain_mse": retain})
