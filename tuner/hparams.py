@@ -36,8 +36,8 @@ class Hyperparameter:
     help: str = ""
 
     def __post_init__(self) -> None:
-        if self.log and (self.above is None or self.above < 0):
-            object.__setattr__(self, "above", 0.0)  # a log-scale knob is positive
+        if self.log and self.above is None and self.at_least is None:
+            object.__setattr__(self, "above", 0.0)  # a log-scale knob is positive unless declared otherwise
         for value in (self.default, self.low, self.high):
             problem = self.problem(value)
             if problem:
@@ -96,9 +96,9 @@ EPOCHS = Hyperparameter(
     source="brief: passes over the forget set",
     help="passes over the forget set (fractions allowed when applied; searched as whole epochs)")
 RETAIN_WEIGHT = Hyperparameter(
-    "retain_weight", "retain weight λ", default=1.0, low=0.1, high=10.0, log=True, symbol="λ",
+    "retain_weight", "retain weight λ", default=1.0, low=0.1, high=10.0, log=True, symbol="λ", at_least=0.0,
     source="brief: GA+GD and GA+KL weight their retain term by λ",
-    help="λ, the weight of the retain term")
+    help="λ, the weight of the retain term (0 applies a method without it; searched on a log scale)")
 SHARED: tuple[Hyperparameter, ...] = (LR, EPOCHS)
 
 

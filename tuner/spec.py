@@ -164,7 +164,8 @@ class StudySpec(_Strict):
     trust_remote_code: bool = False
     notes: str = ""
     data: DataSpec | None = Field(None, description="required unless the model is a testbed")
-    methods: list[str] = Field(default_factory=lambda: list(methods.available()))
+    methods: list[str] = Field(default_factory=lambda: list(methods.BRIEF),
+                               description="default: the brief's seven; add npo, simnpo, rmu, undial, wga by name")
     retain_sources: list[RetainSource] = ["in_distribution", "general"]
     search: dict[str, PartialRange] = Field(
         default_factory=dict, description="hyperparameter -> range, for every method of the study that takes it "

@@ -11,6 +11,9 @@ from tuner.hparams import Hyperparameter
 from tuner.methods.base import Batch, MethodContext, UnlearningMethod
 
 _REGISTRY: dict[str, type[UnlearningMethod]] = {}
+# the brief's seven, in its order: listed first, and what a study runs when it names no methods (the others,
+# e.g. RMU with its model-specific layer, are chosen by name)
+BRIEF = ("ga", "random_label", "random_model_label", "adversarial", "retain_finetune", "ga_gd", "ga_kl")
 _DISCOVERED = False
 
 
@@ -33,8 +36,7 @@ def available() -> dict[str, type[UnlearningMethod]]:
     """All methods by name, in the brief's order first and any added ones after."""
     if not _DISCOVERED:
         _discover()
-    order = ["ga", "random_label", "random_model_label", "adversarial", "retain_finetune", "ga_gd", "ga_kl"]
-    return dict(sorted(_REGISTRY.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 99, kv[0])))
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: (BRIEF.index(kv[0]) if kv[0] in BRIEF else 99, kv[0])))
 
 
 def declared() -> dict[str, list[tuple[str, Hyperparameter]]]:
