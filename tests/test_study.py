@@ -108,7 +108,7 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, bench
     ("name: x\nmodel: testbed:micro\nsearch: {lr: {low: 0, high: 1}}\n", "search.lr: a log-scale range needs low > 0"),
     ("name: x\nmodel: testbed:micro\nsearch: {epochs: {low: 5, high: 2}}\n", "search.epochs: empty range: low 5 > high 2"),
     ("name: x\nmodel: testbed:micro\nmethods: [ga]\nsearch: {retain_weight: {low: 1, high: 2}}\n",
-     "search.retain_weight: no method of this study (ga) takes 'retain_weight'; ga_gd, ga_kl do"),
+     "search.retain_weight: no method of this study (ga) takes 'retain_weight'; ga_gd, ga_kl, "),
     ("name: x\nmodel: testbed:micro\nmethods: [ga]\nper_method: {ga: {beta: {low: 1, high: 2}}}\n",
      "per_method.ga.beta: method 'ga' has no hyperparameter 'beta' (it takes: lr, epochs)"),
     ("name: x\nmodel: testbed:micro\nsearch: {epochs: {low: 1.5, high: 2}}\n", "epochs is searched in whole numbers"),

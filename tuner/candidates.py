@@ -86,12 +86,12 @@ def check_failures(metrics: dict[str, Any], target: dict[str, Any]) -> list[str]
     return out
 
 
-def constraint_values(metrics: dict[str, Any], target: dict[str, Any]) -> list[float]:
-    """Optuna's constraints (<= 0 is feasible): the utility drop within its tolerance, and each robustness
-    limit the target sets. An unchecked value counts as feasible (0): checks run only where they matter."""
-    values = [float(metrics.get("utility_drop") or 0.0) - float(target["utility_tolerance"])]
+def constraint_values(metrics: dict[str, Any], target: dict[str, Any]) -> dict[str, float]:
+    """Optuna's constraints by name (<= 0 is feasible): the utility drop within its tolerance, and each
+    robustness limit the target sets. An unchecked value counts as feasible (0): checks run where they matter."""
+    values = {"utility_drop": float(metrics.get("utility_drop") or 0.0) - float(target["utility_tolerance"])}
     for limit, metric, _ in LIMITS:
         if target.get(limit) is not None:
             value = metrics.get(metric)
-            values.append(0.0 if value is None else -float(value) - float(target[limit]))
+            values[metric] = 0.0 if value is None else -float(value) - float(target[limit])
     return values

@@ -91,26 +91,15 @@ def _worker_death(err: BaseException) -> BaseException | None:
     return None
 
 
-CONSTRAINTS_ATTR = "constraints"  # the Optuna user attribute a trial's constraint values travel in
-
-
-def trial_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna's `constraints_func`: the values the trial computed from the study's target (`<= 0` feasible:
-    utility within tolerance, robustness limits held; `tuner.candidates.constraint_values`)."""
-    return list(trial.user_attrs.get(CONSTRAINTS_ATTR) or [0.0])
-
-
 def make_sampler(spec: SamplerSpec, budget: int, seed: int) -> optuna.samplers.BaseSampler:
-    """Small budgets need small warm-ups: defaults scale with the per-unit trial budget. TPE and NSGA take
-    the trials' constraints, so they learn where the feasible region is (QMC and random sampling cannot)."""
+    """Small budgets need small warm-ups: defaults scale with the per-unit trial budget."""
     if spec.name == "tpe":
         startup = spec.n_startup_trials or max(3, min(10, budget // 3))
-        return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=startup, seed=seed,
-                                          constraints_func=trial_constraints)
+        return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=startup, seed=seed)
     if spec.name in ("nsga2", "nsga3"):
         pop = spec.population_size or max(4, min(50, budget // 3))
         cls = optuna.samplers.NSGAIISampler if spec.name == "nsga2" else optuna.samplers.NSGAIIISampler
-        return cls(population_size=pop, seed=seed, constraints_func=trial_constraints)
+        return cls(population_size=pop, seed=seed)
     if spec.name == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, scramble=True)
     return optuna.samplers.RandomSampler(seed=seed)
@@ -364,9 +353,11 @@ class StudySearcher(OptunaSearch):
         failed = (error or values is None or (result or {}).get("status") in ("diverged", "failed")
                   or any(v is None or not math.isfinite(v) for v in values))
         state = TrialState.FAIL if failed else TrialState.COMPLETE
-        if not failed and (result or {}).get("constraints") is not None:
-            with_retry(lambda: ot_trial.set_user_attr(CONSTRAINTS_ATTR, list(result["constraints"])),
-                       "telling Optuna", OPTUNA_TRANSIENT)
+        if not failed:
+            # Optuna 5's constraints (<= 0 feasible): the samplers learn where the feasible region is
+            for name, value in ((result or {}).get("constraints") or {}).items():
+                with_retry(lambda n=name, v=value: ot_trial.set_constraint(n, v), "telling Optuna",
+                           OPTUNA_TRANSIENT)
         with_retry(lambda: _tell(self._ot_study, ot_trial, None if failed else values, state), "telling Optuna",
                    OPTUNA_TRANSIENT)
         self._completed_trials.add(trial_id)
