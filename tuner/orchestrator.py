@@ -35,7 +35,7 @@ from ray.tune import Callback  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from tuner import __version__, derived, methods  # noqa: E402
+from tuner import __version__, derived, methods, rechecks  # noqa: E402
 from tuner.errors import TunerError  # noqa: E402
 from tuner.retry import TRANSIENT, with_retry  # noqa: E402
 from tuner.spec import SamplerSpec, StudySpec, gpu_share, ray_address_problem, unit_name  # noqa: E402
@@ -560,6 +560,9 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
             derived.refresh(store, spec.name)  # trials of an older version or a killed driver
         _run_trials(spec, units, store, on_event, tune.with_parameters(trainable, study=context, prepared=prepared),
                     ray_dir, concurrency)
+        derived.refresh(store, spec.name)
+        if spec.resources.workers == 1:  # re-runs are one-process runs (multi-rank checks: not yet)
+            rechecks.run(spec, store, context, prepared)
         outcome.recommendation = derived.refresh(store, spec.name)
         store.update_study(study_id, status="finished")
     except BaseException as err:

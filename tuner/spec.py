@@ -125,15 +125,17 @@ class Target(_Strict):
 
 class Robustness(_Strict):
     """Robustness checks of candidates (tuner/robustness.py): a relearning attack and weight quantization, run
-    on a trial's selected checkpoint in the trial itself, and the seed spread of the overall recommendation
-    (re-runs at the study's end). Their results are metrics like any other: `target.relearn_limit` and
-    `target.quant_limit` make them constraints of the search and of the recommendation."""
+    on a trial's kept checkpoint in the trial itself (or on the Pareto candidates after the trials), and the
+    seed spread of the overall recommendation (re-runs at the study's end, `tuner.rechecks`). Their results are
+    metrics like any other: `target.relearn_limit` and `target.quant_limit` make them constraints of the search
+    and of the recommendation."""
 
     checks: list[Literal["relearn", "quantization"]] = Field(
         default_factory=lambda: ["relearn", "quantization"], description="which checks run")
-    when: Literal["in_band", "every_trial", "off"] = Field(
-        "in_band", description="in_band: on trials whose kept checkpoint is in the target band (the ones a "
-                               "recommendation can pick); every_trial; off")
+    when: Literal["in_band", "every_trial", "pareto_at_end", "off"] = Field(
+        "in_band", description="in_band: in each trial whose kept checkpoint is in the target band (the ones a "
+                               "recommendation can pick); every_trial; pareto_at_end: after the trials, each "
+                               "Pareto candidate re-run to its step and checked; off")
     relearn: RelearnSettings = RelearnSettings()
     quantization: QuantSettings = QuantSettings()
     seeds: int = Field(3, ge=1, le=10, description="seeds the overall recommendation is run with at the end "

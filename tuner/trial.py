@@ -13,6 +13,7 @@ and data themselves, so driver and workers need not share a filesystem; results 
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import torch
@@ -156,11 +157,29 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
     return final
 
 
+def rerun(config: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any], checks: bool) -> dict[str, Any]:
+    """A candidate's setting run again on a worker after the trials (`tuner.rechecks`): another seed for the
+    seed spread, or the same run to check a Pareto candidate whose weights no trial kept.
+    Returns {"metrics": ..., "checks": ... or None}."""
+    started = time.perf_counter()
+    if study.get("threads"):
+        torch.set_num_threads(int(study["threads"]))
+    bench = workbench(study)
+    cfg = UnlearnConfig.model_validate({**config, "device": study["run"].get("device", "auto")})
+    model, reference = bench.trainee(cfg, _device_and_precision(study)[1])
+    result = run_unlearning(model, prepared["data"], cfg, reference=reference, baseline=prepared["baseline"])
+    out = {"metrics": result.metrics, "checks": None, "status": result.status}
+    if checks and result.metrics is not None:
+        out["checks"] = robustness_checks(model, prepared["data"], study, prepared, cfg, result.metrics)
+    out["time_s"] = time.perf_counter() - started  # the re-run is part of what the check costs
+    return out
+
+
 def should_check(study: dict[str, Any], metrics: dict[str, float]) -> bool:
     """Whether this trial's kept checkpoint gets the robustness checks (`robustness.when`). Trials sharded over
     several ranks are not checked: the attack and quantization copy the whole model on one device."""
     spec = Robustness.model_validate(study.get("robustness") or {})
-    if spec.when == "off" or not spec.checks or int(study.get("workers", 1)) > 1:
+    if spec.when in ("off", "pareto_at_end") or not spec.checks or int(study.get("workers", 1)) > 1:
         return False
     return spec.when == "every_trial" or abs(metrics["forget_gap"]) <= study["target"]["gap_tolerance"]
 
