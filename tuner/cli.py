@@ -396,6 +396,12 @@ def _print_recommendation(rec: dict[str, Any], target: dict[str, float], exact: 
                       f"{r['robustness']:.2f}" if r.get("robustness") is not None else "-",
                       f"{r.get('window_width', 0):.2f}", escape(r["reason"]))
     out.print(table)
+    from tuner.recommend import robustness_line
+
+    for unit, r in rec["units"].items():
+        line = robustness_line(r, exact, target)
+        if line:
+            out.print(f"robustness of {escape(unit)} (trial {r.get('number')}, step {r.get('step')}): {escape(line)}")
     o = rec["overall"]
     if o.get("trial_id") is None:
         out.print(f"overall: {o['reason']}")

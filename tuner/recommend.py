@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tuner import methods
-from tuner.candidates import OK_STATUSES, check_failures
+from tuner.candidates import LIMITS, OK_STATUSES, check_failures
 from tuner.hparams import LR, Hyperparameter
 
 
@@ -205,3 +205,33 @@ def recommend(rows: list[dict[str, Any]], target: dict[str, float], use_mia: boo
     else:
         overall = {"unit": None, "trial_id": None, "status": "none", "reason": "no method reached the target band"}
     return {"units": units, "overall": overall}
+
+
+def robustness_line(rec: dict[str, Any], exact: dict[str, Any] | None, target: dict[str, Any]) -> str:
+    """One line of what the robustness checks found for a recommendation (empty when none ran): the gap after
+    the relearning attack against the exact-retrain model's, after 4/8-bit quantization, the seed spread, and
+    whether the study's limits hold."""
+    m = rec.get("metrics") or {}
+    parts = []
+    if m.get("relearn_gap") is not None:
+        text = f"relearn gap {m['relearn_gap']:+.3f}"
+        retrain = (exact or {}).get("relearn") or {}
+        if retrain.get("relearn_gap") is not None:
+            text += f" (exact-retrain {retrain['relearn_gap']:+.3f})"
+        if m.get("relearn_speed_ratio") is not None:
+            text += f", relearns {m['relearn_speed_ratio']:.1f}x as fast as the retrain model"
+        parts.append(text)
+    for bits in (4, 8):
+        if m.get(f"quant{bits}_gap") is not None:
+            parts.append(f"{bits}-bit gap {m[f'quant{bits}_gap']:+.3f}")
+    if m.get("forget_gap_std") is not None:
+        parts.append(f"over seeds gap ±{m['forget_gap_std']:.3f}, utility drop ±{m.get('utility_drop_std', 0):.3f}")
+    if not parts:
+        return ""
+    if rec.get("check_failures"):
+        verdict = "FAILS: " + "; ".join(rec["check_failures"])
+    elif any(target.get(limit) is not None for limit, _, _ in LIMITS):
+        verdict = "within the study's limits"
+    else:
+        verdict = "no limits set (target.relearn_limit, target.quant_limit)"
+    return ", ".join(parts) + f"; {verdict}"
