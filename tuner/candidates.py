@@ -86,6 +86,9 @@ def check_failures(metrics: dict[str, Any], target: dict[str, Any]) -> list[str]
     return out
 
 
+CONSTRAINT_PREFIX = "constraint_"  # a trial's result carries each constraint under this prefix
+
+
 def constraint_values(metrics: dict[str, Any], target: dict[str, Any]) -> dict[str, float]:
     """Optuna's constraints by name (<= 0 is feasible): the utility drop within its tolerance, and each
     robustness limit the target sets. An unchecked value counts as feasible (0): checks run where they matter."""

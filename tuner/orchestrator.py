@@ -36,6 +36,7 @@ from ray.tune.search import Searcher  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from tuner import __version__, derived, methods, rechecks  # noqa: E402
+from tuner.candidates import CONSTRAINT_PREFIX  # noqa: E402
 from tuner.errors import TunerError  # noqa: E402
 from tuner.retry import TRANSIENT, with_retry  # noqa: E402
 from tuner.spec import SamplerSpec, StudySpec, gpu_share, ray_address_problem, unit_name  # noqa: E402
@@ -355,9 +356,11 @@ class StudySearcher(OptunaSearch):
         state = TrialState.FAIL if failed else TrialState.COMPLETE
         if not failed:
             # Optuna 5's constraints (<= 0 feasible): the samplers learn where the feasible region is
-            for name, value in ((result or {}).get("constraints") or {}).items():
-                with_retry(lambda n=name, v=value: ot_trial.set_constraint(n, v), "telling Optuna",
-                           OPTUNA_TRANSIENT)
+            for key, value in (result or {}).items():
+                if key.startswith(CONSTRAINT_PREFIX) and value is not None:
+                    name = key[len(CONSTRAINT_PREFIX):]
+                    with_retry(lambda n=name, v=value: ot_trial.set_constraint(n, v), "telling Optuna",
+                               OPTUNA_TRANSIENT)
         with_retry(lambda: _tell(self._ot_study, ot_trial, None if failed else values, state), "telling Optuna",
                    OPTUNA_TRANSIENT)
         self._completed_trials.add(trial_id)

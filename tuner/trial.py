@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tuner import methods
-from tuner.candidates import constraint_values, objective_values
+from tuner.candidates import CONSTRAINT_PREFIX, constraint_values, objective_values
 from tuner.data import DataSpec, UnlearnData, build_data
 from tuner.evaluation import full_metrics
 from tuner.memory import STUDY_MAX_WORKERS, device_capacity, model_shape, refusal, run_shape
@@ -151,8 +151,10 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
         payload["checks"] = {"step": result.selected_step, **robustness_checks(model, data, study, prepared, cfg,
                                                                                    result.metrics)}
         checked.update(payload["checks"]["metrics"])
+    # flat keys, like the objectives: Tune flattens nested results before the searcher sees them
+    constraints = constraint_values(checked, study["target"]) if result.metrics else {}
     final = {"kind": "final", "status": result.status, "payload": payload, **objective_values(result.metrics, objectives),
-             "constraints": constraint_values(checked, study["target"]) if result.metrics else None}
+             **{f"{CONSTRAINT_PREFIX}{k}": v for k, v in constraints.items()}}
     report(final)
     return final
 
