@@ -127,6 +127,14 @@ def attack_copy(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return attacked.to(device).train().requires_grad_(True)
 
 
+def _trainable(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model itself, every weight trainable. A peft model's base is shared with the run's frozen original
+    (`Workbench.adapted`): merging its adapters in place would change the original, so it is copied instead."""
+    if callable(getattr(model, "merge_and_unload", None)):
+        return attack_copy(model, device)
+    return model.to(device).train().requires_grad_(True)
+
+
 def default_eval_every(steps: int) -> int:
     return max(1, steps // 5)
 
@@ -144,8 +152,10 @@ def relearn(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     eval_batch_size: int = 16,
+    in_place: bool = False,
 ) -> dict:
-    """Fine-tune a copy of `model` with plain NLL for `steps` steps on attack text and follow the forget gap
+    """Fine-tune a copy of `model` (or, `in_place`, the model itself: no second copy on the GPU, for a caller
+    done with it) with plain NLL for `steps` steps on attack text and follow the forget gap
     on the held-out forget slice. `dtype` is the compute (autocast) dtype, as in a run.
 
     Returns `curve` (points `{step, forget_nll, unseen_nll, forget_gap}`, step 0 before the attack),
@@ -156,7 +166,7 @@ def relearn(
     device = torch.device(device)
     attack, held = attack_sets(data, source, attack_fraction, seed)
     sets = {"forget": held, "unseen": data.unseen}
-    attacked = attack_copy(model, device)
+    attacked = attack_copy(model, device) if not in_place else _trainable(model, device)
     every = eval_every or default_eval_every(steps)
     curve = [{"step": 0, **curve_point(attacked, sets, eval_batch_size, device, dtype)}]
     stream = IndexStream(attack.shape[0], seed + 3)
@@ -347,7 +357,7 @@ def retrain_relearning(retrain: torch.nn.Module, data: UnlearnData, settings: Re
     """The exact-retrain model under the study's attack, once per study: how fast a model that never learned
     the forget set picks it up (the yardstick of every candidate's `relearn_speed_ratio`)."""
     result = relearn(retrain, data, **settings.model_dump(), seed=seed, device=device, dtype=dtype,
-                     eval_batch_size=eval_batch_size)
+                     eval_batch_size=eval_batch_size, in_place=True)
     return {k: result[k] for k in ("relearn_gap_before", "relearn_gap", "relearn_drop", "curve", "steps", "diverged")}
 
 
@@ -355,21 +365,30 @@ def check_candidate(model: torch.nn.Module, data: UnlearnData, checks: list[str]
                     quant_settings: QuantSettings, retrain: Mapping[str, Any] | None,
                     baseline: Mapping[str, float] | None, metrics: Mapping[str, float] | None, seed: int,
                     device: torch.device, dtype: torch.dtype, eval_batch_size: int) -> dict[str, Any]:
-    """The study's robustness checks of one candidate (the model at its checkpoint, left unchanged):
-    `{"metrics": {relearn_gap, relearn_drop, relearn_speed_ratio, quant4_gap, ...}, "details": {the attack's
-    curve}, "time_s"}`, as `Store.add_check` stores them."""
+    """The study's robustness checks of one candidate, the model at its checkpoint: `{"metrics":
+    {relearn_gap, relearn_drop, relearn_speed_ratio, quant4_gap, ...}, "details": {the attack's curve},
+    "time_s"}`, as `Store.add_check` stores them.
+
+    The caller is done with `model`: quantization (on copies) runs first, then the attack fine-tunes the model
+    itself, so a GPU never holds a second full-precision copy. A check that runs out of memory is recorded as
+    such; the trial's own result stands."""
     started = time.perf_counter()
     out: dict[str, float] = {}
     details: dict[str, Any] = {}
-    if "relearn" in checks:
-        r = relearn(model, data, **relearn_settings.model_dump(), seed=seed, device=device, dtype=dtype,
-                    eval_batch_size=eval_batch_size)
-        out.update({k: r[k] for k in ("relearn_gap_before", "relearn_gap", "relearn_drop")})
-        if retrain and retrain.get("relearn_drop") is not None:
-            out["relearn_speed_ratio"] = relearn_speed_ratio(r["relearn_drop"], retrain["relearn_drop"])
-        details["relearn_curve"] = r["curve"]
-    if "quantization" in checks:
-        quant = quantized_metrics(model, data, quant_settings.bits, baseline, metrics, quant_settings.group_size,
-                                  quant_settings.symmetric, device, dtype, eval_batch_size)
-        out.update({k: v for k, v in quant.items() if k.endswith(("_gap", "_utility_drop", "_gap_shift"))})
+    try:
+        if "quantization" in checks:
+            quant = quantized_metrics(model, data, quant_settings.bits, baseline, metrics, quant_settings.group_size,
+                                      quant_settings.symmetric, device, dtype, eval_batch_size)
+            out.update({k: v for k, v in quant.items() if k.endswith(("_gap", "_utility_drop", "_gap_shift"))})
+        if "relearn" in checks:
+            r = relearn(model, data, **relearn_settings.model_dump(), seed=seed, device=device, dtype=dtype,
+                        eval_batch_size=eval_batch_size, in_place=True)
+            out.update({k: r[k] for k in ("relearn_gap_before", "relearn_gap", "relearn_drop")})
+            if retrain and retrain.get("relearn_drop") is not None:
+                out["relearn_speed_ratio"] = relearn_speed_ratio(r["relearn_drop"], retrain["relearn_drop"])
+            details["relearn_curve"] = r["curve"]
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        details["error"] = f"out of memory during the robustness checks: {str(err).splitlines()[0][:200]}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return {"metrics": out, "details": details, "time_s": time.perf_counter() - started}
