@@ -356,9 +356,11 @@ def retrain_relearning(retrain: torch.nn.Module, data: UnlearnData, settings: Re
                        device: torch.device, dtype: torch.dtype, eval_batch_size: int) -> dict[str, Any]:
     """The exact-retrain model under the study's attack, once per study: how fast a model that never learned
     the forget set picks it up (the yardstick of every candidate's `relearn_speed_ratio`)."""
+    started = time.perf_counter()
     result = relearn(retrain, data, **settings.model_dump(), seed=seed, device=device, dtype=dtype,
                      eval_batch_size=eval_batch_size, in_place=True)
-    return {k: result[k] for k in ("relearn_gap_before", "relearn_gap", "relearn_drop", "curve", "steps", "diverged")}
+    return {**{k: result[k] for k in ("relearn_gap_before", "relearn_gap", "relearn_drop", "curve", "steps",
+                                      "diverged")}, "time_s": time.perf_counter() - started}
 
 
 def check_candidate(model: torch.nn.Module, data: UnlearnData, checks: list[str], relearn_settings: RelearnSettings,
