@@ -45,7 +45,7 @@ SOURCE_DASH = {None: "solid", "in_distribution": "solid", "general": "dash"}
 TRIAL_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 BAND_FILL = "rgba(44, 160, 44, 0.13)"
 LOG_TICK_MANTISSAS = (1, 3)  # ticks of a log-scale hyperparameter's axis: ..., 0.1, 0.3, 1, 3, 10, ...
-# Drawing time in the browser matters (a study page draws six figures): margins are set by hand instead of
+# Drawing time in the browser matters (a study page draws seven figures): margins are set by hand instead of
 # automargin (which redraws), tick labels may overflow (checking costs a text measurement per label), and a
 # few template lines replace "plotly_white", which carries defaults for every trace type.
 AXIS = dict(gridcolor="#ebf0f8", linecolor="#ebf0f8", zerolinecolor="#ebf0f8", ticks="", automargin=False,
