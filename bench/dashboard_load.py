@@ -42,7 +42,8 @@ from dashboards.headless import CHROMIUM_ARGS
 from tuner.hparams import EPOCHS, LR, RETAIN_WEIGHT
 from tuner.store import Store
 
-FIGURE_IDS = ("fig-pareto", "fig-robustness", "fig-curves", "fig-hypervolume", "fig-parallel", "fig-efficiency")
+FIGURE_IDS = ("fig-pareto", "fig-robustness", "fig-attacks", "fig-curves", "fig-hypervolume", "fig-parallel",
+              "fig-efficiency")
 UNITS = [("ga", None), ("random_label", None), ("random_model_label", None), ("adversarial", None),
          ("retain_finetune", "in_distribution"), ("retain_finetune", "general"), ("ga_gd", "in_distribution"),
          ("ga_gd", "general"), ("ga_kl", "in_distribution"), ("ga_kl", "general")]

@@ -25,7 +25,15 @@ from dash.exceptions import PreventUpdate
 
 from dashboards import api, figures, plotlyjs, queries, trialtable
 from dashboards.data import StudyData, fmt, load_study, table_columns, table_rows
-from dashboards.page import SECTIONS, VERDICT_COLOURS, guideline_rows, header_facts, recommendation_rows
+from dashboards.page import (
+    FAILING_COLOUR,
+    RECOMMENDATION_COLUMNS,
+    SECTIONS,
+    VERDICT_COLOURS,
+    guideline_rows,
+    header_facts,
+    recommendation_rows,
+)
 from tuner.errors import TunerError
 from tuner.hparams import EPOCHS, LR
 from tuner.store import Store, safe_url
@@ -245,8 +253,8 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
 
     @app.callback(
         Output("study-header", "children"), Output("fig-pareto", "figure"), Output("fig-robustness", "figure"),
-        Output("fig-hypervolume", "figure"), Output("fig-parallel", "figure"), Output("fig-efficiency", "figure"),
-        Output("curve-trials", "options"), Output("study-refresh", "disabled"),
+        Output("fig-attacks", "figure"), Output("fig-hypervolume", "figure"), Output("fig-parallel", "figure"),
+        Output("fig-efficiency", "figure"), Output("curve-trials", "options"), Output("study-refresh", "disabled"),
         Output("study-stamp", "data"),
         Input("study-refresh", "n_intervals"), Input("gap-mode", "value"),
         State("study-name", "data"), State("study-stamp", "data"), State("curve-trials", "value"),
@@ -255,8 +263,8 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
         stamp, data, figs = cache.figures(name, gap_mode == "abs")
         if ctx.triggered_id == "study-refresh" and list(stamp) == list(last_stamp or []):
             raise PreventUpdate
-        return (study_header(data), figs["fig-pareto"], figs["fig-robustness"], figs["fig-hypervolume"],
-                figs["fig-parallel"], figs["fig-efficiency"], curve_options(data, curve_ids),
+        return (study_header(data), figs["fig-pareto"], figs["fig-robustness"], figs["fig-attacks"],
+                figs["fig-hypervolume"], figs["fig-parallel"], figs["fig-efficiency"], curve_options(data, curve_ids),
                 not data.running, list(stamp))
 
     @app.callback(Output("trial-tbody", "children"), Output("trial-page-label", "children"),
@@ -399,6 +407,7 @@ def study_page(cache: StudyCache, name: str, refresh_ms: int) -> html.Div:
                 className="controls"),
             graph["fig-pareto"]]),
         _section("fig-robustness", sections, [graph["fig-robustness"]]),
+        _section("fig-attacks", sections, [graph["fig-attacks"]]),
         _section("fig-curves", sections, [
             html.Div([html.Label("trials:"), dcc.Dropdown(id="curve-trials", options=curve_options(data, curve_ids),
                                                           value=curve_ids, multi=True, style={"minWidth": "640px"})],
@@ -438,10 +447,13 @@ def recommendation_table(data: StudyData):
     rows = recommendation_rows(data)
     if not rows:
         return html.P(data.recommendation_note or "no recommendation", className="lead")
-    head = ("scope", "status", "trial", "hyperparameters", "forget gap", "utility drop", "robustness", "reason")
-    keys = ("scope", "status", "trial", "params", "forget_gap", "utility_drop", "robustness", "reason")
-    return html.Div(html.Table([html.Thead(html.Tr([html.Th(h) for h in head])),
-                                html.Tbody([html.Tr([html.Td(r[k]) for k in keys]) for r in rows])],
+    def cell(r: dict[str, str], key: str) -> html.Td:
+        failing = r["failing"] and key in ("status", "checks")  # a pick that fails the study's robustness limits
+        return html.Td(r[key], style={"color": FAILING_COLOUR, "fontWeight": 600} if failing else None,
+                       className=f"rec-{key}" + (" failing" if failing else ""))
+
+    return html.Div(html.Table([html.Thead(html.Tr([html.Th(h) for _, h in RECOMMENDATION_COLUMNS])),
+                                html.Tbody([html.Tr([cell(r, k) for k, _ in RECOMMENDATION_COLUMNS]) for r in rows])],
                                className="simple", id="recommendation-table"), className="wrap")
 
 

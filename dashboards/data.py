@@ -13,6 +13,10 @@ When MIA AUC is one of the study's objectives, a trial in the gap band whose AUC
 
 A *success* (what the robustness map's success window and the guideline checks count) is a trial in the
 band whose utility drop is within `utility_tolerance`: a model that reached gap 0 by collapsing is no success.
+
+Robustness checks (`tuner.robustness`: the relearning attack, 4/8-bit quantization, the seed spread) are read as
+stored, per candidate (trial, step), into `StudyData.checks`; a trial row whose kept checkpoint was checked
+carries that check's metrics as `row["checks"]` (an empty dict otherwise).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ DEFAULT_TARGET = {"gap_tolerance": 0.1, "utility_tolerance": 0.5, "mia_tolerance
 # every declared hyperparameter's label by name (the first declaration of a name that several methods declare)
 PARAM_LABELS = {name: pairs[0][1].label for name, pairs in methods.declared().items()}
 NO_RECOMMENDATION = "no recommendation stored yet: no trial has finished"
+# the checked metrics that are a forget gap after something was done to the candidate: the attack, quantization
+ATTACK_KEYS = ("relearn_gap", "quant4_gap", "quant8_gap")
 
 
 def classify(row: dict[str, Any], target: dict[str, float], use_mia: bool = False) -> str:
@@ -135,6 +141,8 @@ class StudyData:
     curves: dict[int, list[dict[str, Any]]]
     recommendation: dict[str, Any] | None
     recommendation_note: str | None
+    # {(trial id, step): {"metrics", "details", "time_s"}}: every checked candidate, as `Store.study_checks` gives
+    checks: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
 
     @property
     def uses_mia(self) -> bool:
@@ -146,6 +154,31 @@ class StudyData:
 
     def row(self, trial_id: int | None) -> dict[str, Any] | None:
         return next((r for r in self.rows if r["id"] == trial_id), None)
+
+    @property
+    def retrain_relearn(self) -> dict[str, Any]:
+        """The exact-retrain model's own relearning-attack result (testbed studies that ran the attack), or {}."""
+        return (self.exact_retrain or {}).get("relearn") or {}
+
+    def checked_candidates(self) -> list[dict[str, Any]]:
+        """Every checked candidate that has an attack or quantization result, in unit and trial order: the row,
+        its step, whether it is the trial's kept checkpoint, its own forget gap at that step (the trial's for
+        the kept one, the curve point's otherwise) and the stored check metrics. Seed-spread-only checks are
+        left out: they have no "after" gap to draw."""
+        out = []
+        for r in self.rows:
+            kept = r["result"].get("selected_step")
+            for (tid, step), check in sorted((k, v) for k, v in self.checks.items() if k[0] == r["id"]):
+                metrics = check.get("metrics") or {}
+                if not any(metrics.get(k) is not None for k in ATTACK_KEYS):
+                    continue
+                if step == kept:
+                    gap = r["metrics"].get("forget_gap")
+                else:
+                    gap = next((p.get("forget_gap") for p in self.curves.get(tid, []) if p["step"] == step), None)
+                out.append({"row": r, "step": step, "kept": step == kept, "forget_gap": gap, "metrics": metrics,
+                            "details": check.get("details") or {}})
+        return out
 
     def hyperparameters(self) -> list[Hyperparameter]:
         """One declaration per hyperparameter name the study's units declare: the trial table's columns. From
@@ -191,6 +224,7 @@ def load_study(store: Store, name: str, curves: bool = True, recommend: bool = T
     objectives = list(spec.get("objectives") or ["forget_gap", "utility_drop"])
     use_mia = "mia_auc" in objectives
     rows = store.trials(name)
+    checks = store.study_checks(name)
     units: dict[str, Unit] = {}
     for search in sorted(study.searches, key=lambda s: s.id):
         units[search.unit] = Unit(search.unit, search.method, search.retain_source)
@@ -203,6 +237,7 @@ def load_study(store: Store, name: str, curves: bool = True, recommend: bool = T
         r["map_class"] = "in_band_damaged" if r["outcome"] == "in_band" and not r["success"] else r["outcome"]
         r["pareto"] = bool(r.get("pareto"))  # the stored flag
         r["recommended"] = False
+        r["checks"] = (checks.get((r["id"], r["result"].get("selected_step"))) or {}).get("metrics") or {}
         unit = units.get(r["unit"])
         if unit is None:
             unit = units[r["unit"]] = Unit(r["unit"], r["method"], r["retain_source"])
@@ -214,7 +249,7 @@ def load_study(store: Store, name: str, curves: bool = True, recommend: bool = T
                      exact_retrain=study.exact_retrain, data_summary=study.data_summary, versions=study.versions,
                      created_at=study.created_at, updated_at=study.updated_at, rows=rows, units=units,
                      curves=queries.study_curves(store, study.id) if curves else {},
-                     recommendation=recommendation, recommendation_note=note)
+                     recommendation=recommendation, recommendation_note=note, checks=checks)
     for tid in data.recommended_ids().values():
         row = data.row(tid)
         if row is not None:

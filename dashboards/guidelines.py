@@ -1,4 +1,6 @@
-"""The brief's five tuning guidelines, each checked against the study's own data.
+"""The brief's five tuning guidelines, each checked against the study's own data, and a sixth check of
+guidelines 2 and 3 under attack: are the settings they call robust the ones whose forgetting survives the
+robustness checks (relearning, quantization)?
 
 Every check returns one of three verdicts — ``holds``, ``contradicted`` or ``not enough data`` — with a
 one-line reason built from the numbers it used, and the id of the figure that shows the evidence. A
@@ -38,7 +40,7 @@ class Check:
 
 def check_all(data: StudyData) -> list[Check]:
     return [stop_at_target(data), ga_is_brittle(data), in_distribution_descent(data), lr_steps_trade_off(data),
-            robust_over_lucky(data)]
+            robust_over_lucky(data), robust_where_predicted(data)]
 
 
 # ---- 1 -------------------------------------------------------------------------------------------------------
@@ -246,3 +248,73 @@ def robust_over_lucky(data: StudyData) -> Check:
     if successes < 2:
         return Check(5, title, rule, NOT_ENOUGH, facts + "; fewer than 2 trials in the band", fig, name)
     return Check(5, title, rule, CONTRADICTED, facts + ": the successes are isolated, no robust region yet", fig, name)
+
+
+# ---- 6: guidelines 2 and 3 under attack ------------------------------------------------------------------------
+
+ATTACK_METRICS = (("relearn_gap", "relearn gap"), ("quant4_gap", "4-bit gap"))  # higher: stays forgotten
+
+
+def _checked_in_band(data: StudyData) -> dict[str, list[dict[str, Any]]]:
+    """unit → its checked candidates (`StudyData.checked_candidates`) whose own forget gap is in the band."""
+    tol = data.target["gap_tolerance"]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for c in data.checked_candidates():
+        if c["forget_gap"] is not None and abs(c["forget_gap"]) <= tol:
+            out.setdefault(c["row"]["unit"], []).append(c)
+    return out
+
+
+def _median_of(cands: list[dict[str, Any]], key: str) -> float | None:
+    values = [c["metrics"][key] for c in cands if c["metrics"].get(key) is not None and math.isfinite(c["metrics"][key])]
+    return statistics.median(values) if values else None
+
+
+def robust_where_predicted(data: StudyData) -> Check:
+    """Guidelines 2 and 3 say GA+GD on in-distribution retain data is the robust choice and GA alone collapses
+    or relearns. Among the checked candidates in the target band, the median forget gap after the relearning
+    attack (and after 4-bit quantization) of `ga_gd@in_distribution` against `ga`'s: higher (less negative)
+    keeps the forget set forgotten. Holds when GA+GD in-distribution is at least as good on every metric both
+    have; also says which unit's checked candidates stay forgotten best after the attack."""
+    title, rule = "Robust settings where the guidelines predict them", \
+        "GA + descent on in-distribution retain data keeps the forget set forgotten under relearning and " \
+        "quantization; GA alone relearns"
+    fig, name = "fig-attacks", "Robustness under attack"
+    checked = _checked_in_band(data)
+    all_checked = data.checked_candidates()
+    if not all_checked:
+        return Check(6, title, rule, NOT_ENOUGH, "no robustness checks ran (robustness.when in the spec)", fig, name)
+    # every unit's median relearn gap, best first: which keeps the forget set forgotten after the attack
+    ranking = sorted(((u, m) for u, cands in checked.items() if (m := _median_of(cands, "relearn_gap")) is not None),
+                     key=lambda item: -item[1])
+    retrain = data.retrain_relearn.get("relearn_gap")
+    best = ""
+    if ranking:
+        best = (f"; best after the attack: {ranking[0][0]} (median relearn gap {ranking[0][1]:+.3f} over "
+                f"{len(checked[ranking[0][0]])} in-band candidates)")
+        if len(ranking) > 1:
+            best += ", then " + ", ".join(f"{u} {m:+.3f}" for u, m in ranking[1:4])
+    if retrain is not None:
+        best += f"; the exact-retrain model's relearn gap {retrain:+.3f}"
+    gd_name, ga_name = "ga_gd@in_distribution", "ga"
+    missing = []
+    for unit in (gd_name, ga_name):
+        if not checked.get(unit):
+            n = sum(c["row"]["unit"] == unit for c in all_checked)
+            missing.append(f"{unit} has no checked candidate" if not n else
+                           f"{unit} has {n} checked candidate(s), none in the target band")
+    if missing:
+        return Check(6, title, rule, NOT_ENOUGH, "; ".join(missing) + best, fig, name)
+    compared, parts = [], []
+    for key, label in ATTACK_METRICS:
+        gd, ga = _median_of(checked[gd_name], key), _median_of(checked[ga_name], key)
+        if gd is None or ga is None:
+            continue
+        compared.append(gd >= ga - 1e-9)
+        parts.append(f"median {label} {gd_name} {gd:+.3f} against {ga_name} {ga:+.3f}")
+    if not compared:
+        return Check(6, title, rule, NOT_ENOUGH, f"{gd_name} and {ga_name} share no checked metric (relearn gap, "
+                     "4-bit gap)" + best, fig, name)
+    facts = (f"{'; '.join(parts)} ({len(checked[gd_name])} and {len(checked[ga_name])} checked in-band candidates)"
+             + best)
+    return Check(6, title, rule, HOLDS if all(compared) else CONTRADICTED, facts, fig, name)

@@ -10,6 +10,7 @@ from dashboards.data import StudyData, fmt
 from dashboards.guidelines import CONTRADICTED, HOLDS, check_all
 from tuner.hparams import LR
 from tuner.methods import describe
+from tuner.recommend import robustness_line
 
 VERDICT_COLOURS = {HOLDS: "#1a7f37", CONTRADICTED: "#cf222e", "not enough data": "#6e7781"}
 SECTIONS = (
@@ -20,6 +21,10 @@ SECTIONS = (
      f"{LR.label.capitalize()} against each of the method's other hyperparameters (one row of panels each: "
      f"epochs, λ and the method's own), per method, coloured by outcome; the shaded {LR.short} span is the "
      "method's success window (in the band with the utility drop within tolerance)."),
+    ("fig-attacks", "2b. Robustness under attack",
+     "Each checked candidate's forget gap before (●) and after the relearning attack (▲) and 4-bit (■) and 8-bit "
+     "(◆) quantization, per method; green band: the target; black dashed line: the exact-retrain model's gap after "
+     "the same attack (testbed). Below the band after an attack: the forget set came back."),
     ("fig-curves", "3. Unlearning curves",
      "Forget, unseen and retain NLL against step for the chosen trials, the forget gap against the target band, "
      "stop points and (testbed) the exact-retrain model's forget NLL."),
@@ -47,8 +52,11 @@ def header_facts(data: StudyData) -> list[tuple[str, str]]:
         facts.append(("original model", f"forget gap {fmt(data.baseline.get('forget_gap'), '+.3f')}, MIA AUC "
                                         f"{fmt(data.baseline.get('mia_auc'))}"))
     if data.exact_retrain:
+        retrain = data.retrain_relearn
         facts.append(("exact retrain (testbed)", f"forget NLL {fmt(data.exact_retrain.get('forget_nll'))}, gap "
-                                                 f"{fmt(data.exact_retrain.get('forget_gap'), '+.3f')}"))
+                                                 f"{fmt(data.exact_retrain.get('forget_gap'), '+.3f')}"
+                      + (f", gap after the relearning attack {fmt(retrain.get('relearn_gap'), '+.3f')}"
+                         if retrain.get("relearn_gap") is not None else "")))
     if data.created_at is not None:
         facts.append(("created", f"{data.created_at:%Y-%m-%d %H:%M} UTC"))
     if data.versions:
@@ -57,7 +65,9 @@ def header_facts(data: StudyData) -> list[tuple[str, str]]:
 
 
 def recommendation_rows(data: StudyData) -> list[dict[str, str]]:
-    """One line per unit (overall first): status, trial, hyperparameters, gap, utility drop, robustness, reason."""
+    """One line per unit (overall first): status, trial, hyperparameters, gap, utility drop, robustness, what the
+    robustness checks found (`tuner.recommend.robustness_line`), reason. `failing` is the joined
+    `check_failures` of a recommendation that fails the study's robustness limits (empty otherwise)."""
     rec = data.recommendation
     if rec is None:
         return []
@@ -70,16 +80,25 @@ def recommendation_rows(data: StudyData) -> list[dict[str, str]]:
         unit = r.get("unit") if label == "overall" else label
         method = (row or {}).get("method") or getattr(data.units.get(unit or ""), "method", None)
         warnings = "; ".join(r.get("warnings") or [])
+        failing = "; ".join(r.get("check_failures") or [])
         out.append({
             "scope": "overall" + (f" ({unit})" if unit else "") if label == "overall" else label,
-            "status": r.get("status", ""),
+            "status": r.get("status", "") + (" (fails the robustness checks)" if failing else ""),
             "trial": f"#{row['number']} (id {row['id']})" if row else "–",
             "params": describe(method, params) or "–",
             "forget_gap": fmt(metrics.get("forget_gap"), "+.3f"), "utility_drop": fmt(metrics.get("utility_drop"), "+.3f"),
             "robustness": fmt(r.get("robustness"), ".2f"),
+            "checks": robustness_line(r, data.exact_retrain, data.target) or ("FAILS: " + failing if failing else "–"),
+            "failing": failing,
             "reason": r.get("reason", "") + (f" (warning: {warnings})" if warnings else ""),
         })
     return out
+
+
+RECOMMENDATION_COLUMNS = (("scope", "scope"), ("status", "status"), ("trial", "trial"), ("params", "hyperparameters"),
+                          ("forget_gap", "forget gap"), ("utility_drop", "utility drop"), ("robustness", "robustness"),
+                          ("checks", "robustness checks"), ("reason", "reason"))
+FAILING_COLOUR = "#cf222e"
 
 
 def guideline_rows(data: StudyData) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from tuner.store import CURVE_KEYS, Store
-from tuner.store.schema import CurvePoint, Search, Study, Trial
+from tuner.store.schema import Check, CurvePoint, Search, Study, Trial
 
 
 def study_curves(store: Store, study_id: int) -> dict[int, list[dict[str, Any]]]:
@@ -49,7 +49,8 @@ def study_list(store: Store) -> list[dict[str, Any]]:
 
 
 def study_stamp(store: Store, name: str) -> tuple:
-    """A cheap fingerprint of a study's state (status, trials, curve points) to know when to redraw."""
+    """A cheap fingerprint of a study's state (status, trials, curve points, robustness checks) to know when to
+    redraw. Checks count on their own: the checks re-run after the trials (`tuner.rechecks`) add no trial."""
     with store.sessions() as s:
         row = s.execute(select(Study.id, Study.status, Study.updated_at).where(Study.name == name)).first()
         if row is None:
@@ -58,4 +59,7 @@ def study_stamp(store: Store, name: str) -> tuple:
                            .join(Search, Search.id == Trial.search_id).where(Search.study_id == row[0])).first()
         points = s.scalar(select(func.count()).select_from(CurvePoint).join(Trial, Trial.id == CurvePoint.trial_id)
                           .join(Search, Search.id == Trial.search_id).where(Search.study_id == row[0]))
-        return (row[1], str(row[2]), trials[0], str(trials[1]), points)
+        checks = s.execute(select(func.count(), func.max(Check.created_at)).select_from(Check)
+                           .join(Trial, Trial.id == Check.trial_id).join(Search, Search.id == Trial.search_id)
+                           .where(Search.study_id == row[0])).first()
+        return (row[1], str(row[2]), trials[0], str(trials[1]), points, checks[0], str(checks[1]))

@@ -14,7 +14,15 @@ import plotly.graph_objects as go
 
 from dashboards import figures, plotlyjs
 from dashboards.data import StudyData, load_study, table_columns, table_rows
-from dashboards.page import SECTIONS, VERDICT_COLOURS, guideline_rows, header_facts, recommendation_rows
+from dashboards.page import (
+    FAILING_COLOUR,
+    RECOMMENDATION_COLUMNS,
+    SECTIONS,
+    VERDICT_COLOURS,
+    guideline_rows,
+    header_facts,
+    recommendation_rows,
+)
 from dashboards.trialtable import cell_text
 from tuner.errors import TunerError
 from tuner.store import Store
@@ -100,11 +108,16 @@ def _recommendations(data: StudyData) -> str:
     if not rows:
         return ("<h2 id='recommendation'>Recommendation</h2><p class='lead'>"
                 f"{e(data.recommendation_note or 'no recommendation')}</p>")
-    head = ("scope", "status", "trial", "hyperparameters", "forget gap", "utility drop", "robustness", "reason")
-    keys = ("scope", "status", "trial", "params", "forget_gap", "utility_drop", "robustness", "reason")
-    body = "".join("<tr>" + "".join(f"<td>{e(r[k])}</td>" for k in keys) + "</tr>" for r in rows)
-    return ("<h2 id='recommendation'>Recommendation</h2><div class='wrap'><table><thead><tr>"
-            + "".join(f"<th>{h}</th>" for h in head) + f"</tr></thead><tbody>{body}</tbody></table></div>")
+    def cell(r: dict[str, str], key: str) -> str:
+        failing = r["failing"] and key in ("status", "checks")  # a pick that fails the study's robustness limits
+        style = f" class='rec-{key} failing' style='color:{FAILING_COLOUR};font-weight:600'" if failing \
+            else f" class='rec-{key}'"
+        return f"<td{style}>{e(r[key])}</td>"
+
+    body = "".join("<tr>" + "".join(cell(r, k) for k, _ in RECOMMENDATION_COLUMNS) + "</tr>" for r in rows)
+    return ("<h2 id='recommendation'>Recommendation</h2><div class='wrap'><table id='recommendation-table'><thead><tr>"
+            + "".join(f"<th>{e(h)}</th>" for _, h in RECOMMENDATION_COLUMNS) + f"</tr></thead><tbody>{body}</tbody>"
+            "</table></div>")
 
 
 def _guidelines(data: StudyData) -> str:

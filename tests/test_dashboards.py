@@ -237,7 +237,7 @@ def test_hypervolume_is_exact():
 
 def test_guidelines_are_checked_on_the_study_data(loaded):
     checks = G.check_all(loaded)
-    assert [c.number for c in checks] == [1, 2, 3, 4, 5]
+    assert [c.number for c in checks] == [1, 2, 3, 4, 5, 6]
     for c in checks:
         assert c.verdict in (G.HOLDS, G.CONTRADICTED, G.NOT_ENOUGH) and c.reason and c.figure in FIGURE_IDS
     # two trials per method cannot show a success window: said so, not guessed
@@ -450,7 +450,7 @@ def test_study_page_renders_every_figure(browser, server, loaded):
         assert page.inner_text("#study-title") == "Study dash"
         assert page.inner_text("#study-notes") == NOTES
         verdicts = page.eval_on_selector_all("#guideline-table td.verdict", "els => els.map(e => e.textContent)")
-        assert len(verdicts) == 5 and set(verdicts) <= {G.HOLDS, G.CONTRADICTED, G.NOT_ENOUGH}
+        assert len(verdicts) == 6 and set(verdicts) <= {G.HOLDS, G.CONTRADICTED, G.NOT_ENOUGH}
         # the error text sits in the table as text: filter to the failed trial to find it
         page.fill("#trial-filter", "status = failed")
         page.keyboard.press("Enter")
@@ -800,6 +800,183 @@ def test_study_page_with_a_methods_own_knobs(browser, own_knobs):
             cells = page.eval_on_selector_all("#trial-tbody td[data-column='beta']", "els => els.map(e => e.textContent)")
             values = [float(v) for v in cells if v.strip()]
             assert values and values == sorted(values, reverse=direction == "▼")
+        assert not problems, problems
+    finally:
+        context.close()
+        srv.stop()
+
+
+# ---- robustness checks: the attack figure, the recommendation's checks, guideline 6 ----------------------------
+
+RETRAIN_RELEARN = {"relearn_gap_before": 0.01, "relearn_gap": -0.04, "relearn_drop": 0.2,
+                   "curve": [{"step": 0, "forget_gap": 0.01}, {"step": 10, "forget_gap": -0.04}]}
+
+
+def _point(step, gap, retain):
+    return {"step": step, "forget_nll": 5.0, "unseen_nll": 5.0 - gap, "retain_nll": retain, "forget_gap": gap}
+
+
+@pytest.fixture
+def checked(tmp_path):
+    """A store written directly (no training) with robustness checks as trials store them: GA's two in-band
+    trials relearn past the study's relearn_limit (its pick fails the checks), GA+GD in-distribution's stay
+    forgotten; one check of a checkpoint before the kept one (as pareto_at_end stores it), one seed-spread-only
+    check (nothing to draw), and the exact-retrain model's own attack result; derived as the driver does."""
+    from tuner import derived
+
+    store = Store(f"sqlite:///{tmp_path / 'checked.db'}")
+    target = {"gap_tolerance": 0.1, "utility_tolerance": 0.5, "mia_tolerance": 0.1, "relearn_limit": 0.3}
+    spec = {"objectives": ["forget_gap", "utility_drop"], "target": target, "robustness": {"when": "in_band"}}
+    study_id = store.create_study("checked", "testbed:micro", 0, spec, "", {})
+    store.update_study(study_id, exact_retrain={"forget_nll": 5.0, "forget_gap": 0.0, "retain_nll": 4.0,
+                                                "relearn": RETRAIN_RELEARN})
+    units = {  # unit: (method, source, [(lr, gap, utility drop, checks of the kept step at 8 or None)])
+        "ga": ("ga", None, [
+            (1e-4, 0.02, 0.1, {"relearn_gap_before": 0.0, "relearn_gap": -0.45, "relearn_drop": 0.6,
+                               "relearn_speed_ratio": 3.2, "quant4_gap": -0.3, "quant8_gap": 0.01}),
+            (3e-4, -0.05, 0.2, {"relearn_gap": -0.35, "relearn_speed_ratio": 2.5, "quant4_gap": -0.2,
+                                "quant8_gap": -0.04}),
+            (1e-3, 0.6, 1.5, None)]),
+        "ga_gd@in_distribution": ("ga_gd", "in_distribution", [
+            (1e-4, 0.03, 0.05, {"relearn_gap": -0.06, "relearn_speed_ratio": 1.1, "quant4_gap": 0.0,
+                                "quant8_gap": 0.02}),
+            (3e-4, -0.01, 0.1, {"relearn_gap": -0.02, "relearn_speed_ratio": 0.9})]),  # no quantization
+    }
+    ids: dict[str, list[int]] = {}
+    for unit, (method, source, trials) in units.items():
+        search = store.ensure_search(study_id, unit, method, source, f"checked/{unit}", "tpe", 3, {})
+        for lr, gap, drop, checks in trials:
+            params = {"lr": lr, "epochs": 1} | ({"retain_weight": 1.0} if method == "ga_gd" else {})
+            # GA's curve has no other candidate in the band; GA+GD's step 4 is one (gap 0.08)
+            mid = _point(4, -0.5 if method == "ga" else 0.08, 4.3)
+            payload = {"metrics": {"forget_gap": gap, "utility_drop": drop, "forget_nll": 5.0, "unseen_nll": 5.0 - gap,
+                                   "retain_nll": 4.0 + drop},
+                       "selected_step": 8, "steps_done": 8, "wall_time_s": 1.0,
+                       "curve": [_point(0, -1.0, 4.0), mid, _point(8, gap, 4.0 + drop)]}
+            if checks:
+                payload["checks"] = {"step": 8, "metrics": checks, "details": {"relearn_curve": []}, "time_s": 0.5}
+            tid = store.start_trial(search, params)
+            store.finish_trial(tid, "completed", {"forget_gap": abs(gap), "utility_drop": drop}, payload)
+            ids.setdefault(unit, []).append(tid)
+    gd = ids["ga_gd@in_distribution"]
+    store.add_check(gd[1], {"step": 4, "metrics": {"relearn_gap": -0.1, "quant4_gap": -0.05}})  # pareto_at_end
+    store.add_check(ids["ga"][2], {"step": 8, "metrics": {"forget_gap_std": 0.01}})  # a seed spread only
+    derived.refresh(store, "checked")
+    return {"store": store, "ids": ids}
+
+
+def test_robustness_checks_reach_the_figure_the_recommendation_and_the_guidelines(checked):
+    import dataclasses
+
+    import plotly.graph_objects as go
+
+    from dashboards import page, report
+
+    store, ids = checked["store"], checked["ids"]
+    data = D.load_study(store, "checked")
+    assert data.checks == store.study_checks("checked")  # as stored, not recomputed
+    ga1 = data.row(ids["ga"][0])
+    assert ga1["checks"]["relearn_gap"] == -0.45 and ga1["checks"]["quant4_gap"] == -0.3
+    assert data.row(ids["ga"][2])["checks"] == {"forget_gap_std": 0.01}  # a kept step checked for its seed spread
+    cands = data.checked_candidates()
+    earlier = {(c["row"]["id"], c["step"]) for c in cands if not c["kept"]}
+    assert len(cands) == 5 and earlier == {(ids["ga_gd@in_distribution"][1], 4)}
+    assert next(c for c in cands if not c["kept"])["forget_gap"] == 0.08  # the curve point's own gap
+
+    # the figure: one point per checked candidate and kind, the retrain line at the stored value, the band
+    fig = F.attacks(data)
+    raw = fig.to_plotly_json()
+    assert go.Figure(raw).to_plotly_json() == raw and {t["type"] for t in raw["data"]} <= plotlyjs.BASIC_TRACE_TYPES
+    points = {(t["meta"]["unit"], t["meta"]["role"]): len(t["x"]) for t in raw["data"]
+              if t["meta"].get("role") in {k[0] for k in F.ATTACK_KINDS}}
+    assert points == {("ga", "before"): 2, ("ga", "relearn"): 2, ("ga", "quant4"): 2, ("ga", "quant8"): 2,
+                      ("ga_gd@in_distribution", "before"): 3, ("ga_gd@in_distribution", "relearn"): 3,
+                      ("ga_gd@in_distribution", "quant4"): 2, ("ga_gd@in_distribution", "quant8"): 1}
+    by_role = {(t["meta"].get("unit"), t["meta"]["role"]): t for t in raw["data"]}
+    assert sorted(by_role["ga", "relearn"]["y"]) == [-0.45, -0.35]
+    assert sorted(by_role["ga", "before"]["y"]) == [-0.05, 0.02]
+    assert by_role[None, "retrain_relearn"]["y"] == [-0.04, -0.04]
+    assert by_role[None, "retrain_before"]["y"] == [0.01, 0.01]
+    hover = next(h for h in by_role["ga", "relearn"]["hovertext"] if "-0.4500" in h)
+    assert f"trial {ids['ga'][0]}), step 8" in hover and "3.20x" in hover and "lr" in hover
+    # a candidate's points share one x, joined by a line from its own gap to each after-attack gap
+    links = by_role["ga_gd@in_distribution", "links"]
+    assert sum(y is not None for y in links["y"]) == 2 * (3 + 2 + 1)
+    band = [s for s in raw["layout"]["shapes"] if s["type"] == "rect"]
+    assert band[0]["y0"] == -0.1 and band[0]["y1"] == 0.1
+    assert raw["layout"]["xaxis"]["ticktext"][0].startswith("ga (2 checked)")
+    empty = F.attacks(dataclasses.replace(data, checks={})).to_plotly_json()
+    assert not empty["data"] and empty["layout"]["annotations"][0]["text"] == F.NO_CHECKS
+    assert "fig-attacks" in F.all_figures(data)
+
+    # the recommendation table: each pick's robustness line; GA's pick fails the relearn limit, marked so
+    rows = {r["scope"]: r for r in page.recommendation_rows(data)}
+    ga = rows["ga"]
+    assert ga["status"] == "closest (fails the robustness checks)" and ga["failing"].startswith("relearning brings")
+    assert ga["checks"].startswith("relearn gap -0.450 (exact-retrain -0.040), relearns 3.2x as fast")
+    assert "4-bit gap -0.300, 8-bit gap +0.010; FAILS: relearning brings the forget set back" in ga["checks"]
+    overall = rows["overall (ga_gd@in_distribution)"]
+    assert overall["failing"] == "" and overall["checks"] == (
+        "relearn gap -0.060 (exact-retrain -0.040), relearns 1.1x as fast as the retrain model, 4-bit gap +0.000, "
+        "8-bit gap +0.020; within the study's limits")
+    text = report.render(data)
+    assert "<td class='rec-checks failing'" in text and "relearn gap -0.450 (exact-retrain -0.040)" in text
+    assert "gap after the relearning attack -0.040" in dict(page.header_facts(data))["exact retrain (testbed)"]
+
+    # guideline 6: GA+GD in-distribution stays forgotten after the attack and quantization, GA does not
+    check = G.robust_where_predicted(data)
+    assert check.verdict == G.HOLDS and check.figure == "fig-attacks" and check.number == 6
+    assert "median relearn gap ga_gd@in_distribution -0.060 against ga -0.400" in check.reason
+    assert "median 4-bit gap ga_gd@in_distribution -0.025 against ga -0.250" in check.reason
+    assert "best after the attack: ga_gd@in_distribution" in check.reason and "exact-retrain" in check.reason
+    assert [c.number for c in G.check_all(data)] == [1, 2, 3, 4, 5, 6]
+    # the same candidates with the two units' checks swapped: contradicted
+    swapped = {}
+    gd_checks = [data.checks[i, 8] for i in ids["ga_gd@in_distribution"]]
+    for i, tid in enumerate(ids["ga"][:2]):
+        swapped[tid, 8] = gd_checks[i]
+        swapped[ids["ga_gd@in_distribution"][i], 8] = data.checks[tid, 8]
+    assert G.robust_where_predicted(dataclasses.replace(data, checks=swapped)).verdict == G.CONTRADICTED
+    # a side with no checked candidate: not enough data, said which
+    only_gd = {k: v for k, v in data.checks.items() if k[0] not in ids["ga"]}
+    thin = G.robust_where_predicted(dataclasses.replace(data, checks=only_gd))
+    assert thin.verdict == G.NOT_ENOUGH and "ga has no checked candidate" in thin.reason
+    none = G.robust_where_predicted(dataclasses.replace(data, checks={}))
+    assert none.verdict == G.NOT_ENOUGH and "robustness.when" in none.reason
+
+
+ATTACK_POINTS_JS = """sel => {
+  const gd = document.querySelector(sel);
+  const out = {};
+  for (const t of gd.data) {
+    const m = t.meta || {};
+    if (['before', 'relearn', 'quant4', 'quant8'].includes(m.role)) out[m.unit + ' ' + m.role] = t.x.length;
+    if (m.role === 'retrain_relearn') out.retrain = t.y[0];
+  }
+  return out;
+}"""
+
+
+def test_study_page_shows_robustness_under_attack(browser, checked):
+    """In the browser: the attack figure's points and retrain line, the recommendation's checks, guideline 6."""
+    from dashboards.app import create_app
+
+    store = checked["store"]
+    data = D.load_study(store, "checked")
+    srv = BackgroundServer(create_app(store.url))
+    context, page, problems = open_page(browser, srv.url + "/study/checked")
+    try:
+        check_rendered(page, D.expected_points(data))
+        points = page.evaluate(ATTACK_POINTS_JS, "#fig-attacks .js-plotly-plot")
+        assert points == {"ga before": 2, "ga relearn": 2, "ga quant4": 2, "ga quant8": 2,
+                          "ga_gd@in_distribution before": 3, "ga_gd@in_distribution relearn": 3,
+                          "ga_gd@in_distribution quant4": 2, "ga_gd@in_distribution quant8": 1, "retrain": -0.04}
+        failing = page.eval_on_selector_all("#recommendation-table td.failing", "els => els.map(e => e.textContent)")
+        assert "closest (fails the robustness checks)" in failing
+        assert any(t.startswith("relearn gap -0.450") and "FAILS" in t for t in failing)
+        verdicts = page.eval_on_selector_all("#guideline-table td.verdict", "els => els.map(e => e.textContent)")
+        assert len(verdicts) == 6 and verdicts[5] == G.HOLDS
+        assert page.get_attribute("#guideline-table tr:last-child a", "href") == "#fig-attacks"
         assert not problems, problems
     finally:
         context.close()
