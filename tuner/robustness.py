@@ -24,7 +24,6 @@ Every check works on a copy: the candidate passed in is never changed.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import statistics
 import time
@@ -39,7 +38,7 @@ from tuner.data import UnlearnData
 from tuner.errors import TunerError
 from tuner.evaluation import curve_point
 from tuner.methods.base import nll_term
-from tuner.training import IndexStream, LossOut, OptimConfig, make_optimizer, run_loop
+from tuner.training import IndexStream, LossOut, OptimConfig, make_optimizer, run_loop, torchao_module
 
 AttackSource = Literal["forget", "retain"]
 
@@ -222,13 +221,7 @@ def load_exact_retrain(retrain_path: Path | str, dtype: torch.dtype | None = Non
 # ---- quantization -----------------------------------------------------------------------------------------
 
 def _torchao_quantization():
-    # torchao announces at import each GPU kernel library it cannot load; on CPU that is expected noise.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    try:
-        from torchao import quantization
-    except ImportError as err:
-        raise TunerError(f"quantization checks need torchao ({err}); pip install 'torchao>=0.14'") from None
-    return quantization
+    return torchao_module("quantization", "quantization checks")
 
 
 def conv1d_as_linear(model: torch.nn.Module) -> torch.nn.Module:

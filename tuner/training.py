@@ -107,16 +107,21 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     return f"{cls.__module__.split('.')[0]}.optim.{cls.__name__}"
 
 
-def _torchao_optim():
+def torchao_module(name: str, needed_for: str):
+    """`torchao.<name>`, imported quietly, or a TunerError saying what needs it."""
+    import importlib
     import logging
 
     # torchao announces at import each GPU kernel library it cannot load; on CPU that is expected noise.
     logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
-        from torchao import optim
+        return importlib.import_module(f"torchao.{name}")
     except ImportError as err:
-        raise TunerError(f"optimizer settings need torchao ({err}); pip install 'torchao>=0.14'") from None
-    return optim
+        raise TunerError(f"{needed_for} need torchao ({err}); pip install 'torchao>=0.14'") from None
+
+
+def _torchao_optim():
+    return torchao_module("optim", "optimizer settings")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
