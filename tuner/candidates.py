@@ -70,19 +70,34 @@ def key(candidate: dict[str, Any]) -> tuple[int, int | None]:
     return candidate["id"], candidate.get("step")
 
 
-# A robustness limit of the spec's `target`, the checked metric it bounds from below (the forget gap after an
-# attack must stay >= -limit) and what failing it means.
+# A robustness limit of the spec's `target`, the checked metric it bounds from below and what failing it means.
+# The bound is the exact-retrain model's value after the same check when the study has one (the testbed's
+# `yardstick`: a model that never saw the forget set still learns some of it from the attack's half), else 0:
+# the metric must stay >= yardstick - limit.
 LIMITS = (("relearn_limit", "relearn_gap", "relearning brings the forget set back"),
           ("quant_limit", "quant4_gap", "4-bit quantization brings the forget set back"))
+YARDSTICK = "yardstick"  # target key: {metric: the exact-retrain model's value after the same check}
+
+
+def yardstick(exact_retrain: dict[str, Any] | None) -> dict[str, float]:
+    """The exact-retrain model's values the limits are measured from (its relearning attack, stored once)."""
+    relearn = (exact_retrain or {}).get("relearn") or {}
+    return {"relearn_gap": relearn["relearn_gap"]} if relearn.get("relearn_gap") is not None else {}
+
+
+def _bound(target: dict[str, Any], limit: str, metric: str) -> float:
+    return float((target.get(YARDSTICK) or {}).get(metric, 0.0)) - float(target[limit])
 
 
 def check_failures(metrics: dict[str, Any], target: dict[str, Any]) -> list[str]:
     """Why a candidate fails the study's robustness limits (empty: it passes, or was not checked)."""
     out = []
     for limit, metric, meaning in LIMITS:
-        bound, value = target.get(limit), metrics.get(metric)
-        if bound is not None and value is not None and value < -bound:
-            out.append(f"{meaning}: {metric} {value:+.3f} < -{bound:g}")
+        value = metrics.get(metric)
+        if target.get(limit) is not None and value is not None and value < _bound(target, limit, metric):
+            base = (target.get(YARDSTICK) or {}).get(metric)
+            where = f"{base:+.3f} (exact-retrain) - {target[limit]:g}" if base is not None else f"-{target[limit]:g}"
+            out.append(f"{meaning}: {metric} {value:+.3f} < {where}")
     return out
 
 
@@ -96,5 +111,5 @@ def constraint_values(metrics: dict[str, Any], target: dict[str, Any]) -> dict[s
     for limit, metric, _ in LIMITS:
         if target.get(limit) is not None:
             value = metrics.get(metric)
-            values[metric] = 0.0 if value is None else -float(value) - float(target[limit])
+            values[metric] = 0.0 if value is None else _bound(target, limit, metric) - float(value)
     return values

@@ -5,7 +5,7 @@ read what is stored instead of computing them again."""
 
 from __future__ import annotations
 
-from tuner.candidates import candidates, key
+from tuner.candidates import YARDSTICK, candidates, key, yardstick
 from tuner.pareto import front_members
 from tuner.recommend import recommend
 from tuner.store import Store
@@ -17,7 +17,8 @@ def refresh(store: Store, name: str) -> dict:
     objectives = list(study.spec.get("objectives") or [])
     cands = candidates(store.trials(name), store.study_curves(name), objectives, store.study_checks(name))
     store.set_pareto(study.id, {key(c) for members in front_members(cands, objectives).values() for c in members})
-    rec = recommend(cands, study.spec["target"], "mia_auc" in objectives)
+    target = {**study.spec["target"], YARDSTICK: yardstick(study.exact_retrain)}
+    rec = recommend(cands, target, "mia_auc" in objectives)
     store.replace_recommendations(study.id, [(unit, r.get("trial_id"), r) for unit, r in rec["units"].items()]
                                   + [(None, rec["overall"].get("trial_id"), rec["overall"])])
     return rec

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tuner import methods
-from tuner.candidates import CONSTRAINT_PREFIX, constraint_values, objective_values
+from tuner.candidates import CONSTRAINT_PREFIX, YARDSTICK, constraint_values, objective_values, yardstick
 from tuner.data import DataSpec, UnlearnData, build_data
 from tuner.evaluation import full_metrics
 from tuner.memory import STUDY_MAX_WORKERS, device_capacity, model_shape, refusal, run_shape
@@ -152,7 +152,8 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
                                                                                    result.metrics)}
         checked.update(payload["checks"]["metrics"])
     # flat keys, like the objectives: Tune flattens nested results before the searcher sees them
-    constraints = constraint_values(checked, study["target"]) if result.metrics else {}
+    target = {**study["target"], YARDSTICK: yardstick(prepared.get("exact_retrain"))}
+    constraints = constraint_values(checked, target) if result.metrics else {}
     final = {"kind": "final", "status": result.status, "payload": payload, **objective_values(result.metrics, objectives),
              **{f"{CONSTRAINT_PREFIX}{k}": v for k, v in constraints.items()}}
     report(final)
