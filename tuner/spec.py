@@ -115,7 +115,8 @@ class Target(_Strict):
     min_robustness: float = Field(0.5, ge=0, le=1, description="share of succeeding neighbours for 'robust'")
     neighbourhood: float = Field(0.25, gt=0, description="kernel width in hyperparameter space scaled to [0, 1]")
     relearn_limit: float | None = Field(
-        None, gt=0, description="after the relearning attack the forget gap must stay >= -relearn_limit")
+        None, gt=0, description="after the relearning attack the forget gap must stay >= -relearn_limit, measured "
+                                "from the exact-retrain model's gap after the same attack where there is one")
     quant_limit: float | None = Field(
         None, gt=0, description="after 4-bit quantization the forget gap must stay >= -quant_limit")
     candidates: Literal["all", "first_at_target"] = Field(
@@ -232,7 +233,7 @@ class StudySpec(_Strict):
         for name, partial in self.search.items():
             takers = {m: hp for m, space in spaces.items() for hp in space if hp.name == name}
             if not takers:
-                others = [m for m, pairs in methods.declared().items() if m == name for m, _ in pairs]
+                others = [m for m, _ in methods.declared().get(name, [])]
                 where = f"; {', '.join(others)} do" if others else "; no method declares it"
                 raise ValueError(f"search.{name}: no method of this study ({', '.join(self.methods)}) takes "
                                  f"'{name}'{where}")

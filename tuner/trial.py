@@ -191,7 +191,8 @@ def robustness_checks(model: torch.nn.Module, data: UnlearnData, study: dict[str
                       cfg: UnlearnConfig, metrics: dict[str, float]) -> dict[str, Any]:
     """The study's checks of the model as the trial left it (its kept checkpoint)."""
     spec = Robustness.model_validate(study.get("robustness") or {})
-    device, precision = resolve_device(cfg.device), resolve_precision(cfg.precision, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     return check_candidate(model, data, spec.checks, spec.relearn, spec.quantization,
                            (prepared.get("exact_retrain") or {}).get("relearn"), prepared["baseline"],
                            metrics, cfg.seed, device, precision.compute, cfg.eval_batch_size)

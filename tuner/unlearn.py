@@ -22,7 +22,7 @@ from tuner.data import RetainSource, UnlearnData
 from tuner.distributed import Ranks, StepSync, Strategy, backend, inner, restore_weights, shard_model, snapshot_weights
 from tuner.errors import TunerError
 from tuner.evaluation import curve_point, curve_sets, full_metrics
-from tuner.hparams import EPOCHS, LR
+from tuner.hparams import EPOCHS, LR, RETAIN_WEIGHT
 from tuner.lossfn import compile_decoder
 from tuner.memory import GIB, ModelShape, device_capacity, measured_peak, run_shape
 from tuner.memory import plan as memory_plan
@@ -54,8 +54,8 @@ class UnlearnConfig(RunSettings):
     @model_validator(mode="before")
     @classmethod
     def _flat_params(cls, data: Any) -> Any:
-        """Older exports wrote each hyperparameter beside `method` (and λ for every method): those of this
-        method move into `params`, the others were placeholders and are dropped."""
+        """Older exports wrote each hyperparameter beside `method`: they move into `params` (where a knob the
+        method does not take is refused), except λ, which they wrote for every method as a placeholder."""
         if not isinstance(data, dict) or not isinstance(data.get("method"), str):
             return data
         names = methods.declared()
@@ -65,7 +65,7 @@ class UnlearnConfig(RunSettings):
         own = set(methods.get(data["method"]).hyperparameters()) if data["method"] in methods.available() else set()
         params = dict(data.get("params") or {})
         rest = {k: v for k, v in data.items() if k not in names}
-        params.update({k: data[k] for k in flat if k in own and k not in params})
+        params.update({k: data[k] for k in flat if (k in own or k != RETAIN_WEIGHT.name) and k not in params})
         return {**rest, "params": params}
 
     @field_validator("method")
