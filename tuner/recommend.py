@@ -132,6 +132,12 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, float], use_mia
     winners = [i for i in in_band if not failures[i]]
     skipped = [f"skipped trial {finished[i]['number']} step {finished[i].get('step')}: {'; '.join(failures[i])}"
                for i in in_band if failures[i]]
+    # with robustness limits set, a checked candidate that passes them beats one that was never checked
+    limited = [metric for limit, metric, _ in LIMITS if target.get(limit) is not None]
+    checked = [i for i in winners if all(finished[i]["metrics"].get(m) is not None for m in limited)]
+    unchecked = ["not checked against the study's robustness limits (`robustness.when: pareto_at_end` checks "
+                 "every Pareto candidate)"] if limited and winners and not checked else []
+    winners = checked or winners
     if winners:
         solid = [i for i in winners if _solid(robust[i], target)]
         pool = solid or winners
@@ -143,7 +149,7 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, float], use_mia
                   + (f"; {len(skipped)} candidate(s) in the band skipped: they fail a robustness check"
                      if skipped else ""))
         return {"trial_id": row["id"], "status": "recommended", "reason": reason, "robustness": robust[best],
-                "warnings": skipped[:5], "check_failures": [], **base, **_summary(row)}
+                "warnings": unchecked + skipped[:5], "check_failures": [], **base, **_summary(row)}
     if skipped:
         best = min(in_band, key=lambda i: finished[i]["metrics"].get("utility_drop") or 0.0)
         row = finished[best]
