@@ -149,19 +149,19 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, float], use_mia
                   + (f"; {len(skipped)} candidate(s) in the band skipped: they fail a robustness check"
                      if skipped else ""))
         return {"trial_id": row["id"], "status": "recommended", "reason": reason, "robustness": robust[best],
-                "warnings": unchecked + skipped[:5], "check_failures": [], **base, **_summary(row)}
+                "warnings": unchecked + skipped[:5], **base, **_summary(row, target)}
     if skipped:
         best = min(in_band, key=lambda i: finished[i]["metrics"].get("utility_drop") or 0.0)
         row = finished[best]
-        return {"trial_id": row["id"], "status": "closest", "robustness": robust[best], **base, **_summary(row),
+        return {"trial_id": row["id"], "status": "closest", "robustness": robust[best], **base, **_summary(row, target),
                 "reason": f"every candidate in the target band fails a robustness check ({failures[best][0]})",
-                "warnings": skipped[:5], "check_failures": failures[best]}
+                "warnings": skipped[:5]}
     collapsed = [i for i, c in enumerate(classes) if c == "in_band"]
     if collapsed:
         best = min(collapsed, key=lambda i: finished[i]["metrics"].get("utility_drop") or 0.0)
         row = finished[best]
         drop = row["metrics"]["utility_drop"]
-        return {"trial_id": row["id"], "status": "closest", "robustness": robust[best], **base, **_summary(row),
+        return {"trial_id": row["id"], "status": "closest", "robustness": robust[best], **base, **_summary(row, target),
                 "reason": f"reached the target band only by collapsing utility (drop {drop:+.3f} > tolerance "
                           f"{target['utility_tolerance']})",
                 "warnings": [f"utility drop {drop:+.3f} exceeds the tolerance {target['utility_tolerance']}"]}
@@ -175,7 +175,7 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, float], use_mia
         else "over-unlearned: the forget set now looks less likely than unseen text"
     return {"trial_id": row["id"], "status": "closest",
             "reason": f"no trial reached the target band; closest is {why} (gap {row['metrics']['forget_gap']:+.3f})",
-            "robustness": robust[best], **base, **_summary(row)}
+            "robustness": robust[best], **base, **_summary(row, target)}
 
 
 CHECKED = ("relearn_gap", "relearn_drop", "relearn_speed_ratio", "quant4_gap", "quant8_gap", "quant4_utility_drop",
@@ -186,9 +186,9 @@ def _solid(score: float | None, target: dict[str, float]) -> bool:
     return score is not None and score >= target.get("min_robustness", 0.5)
 
 
-def _summary(row: dict[str, Any]) -> dict[str, Any]:
+def _summary(row: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
     return {"number": row["number"], "params": row["params"], "step": row.get("step"),
-            "selected": row.get("selected", True),
+            "selected": row.get("selected", True), "check_failures": check_failures(row["metrics"], target),
             "metrics": {**{k: row["metrics"].get(k) for k in ("forget_gap", "utility_drop", "mia_auc", "forget_nll",
                                                               "unseen_nll", "retain_nll")},
                         **{k: row["metrics"][k] for k in CHECKED if row["metrics"].get(k) is not None}}}
