@@ -162,3 +162,19 @@ def test_the_recommendation_is_stored_with_the_study(tuned):
     front = [r for r in rows if r["pareto"]]
     assert front and all(r["status"] in ("completed", "stopped_at_target") for r in front)
     assert stored["ga"]["status"] == "none" and "diverged" in stored["ga"]["reason"]
+
+
+def test_muse_rule_keeps_each_trials_first_checkpoint_that_reaches_the_band():
+    """`target.candidates: first_at_target` (MUSE's selection): of a trial's checkpoints only the first one in
+    the band competes, even when a later one scores better; by default every checkpoint competes."""
+    def point(step, gap, drop, selected=False):
+        return {"id": 1, "number": 1, "status": "completed", "params": {"lr": 1e-3, "epochs": 2}, "step": step,
+                "selected": selected, "metrics": {"forget_gap": gap, "utility_drop": drop}}
+
+    rows = [point(2, -0.3, 0.05), point(4, -0.04, 0.4), point(6, 0.0, 0.1, selected=True)]
+    assert recommend_unit(rows, TARGET | {"utility_tolerance": 1.0}, use_mia=False)["step"] == 6
+    muse = recommend_unit(rows, TARGET | {"utility_tolerance": 1.0, "candidates": "first_at_target"}, use_mia=False)
+    assert muse["step"] == 4 and muse["n_candidates"] == 1
+    kept_first = [point(2, -0.3, 0.05), point(4, 0.0, 0.4, selected=True), point(6, 0.02, 0.1)]
+    assert recommend_unit(kept_first, TARGET | {"utility_tolerance": 1.0, "candidates": "first_at_target"},
+                          use_mia=False)["step"] == 4

@@ -104,8 +104,7 @@ def selectable(rows: list[dict[str, Any]], target: dict[str, Any]) -> list[dict[
     out, chosen = [], {}
     for r in sorted(rows, key=lambda r: (r["id"], r.get("step") or 0)):
         gap = (r.get("metrics") or {}).get("forget_gap")
-        if r["id"] not in chosen and not r.get("selected", True) and gap is not None \
-                and gap >= -target["gap_tolerance"]:
+        if r["id"] not in chosen and gap is not None and gap >= -target["gap_tolerance"]:
             chosen[r["id"]] = r
     for r in rows:
         first = chosen.get(r["id"])
