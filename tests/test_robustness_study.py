@@ -108,3 +108,24 @@ def test_the_recommender_skips_a_candidate_that_relearns_and_says_why():
     alone = recommend_unit([fragile], target, use_mia=False)
     assert alone["status"] == "closest" and "fails a robustness check" in alone["reason"]
     assert alone["check_failures"]
+
+
+def test_pareto_candidates_are_rechecked_at_the_end(tmp_path, bench, cache_dir):
+    """`robustness.when: pareto_at_end`: no trial checks itself; after the trials every Pareto candidate
+    (trial, step) is re-run to its step and checked, and the checks are stored on that candidate."""
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "pareto-end", "model": "testbed:micro", "methods": ["ga"], "budget": {"trials": 2},
+        "search": {"lr": {"low": 1e-3, "high": 2e-3}, "epochs": {"low": 1, "high": 1}},
+        "robustness": {"when": "pareto_at_end", "checks": ["relearn"], "relearn": {"steps": 2, "lr": 1e-3},
+                       "seeds": 1},
+        "run": {"device": "cpu"}, "target": {"gap_tolerance": 0.3}}))
+    spec, text = load_spec(path)
+    store = Store(f"sqlite:///{tmp_path / 'end.db'}")
+    run_study(spec, text, store)
+    front = {(tid, p["step"]) for tid, points in store.study_curves("pareto-end").items() for p in points
+             if p["pareto"]}
+    checks = store.study_checks("pareto-end")
+    assert front and front <= set(checks)
+    assert all("relearn_gap" in checks[key]["metrics"] and checks[key]["time_s"] > 0 for key in front)
+    assert not [key for key in checks if key not in front]  # nothing else was checked
