@@ -22,6 +22,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tuner import derived
 from tuner.errors import TunerError
 from tuner.spec import StudySpec, load_spec, validate_spec
 from tuner.store import Store
@@ -313,6 +314,7 @@ def exportable(tmp_path):
     metrics = {"forget_gap": 0.01, "utility_drop": 0.1, "mia_auc": 0.5, "forget_nll": 5.0, "unseen_nll": 5.0}
     store.finish_trial(trial, "completed", {"forget_gap": 0.01, "utility_drop": 0.1},
                        {"metrics": metrics, "config": {"method": "ga", "lr": 1e-3, "epochs": 1}})
+    derived.refresh(store, "exp")  # as the study driver does when a trial finishes
     return url
 
 
