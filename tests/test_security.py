@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tuner import derived
 from tuner.errors import TunerError
 from tuner.spec import StudySpec
 from tuner.store import Store
@@ -188,6 +189,7 @@ def test_exports_write_only_where_told(tmp_path, cache_dir):
     store.finish_trial(trial, "completed", {"forget_gap": 0.0, "utility_drop": 0.1},
                        {"metrics": {"forget_gap": 0.0, "utility_drop": 0.1, "mia_auc": 0.5},
                         "config": {"method": "ga", "lr": 1e-3}})
+    derived.refresh(store, "exp")  # as the study driver does when a trial finishes
     work = tmp_path / "work"
     work.mkdir()
     before = sorted(p.name for p in tmp_path.iterdir())
