@@ -580,7 +580,8 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
     except BaseException as err:
         if study_id is not None:
             store.interrupt_running(study_id, "study stopped before the trial finished")
-            derived.refresh(store, spec.name)
+            with contextlib.suppress(Exception):  # the stop's own error is the one to report
+                derived.refresh(store, spec.name)
             store.update_study(study_id, status="interrupted")
         if isinstance(err, KeyboardInterrupt) and not isinstance(err, StudyStopped) and _signals_received:
             raise StudyStopped(_signals_received[-1]) from None
