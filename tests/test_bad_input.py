@@ -50,7 +50,7 @@ def refused(proc, *needles):
 
 def small_spec(**fields) -> dict:
     doc = {"name": "bad-input", "model": "testbed:micro", "methods": ["ga"], "budget": {"trials": 1},
-           "run": {"device": "cpu"}}
+           "robustness": {"when": "off", "seeds": 1}, "run": {"device": "cpu"}}
     doc.update(fields)
     return doc
 

@@ -95,6 +95,7 @@ def spec_file(tmp_path: Path, name: str, trials: int, epochs: tuple[int, int]) -
     path.write_text(yaml.safe_dump({
         "name": name, "model": "testbed:micro", "methods": ["ga_gd"], "retain_sources": ["in_distribution"],
         "budget": {"trials": trials}, "concurrency": 2, "resources": {"cpus": 1},
+        "robustness": {"when": "off", "seeds": 1},
         "search": {"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": epochs[0], "high": epochs[1]}},
         "run": {"device": "cpu", "eval_every": 4}}))
     return path

@@ -42,7 +42,7 @@ def study(tmp_path_factory, bench, cache_dir):
            "retain_sources": ["in_distribution"], "budget": {"trials": 2}, "concurrency": 2,
            "sampler": {"name": "tpe", "n_startup_trials": 1},
            "search": {"lr": {"low": 3e-4, "high": 2e-3}, "epochs": {"low": 1, "high": 2}},
-           "run": {"eval_every": 4, "device": "cpu"}}
+           "robustness": {"seeds": 1}, "run": {"eval_every": 4, "device": "cpu"}}
     path = root / "study.yaml"
     path.write_text(yaml.safe_dump(doc))
     spec, text = load_spec(path)

@@ -30,6 +30,7 @@ def start_study(tmp_path: Path, name: str, trials: int, env: dict[str, str] | No
     spec.write_text(yaml.safe_dump({
         "name": name, "model": "testbed:micro", "methods": ["ga_gd"], "retain_sources": ["in_distribution"],
         "budget": {"trials": trials}, "concurrency": 1, "sampler": {"name": "random"},
+        "robustness": {"when": "off", "seeds": 1},
         "search": {"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 3}},
         "run": {"device": "cpu", "eval_every": 4, **run}}))
     url = f"sqlite:///{tmp_path / 'faults.db'}"

@@ -52,6 +52,7 @@ def test_two_worker_study_survives_a_killed_rank_and_records_world_size(tmp_path
     spec.write_text(yaml.safe_dump({
         "name": "two-ranks", "model": "testbed:micro", "methods": ["ga_gd"], "retain_sources": ["in_distribution"],
         "budget": {"trials": 2}, "concurrency": 1, "sampler": {"name": "random"},
+        "robustness": {"when": "off", "seeds": 1},
         "search": {"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 2}},
         "run": {"device": "cpu", "batch_size": 4, "eval_every": 2, "stop_at_target": False},
         "resources": {"cpus": 0.5, "workers": 2}}))  # 2 x 0.5 CPUs + the trial's token share: fits 2 cores

@@ -54,7 +54,7 @@ def tuned(tmp_path_factory, bench, cache_dir):
         "budget": {"trials": 3}, "sampler": {"name": "tpe", "n_startup_trials": 2},
         "search": {"lr": {"low": 3e-4, "high": 2e-3}, "epochs": {"low": 1, "high": 3}},
         "per_method": {"ga": {"lr": {"low": 1e29, "high": 1e30}}},
-        "run": {"device": "cpu"}, "target": {"gap_tolerance": 0.1}}))
+        "robustness": {"seeds": 1}, "run": {"device": "cpu"}, "target": {"gap_tolerance": 0.1}}))
     spec, text = load_spec(path)
     url = f"sqlite:///{tmp / 'tuned.db'}"
     run_study(spec, text, Store(url))

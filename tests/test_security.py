@@ -35,8 +35,8 @@ def tuner(*args, cache_dir, cwd=None, **env):
 
 def spec_file(tmp_path, **fields) -> Path:
     doc = {"name": "sec", "model": "testbed:micro", "methods": ["ga"], "budget": {"trials": 1},
-           "concurrency": 1, "sampler": {"name": "random"}, "search": {"lr": {"low": 5e-4, "high": 1e-3},
-                                                                        "epochs": {"low": 1, "high": 1}},
+           "robustness": {"when": "off", "seeds": 1}, "concurrency": 1, "sampler": {"name": "random"},
+           "search": {"lr": {"low": 5e-4, "high": 1e-3}, "epochs": {"low": 1, "high": 1}},
            "run": {"device": "cpu", "eval_every": 4}}
     doc.update(fields)
     path = tmp_path / "study.yaml"

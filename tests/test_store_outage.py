@@ -72,6 +72,7 @@ def test_a_study_rides_out_a_database_restart(tmp_path, cache_dir, bench, postgr
     spec.write_text(yaml.safe_dump({
         "name": "outage", "model": "testbed:micro", "methods": ["ga_gd"], "retain_sources": ["in_distribution"],
         "budget": {"trials": 2}, "concurrency": 1, "sampler": {"name": "random"},
+        "robustness": {"when": "off", "seeds": 1},
         "search": {"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 3}},
         "run": {"device": "cpu", "eval_every": 2}}))
     proc = subprocess.Popen([TUNER, "study", "run", str(spec), "--storage", postgres.url],

@@ -24,6 +24,7 @@ TUNER = str(Path(sys.executable).with_name("tuner"))
 def write_spec(tmp_path, **fields):
     doc = {"name": "s", "model": "testbed:micro", "methods": ["ga", "ga_gd"], "retain_sources": ["in_distribution"],
            "budget": {"trials": 2}, "concurrency": 2, "sampler": {"name": "tpe", "n_startup_trials": 1},
+           "robustness": {"when": "off", "seeds": 1},
            "search": {"lr": {"low": 3e-4, "high": 2e-3}, "epochs": {"low": 1, "high": 2}},
            "run": {"eval_every": 4, "device": "cpu"}}
     doc.update(fields)
