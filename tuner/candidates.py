@@ -1,7 +1,7 @@
 """Every evaluated checkpoint of a trial is a candidate: the trial's hyperparameters stopped at that step.
 
 A trial evaluates a curve of points as it runs; each point with a forget gap and a utility drop is a setting
-a model owner can ship (`tuner export --trial N --step S`, applied with `run.stop_step`). The Pareto front and
+a model owner can ship (`tuner export --trial N --step S`, applied with `end_step`). The Pareto front and
 the recommender take these candidates, not only each trial's selected checkpoint. The selected checkpoint
 carries the trial's full final metrics (MIA and every utility block); the other points carry what the curve
 measured.
@@ -17,24 +17,25 @@ OK_STATUSES = ("completed", "stopped_at_target")
 CURVE_METRICS = ("forget_gap", "forget_nll", "unseen_nll", "retain_nll", "general_nll")
 
 
+def objective(name: str, value: float) -> float:
+    """What the sampler minimises for a metric: the distance to the approximate-retraining point (|forget
+    gap|), the utility drop, the MIA AUC's distance from 0.5."""
+    return float(abs(value) if name == "forget_gap" else abs(value - 0.5) if name == "mia_auc" else value)
+
+
 def objective_values(metrics: dict[str, float] | None, objectives: Iterable[str]) -> dict[str, float]:
-    """What the sampler minimises: distance to the approximate-retraining point, utility drop, and the MIA
-    AUC's distance from 0.5. A trial without metrics (diverged) gets +inf on every objective."""
+    """A trial's objectives as it reports them to Tune (`obj_` keys); a trial without metrics (diverged) gets
+    +inf on every objective, one without an MIA or utility figure the neutral value."""
     if not metrics:
         return {f"obj_{name}": math.inf for name in objectives}
-    values = {"forget_gap": abs(metrics["forget_gap"]), "utility_drop": metrics.get("utility_drop", 0.0),
-              "mia_auc": abs(metrics.get("mia_auc", 0.5) - 0.5)}
-    return {f"obj_{name}": float(values[name]) for name in objectives}
+    neutral = {"utility_drop": 0.0, "mia_auc": 0.5}
+    return {f"obj_{name}": objective(name, metrics.get(name, neutral.get(name))) for name in objectives}
 
 
 def _measured_objectives(metrics: dict[str, float | None], objectives: Iterable[str]) -> dict[str, float]:
     """A mid-run checkpoint's objective values, only for what its curve point measured (no MIA there)."""
-    out = {}
-    for name in objectives:
-        value = metrics.get(name)
-        if value is not None and math.isfinite(value):
-            out[name] = abs(value - 0.5) if name == "mia_auc" else abs(value) if name == "forget_gap" else value
-    return out
+    return {name: objective(name, metrics[name]) for name in objectives
+            if metrics.get(name) is not None and math.isfinite(metrics[name])}
 
 
 def candidates(rows: list[dict[str, Any]], curves: dict[int, list[dict[str, Any]]], objectives: list[str],
