@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from dashboards import queries
 from tuner import methods
 from tuner.hparams import LR, RETAIN_WEIGHT, SHARED, Hyperparameter
 from tuner.recommend import OK_STATUSES, outcome, succeeded
@@ -248,7 +247,7 @@ def load_study(store: Store, name: str, curves: bool = True, recommend: bool = T
                      spec=spec, target=target, objectives=objectives, baseline=study.baseline,
                      exact_retrain=study.exact_retrain, data_summary=study.data_summary, versions=study.versions,
                      created_at=study.created_at, updated_at=study.updated_at, rows=rows, units=units,
-                     curves=queries.study_curves(store, study.id) if curves else {},
+                     curves=store.study_curves(study.id) if curves else {},
                      recommendation=recommendation, recommendation_note=note, checks=checks)
     for tid in data.recommended_ids().values():
         row = data.row(tid)

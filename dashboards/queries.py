@@ -7,20 +7,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from tuner.store import CURVE_KEYS, Store
+from tuner.store import Store
 from tuner.store.schema import Check, CurvePoint, Search, Study, Trial
-
-
-def study_curves(store: Store, study_id: int) -> dict[int, list[dict[str, Any]]]:
-    """Every trial's unlearning curve of one study in a single query: {trial id: [points by step]}."""
-    columns = [CurvePoint.trial_id, CurvePoint.step, *(getattr(CurvePoint, k) for k in CURVE_KEYS)]
-    query = (select(*columns).join(Trial, Trial.id == CurvePoint.trial_id).join(Search, Search.id == Trial.search_id)
-             .where(Search.study_id == study_id).order_by(CurvePoint.trial_id, CurvePoint.step))
-    out: dict[int, list[dict[str, Any]]] = {}
-    with store.sessions() as s:
-        for row in s.execute(query):
-            out.setdefault(row[0], []).append({"step": row[1], **dict(zip(CURVE_KEYS, row[2:], strict=True))})
-    return out
 
 
 def trial_curve(store: Store, trial_id: int) -> list[dict[str, Any]]:

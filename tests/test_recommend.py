@@ -94,7 +94,7 @@ def test_the_pareto_front_is_made_of_candidates_and_a_mid_run_one_reproduces(tun
     trial did not keep, exported and applied, ends at that step with that step's metrics."""
     tmp, url = tuned
     store = Store(url)
-    curves = store.study_curves("tuned")
+    curves = store.study_curves(store.study("tuned").id)
     rows = {r["id"]: r for r in store.trials("tuned") if r["unit"] == "ga_gd@in_distribution"}
     front = [(tid, p["step"]) for tid in rows for p in curves.get(tid, []) if p["pareto"]]
     assert front and all(rows[tid]["pareto"] for tid, _ in front)

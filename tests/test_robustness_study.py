@@ -123,7 +123,7 @@ def test_pareto_candidates_are_rechecked_at_the_end(tmp_path, bench, cache_dir):
     spec, text = load_spec(path)
     store = Store(f"sqlite:///{tmp_path / 'end.db'}")
     run_study(spec, text, store)
-    front = {(tid, p["step"]) for tid, points in store.study_curves("pareto-end").items() for p in points
+    front = {(tid, p["step"]) for tid, points in store.study_curves(store.study("pareto-end").id).items() for p in points
              if p["pareto"]}
     checks = store.study_checks("pareto-end")
     assert front and front <= set(checks)

@@ -15,7 +15,7 @@ def refresh(store: Store, name: str) -> dict:
     """Derive the study's Pareto flags and recommendation from its stored trials and curves; store both."""
     study = store.study(name)
     objectives = list(study.spec.get("objectives") or [])
-    cands = candidates(store.trials(name), store.study_curves(name), objectives, store.study_checks(name))
+    cands = candidates(store.trials(name), store.study_curves(study.id), objectives, store.study_checks(name))
     store.set_pareto(study.id, {key(c) for members in front_members(cands, objectives).values() for c in members})
     target = {**study.spec["target"], YARDSTICK: yardstick(study.exact_retrain)}
     rec = recommend(cands, target, "mia_auc" in objectives)

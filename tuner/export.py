@@ -60,13 +60,13 @@ def _spread(rows: list[dict[str, Any]], chosen: dict[str, Any], radius: float) -
     return out
 
 
-def _candidate(store: Store, name: str, rows: list[dict[str, Any]], trial_id: int, step: int | None
+def _candidate(store: Store, study: Any, rows: list[dict[str, Any]], trial_id: int, step: int | None
                ) -> dict[str, Any]:
     """One candidate of the study: trial `trial_id` (its id, as `study show` and the dashboards list it) at
     `step` (default: its selected checkpoint)."""
-    objectives = store.study(name).spec.get("objectives") or []
-    mine = candidates([r for r in rows if r["id"] == trial_id], store.study_curves(name), objectives,
-                      store.study_checks(name))
+    name = study.name
+    mine = candidates([r for r in rows if r["id"] == trial_id], store.study_curves(study.id),
+                      study.spec.get("objectives") or [], store.study_checks(name))
     if not mine:
         raise TunerError(f"study '{name}' has no trial with id {trial_id} (ids are in `tuner study show {name}`)")
     if mine[0]["status"] not in OK_STATUSES:
@@ -86,7 +86,7 @@ def build_export(store: Store, name: str, method: str | None = None, trial: int 
     study = store.study(name)
     all_rows = store.trials(name)
     if trial is not None:
-        chosen = _candidate(store, name, all_rows, trial, step)
+        chosen = _candidate(store, study, all_rows, trial, step)
         rec = {"status": "chosen", "reason": f"chosen by the user: trial {trial} at step {chosen['step']}",
                "trial_id": trial, "step": chosen["step"]}
         unit = chosen["unit"]
@@ -96,7 +96,7 @@ def build_export(store: Store, name: str, method: str | None = None, trial: int 
             raise TunerError(f"study '{name}': no recommendation is stored yet (no trial has finished; "
                              f"`tuner study resume {name}` runs the rest)")
         unit, rec = _pick(recommendation, method, name)
-        chosen = _candidate(store, name, all_rows, rec["trial_id"], rec.get("step"))
+        chosen = _candidate(store, study, all_rows, rec["trial_id"], rec.get("step"))
     rows = [r for r in all_rows if r["unit"] == unit]
     config = dict(chosen["result"].get("config") or {})
     config["device"] = "auto"  # where it runs next is the user's choice; the tuned device is in provenance

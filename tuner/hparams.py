@@ -122,8 +122,3 @@ def complete(declared: Iterable[Hyperparameter], given: Mapping[str, Any], owner
             raise ValueError(f"{owner}: {problem}")
         out[name] = value
     return out
-
-
-def coordinates(declared: Iterable[Hyperparameter], params: Mapping[str, Any]) -> list[float]:
-    """A setting as a point on the declared axes (None-free: absent values take the default)."""
-    return [hp.coordinate(params.get(hp.name, hp.default)) for hp in declared]

@@ -36,7 +36,7 @@ def pending(spec: StudySpec, store: Store) -> list[dict[str, Any]]:
     jobs: list[dict[str, Any]] = []
     robust = spec.robustness
     if robust.when == "pareto_at_end" and robust.checks:
-        for trial_id, points in store.study_curves(spec.name).items():
+        for trial_id, points in store.study_curves(store.study(spec.name).id).items():
             for point in points:
                 key = (trial_id, point["step"])
                 if point["pareto"] and not (checks.get(key) or {}).get("metrics") and \
@@ -92,6 +92,6 @@ def _candidate_metrics(store: Store, spec: StudySpec, row: dict[str, Any], step:
     """The candidate's own metrics, the first of the seed runs."""
     from tuner.candidates import candidates
 
-    found = [c for c in candidates([row], store.study_curves(spec.name), list(spec.objectives))
+    found = [c for c in candidates([row], store.study_curves(store.study(spec.name).id), list(spec.objectives))
              if c["step"] == step]
     return found[0]["metrics"] if found else row["metrics"]

@@ -19,7 +19,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.util import CommandError
-from sqlalchemy import create_engine, delete, event, func, inspect, select, text, update
+from sqlalchemy import create_engine, delete, event, func, inspect, select, text, tuple_, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import selectinload, sessionmaker
@@ -387,18 +387,15 @@ class Store:
             searches = select(Search.id).where(Search.study_id == study_id)
             s.execute(update(Trial).where(Trial.search_id.in_(searches)).values(pareto=Trial.id.in_(trial_ids)))
             trials = select(Trial.id).where(Trial.search_id.in_(searches))
-            s.execute(update(CurvePoint).where(CurvePoint.trial_id.in_(trials)).values(pareto=False))
-            for trial_id, step in front:
-                if step is not None:
-                    s.execute(update(CurvePoint).where(CurvePoint.trial_id == trial_id, CurvePoint.step == step)
-                              .values(pareto=True))
+            points = sorted((t, step) for t, step in front if step is not None) or [(-1, -1)]
+            s.execute(update(CurvePoint).where(CurvePoint.trial_id.in_(trials))
+                      .values(pareto=tuple_(CurvePoint.trial_id, CurvePoint.step).in_(points)))
 
-    def study_curves(self, study_name: str) -> dict[int, list[dict[str, Any]]]:
+    def study_curves(self, study_id: int) -> dict[int, list[dict[str, Any]]]:
         """Every trial's curve of one study in one query: {trial id: [points by step, with their flag]}."""
-        study = self.study(study_name)
         columns = [CurvePoint.trial_id, CurvePoint.step, CurvePoint.pareto, *(getattr(CurvePoint, k) for k in CURVE_KEYS)]
         query = (select(*columns).join(Trial, Trial.id == CurvePoint.trial_id)
-                 .join(Search, Search.id == Trial.search_id).where(Search.study_id == study.id)
+                 .join(Search, Search.id == Trial.search_id).where(Search.study_id == study_id)
                  .order_by(CurvePoint.trial_id, CurvePoint.step))
         out: dict[int, list[dict[str, Any]]] = {}
         with self.sessions() as s:
