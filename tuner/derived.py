@@ -5,9 +5,10 @@ read what is stored instead of computing them again."""
 
 from __future__ import annotations
 
-from tuner.candidates import YARDSTICK, candidates, key, yardstick
+from tuner.candidates import candidates, key
 from tuner.pareto import front_members
 from tuner.recommend import recommend
+from tuner.spec import Target
 from tuner.store import Store
 
 
@@ -17,7 +18,7 @@ def refresh(store: Store, name: str) -> dict:
     objectives = list(study.spec.get("objectives") or [])
     cands = candidates(store.trials(name), store.study_curves(study.id), objectives, store.study_checks(name))
     store.set_pareto(study.id, {key(c) for members in front_members(cands, objectives).values() for c in members})
-    target = {**study.spec["target"], YARDSTICK: yardstick(study.exact_retrain)}
+    target = Target.model_validate(study.spec["target"]).rule(study.exact_retrain)
     rec = recommend(cands, target, "mia_auc" in objectives)
     store.replace_recommendations(study.id, [(unit, r.get("trial_id"), r) for unit, r in rec["units"].items()]
                                   + [(None, rec["overall"].get("trial_id"), rec["overall"])])

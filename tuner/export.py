@@ -4,6 +4,7 @@ the run settings, the metrics to expect with their spread over nearby trials, an
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -15,6 +16,7 @@ import yaml
 from tuner.candidates import OK_STATUSES, candidates
 from tuner.errors import TunerError
 from tuner.recommend import scaled_params
+from tuner.spec import Target
 from tuner.store import Store
 
 FORMAT = "unlearn-tuner/recommendation@2"  # @2: the hyperparameters under config.params (@1 files still apply)
@@ -36,9 +38,13 @@ def _pick(recommendation: dict[str, Any], method: str | None, study: str) -> tup
         reasons = "; ".join(f"{u}: {r['reason']}" for u, r in units.items())
         raise TunerError(f"method '{method}' has no finished trials to export in study '{study}' ({reasons})")
     order = {"recommended": 0, "closest": 1}
-    unit = min(usable, key=lambda u: (order.get(usable[u]["status"], 2),
-                                      usable[u]["metrics"].get("utility_drop") or 0.0))
+    unit = min(usable, key=lambda u: (order.get(usable[u]["status"], 2), _or_inf(usable[u]["metrics"].get("utility_drop"))))
     return unit, usable[unit]
+
+
+def _or_inf(value: float | None) -> float:
+    """A missing figure ranks last, never as 0."""
+    return math.inf if value is None else value
 
 
 def _spread(rows: list[dict[str, Any]], chosen: dict[str, Any], radius: float) -> dict[str, dict[str, float]]:
@@ -116,7 +122,8 @@ def build_export(store: Store, name: str, method: str | None = None, trial: int 
         "success_rate": rec.get("success_rate"),
         "warnings": rec.get("warnings", []),
         "config": config,
-        "expected": _spread(rows, chosen, study.spec["target"].get("neighbourhood", 0.25)),
+        "expected": _spread(rows, chosen, Target.model_validate(study.spec["target"]).neighbourhood),
+        "measured": _measured(chosen),
         "exact_retrain_forget_nll": (study.exact_retrain or {}).get("forget_nll"),
         "provenance": {
             "study": name, "trial_id": chosen["id"], "trial_number": chosen["number"], "step": chosen["step"],
@@ -127,6 +134,19 @@ def build_export(store: Store, name: str, method: str | None = None, trial: int 
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     }
+
+
+def _measured(chosen: dict[str, Any]) -> dict[str, Any]:
+    """How the expected figures were measured: in full at the trial's selected checkpoint, in full by a
+    confirmation re-run (with the curve's estimate it replaced), or only as the curve estimated them."""
+    how = chosen.get("measured", "full")
+    out: dict[str, Any] = {"how": how}
+    if how in ("confirmed", "unconfirmed"):
+        out["estimate_replaced"] = {k: v for k, v in (chosen.get("estimate") or {}).items() if k in EXPECTED}
+    if how == "estimate":
+        out["estimated"] = list(chosen.get("estimated") or [])
+        out["not_measured"] = [k for k in EXPECTED if chosen["metrics"].get(k) is None]
+    return out
 
 
 def render(doc: dict[str, Any], fmt: str) -> str:

@@ -18,6 +18,7 @@ finish and stores the result (`tuner.derived`); every view reads what was stored
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -47,10 +48,23 @@ def outcome(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> str
     return "in_band"
 
 
-def succeeded(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> bool:
-    """In the target band without collapsing: the utility drop stays within `utility_tolerance`."""
-    drop = (row.get("metrics") or {}).get("utility_drop")
-    return outcome(row, target, use_mia) == "in_band" and (drop is None or drop <= target["utility_tolerance"])
+def succeeded(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> bool | None:
+    """In the target band without collapsing: the utility drop stays within `utility_tolerance` (and the MIA
+    AUC within `mia_tolerance` when it is an objective). None when the row is in the band by its forget gap
+    but lacks a figure the rule needs: a missing figure is neither a success nor a failure."""
+    if outcome(row, target, use_mia) != "in_band":
+        return False
+    metrics = row.get("metrics") or {}
+    if missing(row, use_mia):
+        return None
+    return metrics["utility_drop"] <= target["utility_tolerance"]
+
+
+def missing(row: dict[str, Any], use_mia: bool) -> list[str]:
+    """The figures the rule needs that this candidate does not have (mid-run points carry no MIA, and
+    utility only at some points)."""
+    needed = ("forget_gap", "utility_drop") + (("mia_auc",) if use_mia else ())
+    return [name for name in needed if (row.get("metrics") or {}).get(name) is None]
 
 
 def axes(rows: list[dict[str, Any]]) -> list[Hyperparameter]:
@@ -70,8 +84,9 @@ def scaled_params(rows: list[dict[str, Any]]) -> list[list[float]]:
     return [[(v - lo) / s for v, lo, s in zip(row, lows, spans, strict=True)] for row in raw]
 
 
-def robustness(rows: list[dict[str, Any]], success: list[bool], bandwidth: float) -> list[float | None]:
+def robustness(rows: list[dict[str, Any]], success: list[bool | None], bandwidth: float) -> list[float | None]:
     """Kernel-weighted share of *other* trials' candidates nearby that also succeed; None with none.
+    Candidates whose success is unknown (a figure missing) count neither way.
 
     All pairs at once with numpy: the dashboards recompute it on every load, and pure-Python pairs took most
     of a 2000-trial page's server time."""
@@ -85,12 +100,13 @@ def robustness(rows: list[dict[str, Any]], success: list[bool], bandwidth: float
     weights = np.exp(-squared / (2 * bandwidth ** 2))
     trial = np.array([r["id"] for r in rows])
     weights[trial[:, None] == trial[None, :]] = 0.0  # a trial's own checkpoints (and itself) are no neighbours
-    num = weights @ np.asarray(success, dtype=float)
+    weights[:, np.array([ok is None for ok in success], dtype=bool)] = 0.0
+    num = weights @ np.array([bool(ok) for ok in success], dtype=float)
     den = weights.sum(axis=1)
     return [float(n / d) if d > 1e-9 else None for n, d in zip(num, den, strict=True)]
 
 
-def window_width(rows: list[dict[str, Any]], success: list[bool]) -> float:
+def window_width(rows: list[dict[str, Any]], success: list[bool | None]) -> float:
     """Width of the success window in decades of learning rate (0 for a single success)."""
     lrs = [LR.coordinate(r["params"][LR.name]) for r, ok in zip(rows, success, strict=True) if ok]
     return max(lrs) - min(lrs) if lrs else 0.0
@@ -113,68 +129,118 @@ def selectable(rows: list[dict[str, Any]], target: dict[str, Any]) -> list[dict[
     return out
 
 
-def recommend_unit(rows: list[dict[str, Any]], target: dict[str, float], use_mia: bool) -> dict[str, Any]:
-    """The unit's pick among its candidates (rows of `tuner.candidates.candidates`, or plain trial rows)."""
+def _confirmable(row: dict[str, Any]) -> bool:
+    return row.get("measured", "full") == "estimate"
+
+
+def _full(row: dict[str, Any]) -> bool:
+    """Measured in full: a selected checkpoint, or a mid-run one that a confirmation re-ran and scored."""
+    return row.get("measured", "full") in ("full", "confirmed")
+
+
+def recommend_unit(rows: list[dict[str, Any]], target: dict[str, Any], use_mia: bool) -> dict[str, Any]:
+    """The unit's pick among its candidates (rows of `tuner.candidates.candidates`, or plain trial rows).
+
+    Only candidates measured in full can be recommended. A mid-run candidate (an estimate) that would beat
+    the best full one is listed under `confirm`, best first, one at a time while the unit's confirmation
+    budget (`target.confirmations`) lasts: the study driver re-runs it to its step, scores it in full and
+    derives again (`tuner.rechecks`). Once the budget is spent, estimates are left out, and the reason says so."""
     finished = selectable([r for r in rows if r["status"] not in ("running", "interrupted")], target)
     if not finished:
         return {"trial_id": None, "status": "none", "reason": "no finished trials", "robustness": None,
-                "window_width": 0.0, "success_rate": 0.0, "n_trials": 0}
+                "window_width": 0.0, "success_rate": 0.0, "n_trials": 0, "confirm": []}
     classes = [outcome(r, target, use_mia) for r in finished]
     success = [succeeded(r, target, use_mia) for r in finished]
     robust = robustness(finished, success, target.get("neighbourhood", 0.25))
     trials = [i for i, r in enumerate(finished) if r.get("selected", True)]  # one per trial, for the rates
     base = {"window_width": window_width([finished[i] for i in trials], [success[i] for i in trials]),
-            "success_rate": sum(success[i] for i in trials) / len(trials) if trials else 0.0,
-            "n_trials": len(trials), "n_candidates": len(finished)}
-    in_band = [i for i, ok in enumerate(success) if ok]
-    failures = {i: check_failures(finished[i]["metrics"], target) for i in in_band}
-    winners = [i for i in in_band if not failures[i]]
-    skipped = [f"skipped trial {finished[i]['number']} step {finished[i].get('step')}: {'; '.join(failures[i])}"
-               for i in in_band if failures[i]]
-    # with robustness limits set, a checked candidate that passes them beats one that was never checked
+            "success_rate": sum(bool(success[i]) for i in trials) / len(trials) if trials else 0.0,
+            "n_trials": len(trials), "n_candidates": len(finished), "confirm": []}
+    failures = {i: check_failures(finished[i]["metrics"], target) for i in range(len(finished))}
     limited = [metric for limit, metric, _ in LIMITS if target.get(limit) is not None]
-    checked = [i for i in winners if all(finished[i]["metrics"].get(m) is not None for m in limited)]
-    unchecked = ["not checked against the study's robustness limits (`robustness.when: pareto_at_end` checks "
-                 "every Pareto candidate)"] if limited and winners and not checked else []
-    winners = checked or winners
-    if winners:
-        solid = [i for i in winners if _solid(robust[i], target)]
-        pool = solid or winners
-        best = min(pool, key=lambda i: (finished[i]["metrics"].get("utility_drop") or 0.0, finished[i]["id"],
-                                        finished[i].get("step") or 0))
+
+    def rank(i: int) -> tuple:
+        """A candidate checked against the study's robustness limits before an unchecked one, then robust
+        first, then the smallest utility drop (an unmeasured one last)."""
+        drop = finished[i]["metrics"].get("utility_drop")
+        checked = all(finished[i]["metrics"].get(m) is not None for m in limited)
+        return (not checked, not _solid(robust[i], target), math.inf if drop is None else drop,
+                finished[i]["id"], finished[i].get("step") or 0)
+
+    hopeful = [i for i, c in enumerate(classes) if c == "in_band" and success[i] is not False and not failures[i]]
+    winners = [i for i in hopeful if success[i] and _full(finished[i])]
+    best = min(winners, key=rank) if winners else None
+    # an estimate that would beat the best full measurement, or one whose figures are missing (it might)
+    contenders = sorted((i for i in hopeful if _confirmable(finished[i])
+                         and (best is None or success[i] is None or rank(i) < rank(best))), key=rank)
+    used = sum(1 for r in finished if r.get("measured") in ("confirmed", "unconfirmed"))
+    budget = int(target.get("confirmations", 0))
+    notes = [f"trial {r['number']} step {r.get('step')}: confirmation failed ({r.get('reason')})"
+             for r in finished if r.get("measured") == "unconfirmed"]
+    if contenders and used < budget:
+        base["confirm"] = [{"trial_id": finished[i]["id"], "step": finished[i].get("step"),
+                            "missing": missing(finished[i], use_mia),
+                            "estimated": finished[i].get("estimated", [])} for i in contenders[:1]]
+    elif contenders:
+        notes.append(f"{len(contenders)} mid-run candidate(s) that might do better were left out: their figures "
+                     f"were not measured in full and the unit's confirmation budget ({budget}, "
+                     "target.confirmations) is spent")
+    skipped = [f"skipped trial {finished[i]['number']} step {finished[i].get('step')}: {'; '.join(failures[i])}"
+               for i, c in enumerate(classes) if c == "in_band" and success[i] and failures[i]]
+    if best is not None:
         row = finished[best]
+        solid = _solid(robust[best], target)
+        checked = all(row["metrics"].get(m) is not None for m in limited)
         reason = (f"in the target band (gap {row['metrics']['forget_gap']:+.3f}) with the smallest utility drop "
                   + ("among robust settings" if solid else "(no setting had succeeding neighbours: not robust)")
+                  + (f"; measured in full by re-running trial {row['number']} to step {row.get('step')}"
+                     if row.get("measured") == "confirmed" else "")
                   + (f"; {len(skipped)} candidate(s) in the band skipped: they fail a robustness check"
                      if skipped else ""))
+        unchecked = [] if checked or not limited else [
+            "not checked against the study's robustness limits (`robustness.when: pareto_at_end` checks every "
+            "Pareto candidate)"]
         return {"trial_id": row["id"], "status": "recommended", "reason": reason, "robustness": robust[best],
-                "warnings": unchecked + skipped[:5], **base, **_summary(row, target)}
-    if skipped:
-        best = min(in_band, key=lambda i: finished[i]["metrics"].get("utility_drop") or 0.0)
-        row = finished[best]
-        return {"trial_id": row["id"], "status": "closest", "robustness": robust[best], **base, **_summary(row, target),
-                "reason": f"every candidate in the target band fails a robustness check ({failures[best][0]})",
-                "warnings": skipped[:5]}
-    collapsed = [i for i, c in enumerate(classes) if c == "in_band"]
+                "warnings": unchecked + skipped[:5] + notes, **base, **_summary(row, target)}
+    if base["confirm"]:
+        pick = base["confirm"][0]
+        return {"trial_id": None, "status": "to_confirm", "robustness": None, **base, "warnings": notes,
+                "reason": f"awaiting the confirmation of trial {finished[contenders[0]]['number']} step "
+                          f"{pick['step']}: its figures are estimates until it is re-run and scored in full"}
+    measured = [i for i in range(len(finished)) if _full(finished[i])]
+    failing = [i for i in measured if classes[i] == "in_band" and success[i] and failures[i]]
+    if failing:
+        pick_i = min(failing, key=rank)
+        row = finished[pick_i]
+        return {"trial_id": row["id"], "status": "closest", "robustness": robust[pick_i], **base,
+                **_summary(row, target), "warnings": skipped[:5] + notes,
+                "reason": f"every candidate in the target band fails a robustness check ({failures[pick_i][0]})"}
+    collapsed = [i for i in measured if classes[i] == "in_band" and success[i] is False]
     if collapsed:
-        best = min(collapsed, key=lambda i: finished[i]["metrics"].get("utility_drop") or 0.0)
-        row = finished[best]
+        pick_i = min(collapsed, key=rank)
+        row = finished[pick_i]
         drop = row["metrics"]["utility_drop"]
-        return {"trial_id": row["id"], "status": "closest", "robustness": robust[best], **base, **_summary(row, target),
+        return {"trial_id": row["id"], "status": "closest", "robustness": robust[pick_i], **base,
+                **_summary(row, target),
                 "reason": f"reached the target band only by collapsing utility (drop {drop:+.3f} > tolerance "
                           f"{target['utility_tolerance']})",
-                "warnings": [f"utility drop {drop:+.3f} exceeds the tolerance {target['utility_tolerance']}"]}
-    usable = [i for i, c in enumerate(classes) if c in ("remembered", "over_unlearned")]
+                "warnings": [f"utility drop {drop:+.3f} exceeds the tolerance {target['utility_tolerance']}"] + notes}
+    usable = [i for i in measured if classes[i] in ("remembered", "over_unlearned", "in_band")]
     if not usable:
-        return {"trial_id": None, "status": "none", "reason": "every trial diverged or failed",
-                "robustness": None, **base}
-    best = min(usable, key=lambda i: abs(finished[i]["metrics"]["forget_gap"]))
-    row = finished[best]
-    why = "under-unlearned: the forget set is still remembered" if classes[best] == "remembered" \
-        else "over-unlearned: the forget set now looks less likely than unseen text"
-    return {"trial_id": row["id"], "status": "closest",
-            "reason": f"no trial reached the target band; closest is {why} (gap {row['metrics']['forget_gap']:+.3f})",
-            "robustness": robust[best], **base, **_summary(row, target)}
+        why = "every trial diverged or failed" if not notes else "no candidate was measured in full"
+        return {"trial_id": None, "status": "none", "reason": why, "robustness": None, "warnings": notes, **base}
+    pick_i = min(usable, key=lambda i: abs(finished[i]["metrics"]["forget_gap"]))
+    row = finished[pick_i]
+    if classes[pick_i] == "in_band":
+        why = (f"in the target band (gap {row['metrics']['forget_gap']:+.3f}) but its "
+               f"{', '.join(missing(row, use_mia))} was not measured")
+    else:
+        why = ("no trial reached the target band; closest is "
+               + ("under-unlearned: the forget set is still remembered" if classes[pick_i] == "remembered"
+                  else "over-unlearned: the forget set now looks less likely than unseen text")
+               + f" (gap {row['metrics']['forget_gap']:+.3f})")
+    return {"trial_id": row["id"], "status": "closest", "reason": why, "robustness": robust[pick_i],
+            "warnings": notes, **base, **_summary(row, target)}
 
 
 CHECKED = ("relearn_gap", "relearn_drop", "relearn_speed_ratio", "quant4_gap", "quant8_gap", "quant4_utility_drop",
@@ -187,7 +253,8 @@ def _solid(score: float | None, target: dict[str, float]) -> bool:
 
 def _summary(row: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
     return {"number": row["number"], "params": row["params"], "step": row.get("step"),
-            "selected": row.get("selected", True), "check_failures": check_failures(row["metrics"], target),
+            "selected": row.get("selected", True), "measured": row.get("measured", "full"),
+            "estimate": row.get("estimate"), "check_failures": check_failures(row["metrics"], target),
             "metrics": {**{k: row["metrics"].get(k) for k in ("forget_gap", "utility_drop", "mia_auc", "forget_nll",
                                                               "unseen_nll", "retain_nll")},
                         **{k: row["metrics"][k] for k in CHECKED if row["metrics"].get(k) is not None}}}
@@ -203,7 +270,7 @@ def recommend(rows: list[dict[str, Any]], target: dict[str, float], use_mia: boo
     if picks:
         def key(item):
             rec = item[1]
-            return (not _solid(rec["robustness"], target), rec["metrics"].get("utility_drop") or 0.0)
+            return (not _solid(rec["robustness"], target), rec["metrics"]["utility_drop"])
 
         unit, rec = min(picks, key=key)
         overall = {"unit": unit, **rec}

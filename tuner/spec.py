@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuner import methods
+from tuner.candidates import YARDSTICK, yardstick
 from tuner.data import DataSpec, RetainSource
 from tuner.errors import TunerError, describe_validation_error, one_line
 from tuner.hparams import Hyperparameter
@@ -122,6 +123,15 @@ class Target(_Strict):
     candidates: Literal["all", "first_at_target"] = Field(
         "all", description="all: every evaluated checkpoint competes; first_at_target: per trial only the first "
                            "checkpoint whose forget gap reaches the band (MUSE's selection rule)")
+    confirmations: int = Field(
+        3, ge=0, le=20, description="per search unit, re-runs that score a mid-run candidate in full before it "
+                                    "can be recommended (its curve point measured utility on a subsample or "
+                                    "not at all, and no MIA); 0: only selected checkpoints can be recommended")
+
+    def rule(self, exact_retrain: dict | None = None) -> dict:
+        """The recommender's view of the target: every field (defaults filled in, also for specs stored by
+        older versions) and the exact-retrain model's values the robustness limits are measured from."""
+        return {**self.model_dump(), YARDSTICK: yardstick(exact_retrain)}
 
 
 class Robustness(_Strict):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tuner import methods
-from tuner.candidates import CONSTRAINT_PREFIX, YARDSTICK, constraint_values, objective_values, yardstick
+from tuner.candidates import CONSTRAINT_PREFIX, constraint_values, objective_values
 from tuner.data import DataSpec, UnlearnData, build_data
 from tuner.evaluation import full_metrics
 from tuner.memory import STUDY_MAX_WORKERS, device_capacity, model_shape, refusal, run_shape
@@ -28,7 +28,7 @@ from tuner.models import Workbench, fingerprint, load, resolve
 from tuner.precision import PrecisionPlan, resolve_precision
 from tuner.robustness import check_candidate, retrain_relearning
 from tuner.settings import RunSettings
-from tuner.spec import Robustness
+from tuner.spec import Robustness, Target
 from tuner.testbed import data_spec as testbed_data_spec
 from tuner.unlearn import UnlearnConfig, resolve_device, run_unlearning
 
@@ -130,7 +130,6 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
         partial = dict(point)
         if "retain_nll" in point and "retain_nll" in baseline:
             partial["utility_drop"] = point["retain_nll"] - baseline["retain_nll"]
-        partial.setdefault("mia_auc", 0.5)
         report({"kind": "curve", "curve_point": point, **objective_values(partial, objectives)})
 
     try:
@@ -152,7 +151,7 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
                                                                                    result.metrics)}
         checked.update(payload["checks"]["metrics"])
     # flat keys, like the objectives: Tune flattens nested results before the searcher sees them
-    target = {**study["target"], YARDSTICK: yardstick(prepared.get("exact_retrain"))}
+    target = Target.model_validate(study["target"]).rule(prepared.get("exact_retrain"))
     constraints = constraint_values(checked, target) if result.metrics else {}
     final = {"kind": "final", "status": result.status, "payload": payload, **objective_values(result.metrics, objectives),
              **{f"{CONSTRAINT_PREFIX}{k}": v for k, v in constraints.items()}}
@@ -171,7 +170,7 @@ def rerun(config: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any
     cfg = UnlearnConfig.model_validate({**config, "device": study["run"].get("device", "auto")})
     model, reference = bench.trainee(cfg, _device_and_precision(study)[1])
     result = run_unlearning(model, prepared["data"], cfg, reference=reference, baseline=prepared["baseline"])
-    out = {"metrics": result.metrics, "checks": None, "status": result.status}
+    out = {"metrics": result.metrics, "checks": None, "status": result.status, "reason": result.reason}
     if checks and result.metrics is not None:
         out["checks"] = robustness_checks(model, prepared["data"], study, prepared, cfg, result.metrics)
     out["time_s"] = time.perf_counter() - started  # the re-run is part of what the check costs

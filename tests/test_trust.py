@@ -1,0 +1,142 @@
+"""Nothing is recommended on what was not measured: generated candidate sets (hypothesis) and the cases that
+were wrong before (a mid-run point without utility or MIA ranked as if it had none to lose)."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tuner.candidates import CONFIRMATION, candidates
+from tuner.recommend import recommend, recommend_unit
+from tuner.spec import Target
+
+TARGET = Target(gap_tolerance=0.1, utility_tolerance=0.5, mia_tolerance=0.1, confirmations=3).rule()
+
+
+def candidate(i, step, gap, drop, mia=None, measured="full", lr=1e-3, selected=None):
+    metrics = {"forget_gap": gap}
+    if drop is not None:
+        metrics["utility_drop"] = drop
+    if mia is not None:
+        metrics["mia_auc"] = mia
+    return {"id": i, "number": i, "unit": "ga_gd", "status": "completed", "params": {"lr": lr, "epochs": 2},
+            "step": step, "selected": measured == "full" if selected is None else selected,
+            "measured": measured, "metrics": metrics}
+
+
+def test_a_mid_run_point_without_utility_is_not_ranked_as_undamaged():
+    """The issue's case: the true drop of the unmeasured step was 0.6, the measured one's 0.3."""
+    rows = [candidate(1, 10, 0.02, 0.3), candidate(1, 6, 0.01, None, measured="estimate")]
+    rec = recommend_unit(rows, TARGET, use_mia=False)
+    assert rec["status"] == "recommended" and rec["step"] == 10 and rec["metrics"]["utility_drop"] == 0.3
+    assert rec["confirm"] == [{"trial_id": 1, "step": 6, "missing": ["utility_drop"], "estimated": []}]
+
+
+def test_an_estimate_that_would_win_is_confirmed_before_it_is_recommended():
+    rows = [candidate(1, 10, 0.02, 0.3), candidate(1, 6, 0.01, 0.1, measured="estimate")]
+    rec = recommend_unit(rows, TARGET, use_mia=False)
+    assert rec["step"] == 10 and [c["step"] for c in rec["confirm"]] == [6]
+    # the confirmation measured 0.6: the full measurement at step 10 stays the pick, nothing more to confirm
+    confirmed = [candidate(1, 10, 0.02, 0.3), candidate(1, 6, 0.01, 0.6, measured="confirmed")]
+    rec = recommend_unit(confirmed, TARGET, use_mia=False)
+    assert rec["step"] == 10 and rec["confirm"] == []
+    # had it measured 0.05, the confirmed step wins and says how it was measured
+    better = [candidate(1, 10, 0.02, 0.3), candidate(1, 6, 0.01, 0.05, measured="confirmed")]
+    rec = recommend_unit(better, TARGET, use_mia=False)
+    assert rec["step"] == 6 and rec["measured"] == "confirmed" and "re-running" in rec["reason"]
+
+
+def test_the_mia_tolerance_applies_to_mid_run_candidates_too():
+    rows = [candidate(1, 10, 0.02, 0.3, mia=0.55), candidate(2, 4, 0.0, 0.0, measured="estimate", lr=2e-3)]
+    rec = recommend_unit(rows, TARGET, use_mia=True)
+    assert rec["trial_id"] == 1 and rec["confirm"][0]["missing"] == ["mia_auc"]
+    failing = [candidate(1, 10, 0.02, 0.3, mia=0.55), candidate(2, 4, 0.0, 0.0, mia=0.9, measured="confirmed")]
+    assert recommend_unit(failing, TARGET, use_mia=True)["trial_id"] == 1
+
+
+def test_without_budget_estimates_are_left_out_and_the_reason_is_shown():
+    rows = [candidate(1, 6, 0.01, 0.1, measured="estimate")]
+    rec = recommend_unit(rows, {**TARGET, "confirmations": 0}, use_mia=False)
+    assert rec["trial_id"] is None and rec["status"] == "none"
+    assert any("confirmation budget (0" in w for w in rec["warnings"])
+    spent = rows + [candidate(2, 3, 0.5, 0.1, measured="confirmed", lr=3e-3)] * 3
+    assert recommend_unit(spent, TARGET, use_mia=False)["confirm"] == []
+    waiting = recommend_unit(rows, TARGET, use_mia=False)
+    assert waiting["status"] == "to_confirm" and waiting["trial_id"] is None and waiting["confirm"]
+
+
+def test_candidates_read_a_confirmation_as_the_full_measurement():
+    row = {"id": 7, "number": 0, "unit": "ga_gd", "status": "completed", "params": {"lr": 1e-3, "epochs": 2},
+           "metrics": {"forget_gap": 0.3, "utility_drop": 0.4, "mia_auc": 0.5}, "objectives": {},
+           "result": {"selected_step": 9, "config": {"eval_utility_blocks": 4}}}
+    curve = {7: [{"step": 0, "forget_gap": -1.0, "retain_nll": 2.0}, {"step": 3, "forget_gap": -0.5},
+                 {"step": 6, "forget_gap": 0.01, "retain_nll": 2.1}, {"step": 9, "forget_gap": 0.3}]}
+    cands = {c["step"]: c for c in candidates([row], curve, ["forget_gap", "utility_drop"])}
+    assert cands[3]["measured"] == "estimate" and "utility_drop" not in cands[3]["metrics"]
+    assert cands[6]["estimated"] == ["retain_nll", "utility_drop"]
+    assert math.isclose(cands[6]["metrics"]["utility_drop"], 0.1)
+    checks = {(7, 6): {"metrics": {"forget_gap": 0.012, "utility_drop": 0.2, "mia_auc": 0.51, "retain_nll": 2.2},
+                       "details": {CONFIRMATION: {"status": "completed"}}}}
+    cands = {c["step"]: c for c in candidates([row], curve, ["forget_gap", "utility_drop"], checks)}
+    assert cands[6]["measured"] == "confirmed" and cands[6]["metrics"]["utility_drop"] == 0.2
+    assert math.isclose(cands[6]["estimate"]["utility_drop"], 0.1)
+    failed = {(7, 6): {"metrics": {}, "details": {CONFIRMATION: {"status": "diverged", "reason": "nan"}}}}
+    cands = {c["step"]: c for c in candidates([row], curve, ["forget_gap"], failed)}
+    assert cands[6]["measured"] == "unconfirmed"
+    assert recommend_unit(list(cands.values()), TARGET, use_mia=False)["step"] != 6
+
+
+# --- generated candidate sets ------------------------------------------------------------------------------
+
+maybe = st.one_of(st.none(), st.floats(-2.0, 2.0, allow_nan=False))
+metrics = st.fixed_dictionaries({"forget_gap": maybe, "utility_drop": maybe,
+                                 "mia_auc": st.one_of(st.none(), st.floats(0.0, 1.0))})
+
+
+@st.composite
+def studies(draw):
+    rows = []
+    for i in range(draw(st.integers(1, 6))):
+        lr = draw(st.floats(1e-5, 1e-2))
+        selected = draw(metrics.filter(lambda m: m["forget_gap"] is not None))
+        status = draw(st.sampled_from(["completed", "stopped_at_target", "diverged"]))
+        base = {"id": i, "number": i, "unit": draw(st.sampled_from(["a", "b"])), "params": {"lr": lr, "epochs": 1}}
+        rows.append({**base, "status": status, "step": 10, "selected": True, "measured": "full",
+                     "metrics": selected if status != "diverged" else {}})
+        if status == "diverged":
+            continue
+        for step in range(1, draw(st.integers(0, 3)) + 1):
+            point = draw(metrics.filter(lambda m: m["forget_gap"] is not None))
+            how = draw(st.sampled_from(["estimate", "confirmed", "unconfirmed"]))
+            rows.append({**base, "status": status, "step": step, "selected": False, "measured": how,
+                         "metrics": {k: v for k, v in point.items() if v is not None}})
+        rows[-1]["metrics"] = {k: v for k, v in rows[-1]["metrics"].items() if v is not None}
+    return rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(studies(), st.booleans(), st.integers(0, 3))
+def test_a_recommendation_is_measured_in_full_and_within_every_tolerance(rows, use_mia, budget):
+    target = {**TARGET, "confirmations": budget}
+    rec = recommend(rows, target, use_mia)
+    picked = {(r["id"], r["step"]): r for r in rows}
+    for unit, pick in [*rec["units"].items(), (None, rec["overall"])]:
+        if pick["status"] != "recommended":
+            assert pick.get("trial_id") is None or pick["status"] == "closest", pick
+            continue
+        row = picked[(pick["trial_id"], pick["step"])]
+        assert row["measured"] in ("full", "confirmed"), (unit, row)
+        m = row["metrics"]
+        assert m.get("forget_gap") is not None and abs(m["forget_gap"]) <= target["gap_tolerance"]
+        assert m.get("utility_drop") is not None and m["utility_drop"] <= target["utility_tolerance"]
+        if use_mia:
+            assert m.get("mia_auc") is not None and abs(m["mia_auc"] - 0.5) <= target["mia_tolerance"]
+        for name, value in pick["metrics"].items():
+            assert value is None or value == m.get(name), name  # every figure shown is the candidate's own
+    for pick in rec["units"].values():
+        for job in pick.get("confirm") or []:
+            assert picked[(job["trial_id"], job["step"])]["measured"] == "estimate"
+    if rec["overall"]["status"] == "none":
+        assert all(p["status"] != "recommended" for p in rec["units"].values())
