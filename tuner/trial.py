@@ -127,10 +127,8 @@ def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str,
                         sharding=study.get("sharding", "ddp"), **study["run"])
 
     def on_eval(point: dict[str, float]) -> None:
-        partial = dict(point)
-        if "retain_nll" in point and "retain_nll" in baseline:
-            partial["utility_drop"] = point["retain_nll"] - baseline["retain_nll"]
-        report({"kind": "curve", "curve_point": point, **objective_values(partial, objectives)})
+        # a curve point is stored, not told to the searcher: only the final result carries objectives
+        report({"kind": "curve", "curve_point": point})
 
     try:
         model, reference = bench.trainee(cfg, _device_and_precision(study)[1])
