@@ -135,12 +135,14 @@ def load_manifest(root: Path) -> dict:
 
 
 def _train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import ByteLevelBPETokenizer
+    """A byte-level BPE trained on the texts; handed to transformers as the public `Tokenizer` its JSON
+    describes (the same tokenizer, so the same ids)."""
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
-                                                unk_token=EOS, pad_token=EOS)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.to_str()), eos_token=EOS,
+                                                bos_token=EOS, unk_token=EOS, pad_token=EOS)
 
 
 def _model_config(size: TestbedSize, vocab: int, eos_id: int):
