@@ -96,9 +96,8 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         _run_trials(spec, units, store, on_event, tune.with_parameters(trainable, study=context, prepared=prepared),
                     ray_dir, concurrency)
         derived.refresh(store, spec.name)
-        if spec.resources.workers == 1:  # re-runs are one-process runs (multi-rank checks: not yet)
-            rechecks.run(spec, store, context, prepared)
-        outcome.recommendation = derived.refresh(store, spec.name)
+        rechecks.run(spec, store, context, prepared)  # derives again after each round of re-runs
+        outcome.recommendation = store.recommendation(spec.name)
         store.update_study(study_id, status="finished")
     except BaseException as err:
         if study_id is not None:
