@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,11 +13,11 @@ from tuner import methods
 from tuner.data import DataSpec, RetainSource
 from tuner.errors import TunerError, describe_validation_error, one_line
 from tuner.hparams import Hyperparameter
+from tuner.names import NAME_RULE, is_valid_name
 from tuner.robustness import QuantSettings, RelearnSettings
 from tuner.settings import RunSettings
 
 Objective = Literal["forget_gap", "utility_drop", "mia_auc"]
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 class _Strict(BaseModel):
@@ -199,8 +198,8 @@ class StudySpec(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not NAME_PATTERN.fullmatch(value):  # fullmatch: `$` alone would let a trailing newline through
-            raise ValueError("use 1-100 letters, digits, '_', '.', '-' (starting with a letter or digit)")
+        if not is_valid_name(value):
+            raise ValueError(NAME_RULE)
         return value
 
     @field_validator("methods")
