@@ -7,11 +7,12 @@ import pytest
 import torch
 import transformers
 
-from tuner import methods
+from tuner import methods, testbed
 from tuner.cli import main
 from tuner.lora import LoraSpec
 from tuner.memory import ACTIVATION_COEFFS, ModelShape, RunShape, plan, refusal, run_shape, ways_out
 from tuner.settings import RunSettings
+from tuner.testbed_sizes import SIZES
 
 GPU80 = 79 * 1024**3  # an "80 GB" H100 as torch counts it: 79.2 GiB
 
@@ -31,6 +32,23 @@ def test_8b_counts_its_parameters_from_the_config_alone(shape_8b):
     assert abs(shape_8b.params - 8.03e9) / 8.03e9 < 0.01
     # LoRA r=16 on all linear layers of Llama-3-8B: about 42M adapter parameters
     assert 40e6 < shape_8b.lora_params[repr(LoraSpec())] < 45e6
+
+
+@pytest.mark.parametrize("size_name", list(SIZES))
+def test_a_testbed_is_planned_without_torch_as_its_model_counts(size_name):
+    """`study validate` of a testbed study plans from the declared size (no torch): the same shape as the
+    testbed's model built on the meta device, adapters included."""
+    size = SIZES[size_name]
+    loras = [LoraSpec(), LoraSpec(r=4, target_modules=["c_proj", "q_proj", "down_proj"])]
+    config = testbed._model_config(size, size.vocab_size, eos_id=0)
+    assert ModelShape.of_testbed(size, loras) == ModelShape.from_config(config, loras)
+
+
+def test_the_built_testbed_has_its_declared_shape(bench):
+    manifest = testbed.load_manifest(bench.source.testbed_root)
+    size = SIZES[manifest["size_name"]]
+    assert bench.original.config.vocab_size == size.vocab_size  # the tokenizer reaches its declared vocabulary
+    assert ModelShape.of_testbed(size).params == manifest["parameters"]
 
 
 def ga_kl_run(**settings) -> RunShape:

@@ -10,56 +10,11 @@ import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tuner.errors import TunerError
-
-RetainSource = Literal["in_distribution", "general"]
-
-
-class TextSource(BaseModel):
-    """Where one set's text comes from: a file, a directory of files, JSONL, or an HF `datasets` spec."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    path: str | None = Field(None, description="a text file, a JSONL file, or a directory of files")
-    hf: str | None = Field(None, description="an HF datasets name, e.g. llmunlearn/unlearn_dataset")
-    config: str | None = Field(None, description="the HF dataset config, e.g. arxiv")
-    split: str | None = Field(None, description="the HF dataset split, e.g. forget")
-    format: Literal["auto", "text", "jsonl"] = "auto"
-    text_field: str = Field("text", description="the field holding the text in JSONL or HF rows")
-    pattern: str = Field("*", description="glob for the files of a directory")
-
-    @model_validator(mode="after")
-    def _one_origin(self) -> TextSource:
-        if (self.path is None) == (self.hf is None):
-            raise ValueError("give exactly one of 'path' or 'hf'")
-        if self.hf is not None and self.split is None:
-            raise ValueError("an 'hf' source needs a 'split'")
-        return self
-
-    def label(self) -> str:
-        if self.path is not None:
-            return self.path
-        return f"hf:{self.hf}" + (f"/{self.config}" if self.config else "") + f"[{self.split}]"
-
-
-class DataSpec(BaseModel):
-    """The four sets of an unlearning problem and how they are cut into blocks."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    forget: TextSource
-    unseen: TextSource = Field(description="same-distribution text the model never saw (approximate retraining)")
-    retain: TextSource | None = Field(None, description="in-distribution retained text")
-    general: TextSource | None = Field(None, description="general retained text (another domain)")
-    block_size: int = Field(128, gt=1)
-    max_forget_blocks: int | None = Field(None, gt=0)
-    max_eval_blocks: int = Field(256, gt=0, description="cap per evaluation set (forget, unseen, retain, general)")
-    retain_eval_fraction: float = Field(0.2, gt=0, lt=1, description="share of retain blocks held out to measure utility")
+from tuner.settings import DataSpec, RetainSource, TextSource
 
 
 def _read_text_file(path: Path, role: str) -> str:

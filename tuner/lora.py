@@ -6,24 +6,10 @@ not a second copy of the weights.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from tuner.errors import TunerError
-
-
-class LoraSpec(BaseModel):
-    """`run.lora`: low-rank adapters on the model's linear layers; the base weights stay frozen."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    r: int = Field(16, ge=1, description="adapter rank")
-    alpha: float = Field(32.0, gt=0, description="scale numerator: adapters are scaled by alpha / r")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input (0 keeps runs deterministic)")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or all-linear (not the lm_head)")
+from tuner.settings import LoraSpec
 
 
 def _features(module: torch.nn.Module) -> tuple[int, int] | None:

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_BYTES = 512 * 2**20  # fp32 logits of one chunk: 1046 tokens at vocab 128256
+from tuner.memory import CHUNK_BYTES
+
 CHECK_TOKENS = 16  # tokens of the one-off check that head(decoder(x)) is the model's logits
 # config fields of HF models that transform the logits after the output head (Gemma 2/3, Cohere, Granite)
 POST_HEAD_FIELDS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}

@@ -19,6 +19,9 @@ out-of-memory error minutes after loading 16 GB of weights. The estimate counts,
 
 Sharding over `workers` (FSDP) divides weights, original, gradients and optimizer state; activations are
 per worker.
+
+Planning needs no torch for the testbed (its shape is counted from its declared size), so `study validate` of
+a testbed study answers without loading torch; other models are built on the meta device from their config.
 """
 
 from __future__ import annotations
@@ -26,14 +29,17 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import torch
-
-from tuner.lora import LoraSpec, adapter_parameters
-from tuner.lossfn import CHUNK_BYTES
 from tuner.precision import planned_precision
+from tuner.settings import LoraSpec
+from tuner.testbed_sizes import TestbedSize, parse_testbed, testbed_size
+
+if TYPE_CHECKING:
+    import torch
 
 GIB = 1024**3
+CHUNK_BYTES = 512 * 2**20  # fp32 logits of one chunk of `tuner.lossfn`'s losses: 1046 tokens at vocab 128256
 RUNTIME_BYTES = int(1.5 * GIB)
 # Activation bytes per token per decoder layer, as (per hidden unit, per MLP unit), by precision. Fitted to
 # saved-tensor measurements of HF Llama with sdpa attention (flash/memory-efficient attention keeps no T x T).
@@ -58,7 +64,10 @@ class ModelShape:
     @classmethod
     def from_config(cls, config, loras: list[LoraSpec] | None = None, trust_remote_code: bool = False) -> ModelShape:
         """Build the model on the meta device (no memory, no weights) and count exactly."""
+        import torch
         import transformers
+
+        from tuner.lora import adapter_parameters
 
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -72,6 +81,30 @@ class ModelShape:
             vocab=_first(text, "vocab_size"),
             lora_params={repr(s): adapter_parameters(model, s) for s in (loras or [])},
         )
+
+    @classmethod
+    def of_testbed(cls, size: TestbedSize, loras: list[LoraSpec] | None = None) -> ModelShape:
+        """The testbed's shape counted from its declared size, as `from_config` counts its built model
+        (tests/test_memory.py checks that they agree): GPT-2 with Conv1D layers and learned positions, or
+        Llama with as many key/value heads as heads and no biases; both tie the output head to the embeddings,
+        and the testbed's tokenizer is trained to exactly `vocab_size` tokens."""
+        d, ff, v = size.d_model, size.d_ff, size.vocab_size
+        if size.arch == "gpt2":
+            adapted = [("c_attn", d, 3 * d), ("c_proj", d, d), ("c_fc", d, ff), ("c_proj", ff, d)]
+            per_layer = sum(n_in * n_out + n_out for _, n_in, n_out in adapted) + 4 * d  # two LayerNorms
+            params = v * d + size.block_size * d + size.n_layer * per_layer + 2 * d
+        else:
+            adapted = [(name, d, d) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            adapted += [("gate_proj", d, ff), ("up_proj", d, ff), ("down_proj", ff, d)]
+            per_layer = sum(n_in * n_out for _, n_in, n_out in adapted) + 2 * d  # two RMSNorms
+            params = v * d + size.n_layer * per_layer + d
+
+        def adapters(spec: LoraSpec) -> int:
+            return size.n_layer * sum(spec.r * (n_in + n_out) for name, n_in, n_out in adapted
+                                      if spec.target_modules == "all-linear" or name in spec.target_modules)
+
+        return cls(params=params, hidden=d, intermediate=ff, layers=size.n_layer, vocab=v,
+                   lora_params={repr(s): adapters(s) for s in (loras or [])})
 
     @property
     def params_per_layer(self) -> int:
@@ -242,12 +275,16 @@ def refusal(shape: ModelShape, run: RunShape, capacity: int, max_workers: int = 
 
 def measured_peak(device: torch.device) -> int | None:
     """The device's peak allocated bytes since the last reset (CUDA only; None elsewhere)."""
+    import torch
+
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
 
 
 def device_capacity(device: torch.device) -> int | None:
+    import torch
+
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
     return None
@@ -272,6 +309,8 @@ def model_shape(model: str, settings, trust_remote_code: bool = False, offline: 
     load. Counts the adapters of the run's LoRA setting and of the default one (a way out). `offline`: a hub
     model's config only from the local HF cache (commands that promise not to contact the hub)."""
     loras = [LoraSpec()] + ([settings.lora] if settings.lora is not None else [])
+    if model.startswith("testbed:"):
+        return ModelShape.of_testbed(testbed_size(parse_testbed(model)[0]), loras)
     return _shape(model, trust_remote_code, tuple(s.model_dump_json() for s in loras), offline)
 
 
@@ -311,14 +350,11 @@ def plan_study(spec) -> StudyPlan:
     trials that share a GPU (`gpus: 0.5`) each get their share of its memory."""
     from tuner import methods
     from tuner.spec import gpu_share
-    from tuner.testbed import SIZES
 
     settings = spec.run
     shape = model_shape(spec.model, settings, spec.trust_remote_code, offline=True)
-    if spec.data is not None:
-        block_size = spec.data.block_size
-    else:
-        block_size = SIZES[spec.model.split(":", 1)[1].split("@", 1)[0] or "micro"].block_size
+    testbed = spec.data is None  # the testbed brings its own data and block size
+    block_size = testbed_size(parse_testbed(spec.model)[0]).block_size if testbed else spec.data.block_size
     on_gpu = spec.resources.gpus > 0 or spec.resources.gpu_memory_gib is not None
     shards = spec.resources.workers if spec.resources.sharding == "fsdp" else 1
     run = run_shape([methods.get(m) for m in spec.methods], settings, planned_precision(settings.precision, on_gpu),

@@ -16,6 +16,7 @@ from tuner import testbed
 from tuner.errors import TunerError
 from tuner.lora import AdaptersOff, LoraSpec, attach
 from tuner.precision import PrecisionPlan
+from tuner.testbed_sizes import parse_testbed
 
 
 @dataclass
@@ -34,13 +35,7 @@ class ModelSource:
 
 def resolve(name: str, build_progress=None) -> ModelSource:
     if name.startswith("testbed:"):
-        size = name.split(":", 1)[1] or "micro"
-        seed = 0
-        if "@" in size:
-            size, seed_text = size.split("@", 1)
-            if not seed_text.isdigit():
-                raise TunerError(f"model '{name}': the testbed seed after '@' must be a non-negative integer")
-            seed = int(seed_text)
+        size, seed = parse_testbed(name)
         root = testbed.build(size, seed=seed, progress=build_progress)
         return ModelSource(name=name, path=str(root / "model"), testbed_root=root)
     local = Path(name).expanduser()

@@ -34,7 +34,8 @@ from tuner.recorder import Event, StoreCallback
 from tuner.search import UnitRun, UnitsSearcher, UnitTally, close_open_trials, optuna_storage, unit_search
 from tuner.spec import StudySpec, gpu_share, unit_name
 from tuner.store import Store
-from tuner.trial import prepare, trainable
+from tuner.trainable import trainable
+from tuner.trial import prepare
 
 __all__ = ["StudyOutcome", "StudyStopped", "run_study"]
 

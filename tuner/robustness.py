@@ -29,51 +29,16 @@ import statistics
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from tuner.data import UnlearnData
 from tuner.errors import TunerError
 from tuner.evaluation import curve_point
 from tuner.methods.base import nll_term
+from tuner.settings import AttackSource, QuantSettings, RelearnSettings
 from tuner.training import IndexStream, LossOut, OptimConfig, make_optimizer, run_loop, torchao_module
-
-AttackSource = Literal["forget", "retain"]
-
-
-class RelearnSettings(BaseModel):
-    """The relearning attack, as a setting a study can carry (`relearn(**settings.model_dump(), ...)`).
-
-    Defaults: 10 optimiser steps of AdamW at a constant lr of 1e-5 on batches of 8 blocks, one half of the
-    forget blocks as attack text. lr 1e-5 is the usual full fine-tuning rate of 7B-class models (TOFU fine-tunes
-    Llama-2-7B at 1e-5); the relearning paper's per-benchmark settings could not be checked here, so treat it as
-    a starting point. It is a setting because the right rate scales with the model: the micro testbed,
-    pre-trained at 3e-3, needs ~1e-3 to move visibly in 5 steps. Ten steps: the attack is meant to be *small*
-    (the paper's point is that little data and few steps suffice), and a short attack keeps the check cheap next
-    to a trial (bench/robustness_cost.py)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    steps: int = Field(10, gt=0, description="optimiser steps of the attack")
-    lr: float = Field(1e-5, gt=0, description="constant AdamW learning rate of the attack")
-    batch_size: int = Field(8, gt=0, description="blocks per attack step")
-    source: AttackSource = Field("forget", description="forget: the attack half of the forget set; retain: retain text")
-    attack_fraction: float = Field(0.5, gt=0, lt=1, description="share of the forget blocks the attacker holds")
-    eval_every: int | None = Field(None, gt=0, description="steps between curve points (default: ~5 per attack)")
-
-
-class QuantSettings(BaseModel):
-    """Weight-only round-to-nearest quantization as the unlearning-via-quantization paper applies it: group-wise
-    scales over 128 input features (GPTQ's and AWQ's default group size), symmetric (GPTQ's default)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bits: tuple[int, ...] = (4, 8)
-    group_size: int = Field(128, gt=0)
-    symmetric: bool = True
-
 
 RELEARN = RelearnSettings()
 QUANT = QuantSettings()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,14 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuner import methods
 from tuner.candidates import YARDSTICK, yardstick
-from tuner.data import DataSpec, RetainSource
 from tuner.errors import TunerError, describe_validation_error, one_line
 from tuner.hparams import Hyperparameter
-from tuner.robustness import QuantSettings, RelearnSettings
-from tuner.settings import RunSettings
+from tuner.names import NAME_RULE, is_valid_name
+from tuner.settings import DataSpec, QuantSettings, RelearnSettings, RetainSource, RunSettings
 
 Objective = Literal["forget_gap", "utility_drop", "mia_auc"]
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 class _Strict(BaseModel):
@@ -209,8 +206,8 @@ class StudySpec(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not NAME_PATTERN.fullmatch(value):  # fullmatch: `$` alone would let a trailing newline through
-            raise ValueError("use 1-100 letters, digits, '_', '.', '-' (starting with a letter or digit)")
+        if not is_valid_name(value):
+            raise ValueError(NAME_RULE)
         return value
 
     @field_validator("methods")
@@ -379,20 +376,22 @@ def check_inputs(spec: StudySpec, source: str, run_model_code: bool = True) -> N
     local model directory whose tokenizer fits its embeddings. Errors are one line naming `source` and the field.
 
     Hub models are not contacted here, and the testbed is built (and checked) by the trials. With
-    `trust_remote_code: true` the model is only checked when `run_model_code` (`study run`, not `validate`)."""
-    from tuner.data import read_documents
-    from tuner.models import check_local_model
-
+    `trust_remote_code: true` the model is only checked when `run_model_code` (`study run`, not `validate`).
+    Torch and transformers are imported only for what needs them (data files, a local model)."""
     problem = None if spec.ray_address else ray_address_problem(os.environ.get("RAY_ADDRESS"))
     if problem:
         raise TunerError(f"RAY_ADDRESS: {problem}")
     try:
         if spec.data is not None:
+            from tuner.data import read_documents
+
             for key in ("forget", "unseen", "retain", "general"):
                 src = getattr(spec.data, key)
                 if src is not None and src.path is not None:
                     read_documents(src, f"data.{key}")
         if not spec.model.startswith("testbed:") and (run_model_code or not spec.trust_remote_code):
+            from tuner.models import check_local_model
+
             check_local_model(spec.model, spec.trust_remote_code,
                               block_size=spec.data.block_size if spec.data is not None else None)
     except TunerError as err:

@@ -18,7 +18,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from pydoc_data.topics import topics as PYDOC_TOPICS
 
@@ -29,39 +29,13 @@ from tuner.data import DataSpec, TextSource, tokenize_blocks
 from tuner.errors import TunerError
 from tuner.evaluation import token_nll
 from tuner.methods.base import nll_term
+from tuner.testbed_sizes import SIZES, TestbedSize, testbed_size
 from tuner.training import IndexStream, LossOut, OptimConfig, run_loop
 
 TESTBED_VERSION = 2
 EOS = "<|endoftext|>"
 Progress = Callable[[str, int, int], None]
 transformers.utils.logging.disable_progress_bar()  # our own progress bars report builds and loads
-
-
-@dataclass(frozen=True)
-class TestbedSize:
-    arch: str  # "gpt2" or "llama"
-    vocab_size: int
-    n_layer: int
-    d_model: int
-    n_head: int
-    d_ff: int
-    block_size: int
-    n_forget: int
-    n_unseen: int
-    n_retain: int
-    n_general: int
-    forget_repeat: int
-    steps: int
-    batch_size: int
-    lr: float
-
-
-SIZES: dict[str, TestbedSize] = {
-    # Seconds to build; for tests.
-    "micro": TestbedSize("gpt2", 512, 2, 64, 2, 256, 64, 2, 2, 8, 12, 6, 60, 16, 3e-3),
-    # A few minutes on 2 CPU cores; a clear memorisation gap (see the manifest's nll figures).
-    "small": TestbedSize("llama", 2048, 4, 192, 4, 512, 128, 4, 4, 40, 79, 6, 300, 16, 2e-3),
-}
 
 
 def cache_root() -> Path:
@@ -184,9 +158,7 @@ def _pretrain(config, blocks: torch.Tensor, size: TestbedSize, seed: int, label:
 def build(size_name: str = "micro", seed: int = 0, force: bool = False,
           progress: Progress | None = None) -> Path:
     """Build (or find in the cache) the testbed of this size and seed; returns its directory."""
-    if size_name not in SIZES:
-        raise TunerError(f"unknown testbed size '{size_name}' (choose from: {', '.join(SIZES)})")
-    size = SIZES[size_name]
+    size = testbed_size(size_name)
     key, split, general = testbed_key(size_name, seed)
     final = cache_root() / "testbed" / f"{size_name}-s{seed}-{key}"
     if (final / "manifest.json").exists() and not force:

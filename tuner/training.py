@@ -11,43 +11,18 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from tuner.errors import TunerError
 from tuner.evaluation import autocast_for
 from tuner.hparams import LR
-from tuner.precision import Optimizer
+from tuner.lossout import LossOut
+from tuner.settings import OptimConfig, Schedule
 
 if TYPE_CHECKING:
     from tuner.distributed import StepSync
-
-Schedule = Literal["linear", "cosine", "constant"]
-
-
-class OptimConfig(BaseModel):
-    """Optimiser settings; the defaults are the paper's (AdamW, 3% warmup, weight decay 0)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    schedule: Schedule = "linear"
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    optimizer: Optimizer = "adamw"
-
-
-@dataclass
-class LossOut:
-    """A micro-batch's loss to minimise and its named parts (detached) for logging."""
-
-    loss: torch.Tensor
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)
-
 
 @dataclass
 class LoopOutcome:

@@ -1,5 +1,5 @@
-"""What runs on Ray workers: the once-per-study preparation and the Ray Tune trainable (one trial = one
-`run_unlearning`).
+"""What runs on Ray workers: the once-per-study preparation and one trial (`run_trial`: one `run_unlearning`;
+`tuner.trainable` hands it to Ray Tune).
 
 `prepare` runs once per study as a Ray task on a worker: it tokenises every set and evaluates the original
 model (and, on the testbed, the exact-retrain model). Its result travels to the trials through Ray's object
@@ -225,16 +225,3 @@ def _ray_node() -> str | None:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except ImportError:
         return None
-
-
-def trainable(config: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any]) -> None:
-    """Ray Tune function trainable (bound with `tune.with_parameters(trainable, study=..., prepared=...)`).
-    A trial of more than one worker runs on Ray Train inside this trial (`tuner.multiworker`)."""
-    from ray import tune
-
-    if int(study.get("workers", 1)) > 1:
-        from tuner.multiworker import run_sharded_trial
-
-        run_sharded_trial(config, study, prepared, tune.report)
-    else:
-        run_trial(config, study, prepared, tune.report)

@@ -1,11 +1,16 @@
 """Adversarial samples: cross-entropy toward a_t = argmax_{a != w_t} P_original(a | w_<t), computed once
 from the original model before training (as in the paper's released code)."""
 
-import torch
+from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from tuner.lossout import LossOut
 from tuner.methods import register
 from tuner.methods.base import Batch, MethodContext, UnlearningMethod, precompute_labels, target_ce_term
-from tuner.training import LossOut
+
+if TYPE_CHECKING:
+    import torch
 
 
 def top1_excluding_truth(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -3,19 +3,26 @@
 A method sees one micro-batch (forget blocks, their row indices, retain blocks) and returns the loss to
 minimise. Anything it needs from the original model (adversarial labels, a frozen reference for KL) is
 prepared once per run in `prepare`, never per step.
+
+Importing a method needs no torch: `tuner methods`, the spec's checks and the dashboards read a method's
+catalogue (name, summary, flags, `own` hyperparameters) alone. So a method's file imports torch under
+TYPE_CHECKING and inside the functions that compute, and decorates with `no_grad` rather than `torch.no_grad()`.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from tuner.hparams import RETAIN_WEIGHT, SHARED, Hyperparameter, complete
-from tuner.lossfn import next_token_ce, next_token_ce_tokens, next_token_logits
-from tuner.training import LossOut
+from tuner.lossout import LossOut
+
+if TYPE_CHECKING:
+    import torch
+
+_F = TypeVar("_F", bound=Callable)
 
 
 @dataclass
@@ -80,21 +87,43 @@ class UnlearningMethod:
         raise NotImplementedError
 
 
+def no_grad(fn: _F) -> _F:
+    """`torch.no_grad()` as a decorator that imports torch when the function runs, not when it is defined."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def nll_term(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of a batch of blocks, chunked through the output head (`tuner.lossfn`): no
     `[B, T, V]` logits are kept for the backward pass."""
+    from tuner.lossfn import next_token_ce
+
     return next_token_ce(model, ids, ids[:, 1:])
 
 
 def token_nll_term(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Per-token next-token NLL `[B, T-1]` of a batch of blocks, differentiable and chunked like `nll_term`:
     for methods that sum it per sequence (NPO, SimNPO) or weight it per token (WGA)."""
+    from tuner.lossfn import next_token_ce_tokens
+
     return next_token_ce_tokens(model, ids, ids[:, 1:])
 
 
 def target_ce_term(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy toward `targets`: hard labels `[B, T-1]` (chunked, like `nll_term`) or
     distributions `[B, T-1, V]` (on the full logits: the targets are full-vocabulary already)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tuner.lossfn import next_token_ce, next_token_logits
+
     if targets.dtype == torch.long:
         return next_token_ce(model, ids, targets)
     logits = next_token_logits(model, ids).float()
@@ -106,16 +135,25 @@ def kl_term(model: torch.nn.Module, reference: torch.nn.Module, ids: torch.Tenso
 
     Exact, on both models' full logits: it needs whole distributions, so it is not chunked and holds
     several fp32 `[B, T-1, V]` tensors (see bench/README.md for what that costs at vocab 128k)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tuner.lossfn import next_token_logits
+
     with torch.no_grad():
         ref_logp = F.log_softmax(next_token_logits(reference, ids).float(), dim=-1)
     logp = F.log_softmax(next_token_logits(model, ids).float(), dim=-1)
     return F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1).mean()
 
 
-@torch.no_grad()
+@no_grad
 def precompute_labels(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device,
                       pick) -> torch.Tensor:
     """Run `model` over all blocks once and keep `pick(logits, ids)` (hard labels) per block, on CPU."""
+    import torch
+
+    from tuner.lossfn import next_token_logits
+
     model.eval()
     out = []
     for start in range(0, blocks.shape[0], batch_size):

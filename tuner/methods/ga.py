@@ -1,8 +1,8 @@
 """Gradient ascent: maximise the NLL of the forget set (Q = δ(w_t), gradient negated)."""
 
+from tuner.lossout import LossOut
 from tuner.methods import register
 from tuner.methods.base import Batch, UnlearningMethod, nll_term
-from tuner.training import LossOut
 
 
 @register

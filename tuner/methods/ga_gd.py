@@ -1,9 +1,9 @@
 """GA + GD: gradient ascent on the forget set plus λ · NLL on retained data (1 : 1 by default)."""
 
 from tuner.hparams import RETAIN_WEIGHT
+from tuner.lossout import LossOut
 from tuner.methods import register
 from tuner.methods.base import Batch, UnlearningMethod, nll_term
-from tuner.training import LossOut
 
 
 @register

@@ -1,9 +1,9 @@
 """GA + KL: gradient ascent on the forget set plus λ · KL(P_original || P_model) on retained data."""
 
 from tuner.hparams import RETAIN_WEIGHT
+from tuner.lossout import LossOut
 from tuner.methods import register
 from tuner.methods.base import Batch, UnlearningMethod, kl_term, nll_term
-from tuner.training import LossOut
 
 
 @register

@@ -7,14 +7,17 @@ with log p(y) summed over the sequence's tokens, plus λ · NLL on retained data
 (`forget_loss: npo_grad_diff`) and open-unlearning's NPO both carry that retain term, so it is part of the
 method here and λ is searched. At β → 0 the forget term becomes gradient ascent on log p_θ(y)."""
 
-import torch
-import torch.nn.functional as F
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from tuner.hparams import RETAIN_WEIGHT, Hyperparameter
-from tuner.lossfn import next_token_nll
+from tuner.lossout import LossOut
 from tuner.methods import register
-from tuner.methods.base import Batch, MethodContext, UnlearningMethod, nll_term, token_nll_term
-from tuner.training import LossOut
+from tuner.methods.base import Batch, MethodContext, UnlearningMethod, nll_term, no_grad, token_nll_term
+
+if TYPE_CHECKING:
+    import torch
 
 BETA = Hyperparameter(
     "beta", "NPO inverse temperature β", default=0.1, low=0.01, high=1.0, log=True, symbol="β",
@@ -23,9 +26,13 @@ BETA = Hyperparameter(
     help="β of NPO: small β approaches gradient ascent, large β saturates sooner")
 
 
-@torch.no_grad()
+@no_grad
 def sequence_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     """-log p(y) of each block (per-token NLL summed over the block), fp32 on CPU."""
+    import torch
+
+    from tuner.lossfn import next_token_nll
+
     model.eval()
     return torch.cat([next_token_nll(model, blocks[s:s + batch_size].to(device)).sum(-1).cpu()
                       for s in range(0, blocks.shape[0], batch_size)])
@@ -33,6 +40,8 @@ def sequence_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, 
 
 def npo_forget_term(nll: torch.Tensor, ref_nll: torch.Tensor, beta: float) -> torch.Tensor:
     """-(2/β) · log σ(-β · (log p_θ - log p_ref)) per sequence, averaged; `nll` and `ref_nll` are -log p."""
+    import torch.nn.functional as F
+
     return -(2.0 / beta) * F.logsigmoid(beta * (nll - ref_nll)).mean()
 
 

@@ -1,10 +1,10 @@
 """Random labels: cross-entropy toward tokens drawn uniformly from the vocabulary."""
 
-import torch
+from __future__ import annotations
 
+from tuner.lossout import LossOut
 from tuner.methods import register
 from tuner.methods.base import Batch, MethodContext, UnlearningMethod, target_ce_term
-from tuner.training import LossOut
 
 
 @register
@@ -13,6 +13,8 @@ class RandomLabel(UnlearningMethod):
     summary = "cross-entropy toward uniformly random labels on the forget set"
 
     def prepare(self, ctx: MethodContext) -> None:
+        import torch
+
         super().prepare(ctx)
         # Drawn once per run from the seed, so a trial is reproducible and every epoch sees the same labels.
         gen = torch.Generator().manual_seed(ctx.seed + 104729)

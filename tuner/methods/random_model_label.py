@@ -1,14 +1,16 @@
 """Random-model labels: cross-entropy toward P_rand(· | w_<t) of a randomly initialised model of the same
 architecture, created once per run with its own seed."""
 
-import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from __future__ import annotations
 
-from tuner.evaluation import next_token_logits
+from typing import TYPE_CHECKING
+
+from tuner.lossout import LossOut
 from tuner.methods import register
-from tuner.methods.base import Batch, MethodContext, UnlearningMethod, target_ce_term
-from tuner.training import LossOut
+from tuner.methods.base import Batch, MethodContext, UnlearningMethod, no_grad, target_ce_term
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register
@@ -18,6 +20,9 @@ class RandomModelLabel(UnlearningMethod):
     full_logit_streams = 1  # cross-entropy toward full target distributions
 
     def prepare(self, ctx: MethodContext) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
         super().prepare(ctx)
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -26,8 +31,12 @@ class RandomModelLabel(UnlearningMethod):
         self.random_model.to(device=ctx.device, dtype=next(ctx.model.parameters()).dtype).eval()
         self.random_model.requires_grad_(False)
 
-    @torch.no_grad()
+    @no_grad
     def targets(self, ids: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        from tuner.evaluation import next_token_logits
+
         return F.softmax(next_token_logits(self.random_model, ids).float(), dim=-1)
 
     def loss(self, model, batch: Batch) -> LossOut:

@@ -1,8 +1,8 @@
 """Fine-tune on retained data only: the retrain-like baseline (no forget term)."""
 
+from tuner.lossout import LossOut
 from tuner.methods import register
 from tuner.methods.base import Batch, UnlearningMethod, nll_term
-from tuner.training import LossOut
 
 
 @register

@@ -14,14 +14,16 @@ forward pass stops there (the rest of the model, head included, never runs)."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from tuner.errors import TunerError
 from tuner.hparams import Hyperparameter
+from tuner.lossout import LossOut
 from tuner.methods import register
 from tuner.methods.base import Batch, MethodContext, UnlearningMethod
-from tuner.training import LossOut
+
+if TYPE_CHECKING:
+    import torch
 
 LAYER = Hyperparameter(
     "layer", "RMU layer", default=7, low=0, high=7, integer=True, at_least=0,
@@ -45,6 +47,8 @@ class _Reached(Exception):
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     """The decoder's list of layers (`model.layers` in Llama-style models, `transformer.h` in GPT-2), also
     inside a peft or DDP wrapper; None when the module exposes none (the LoRA reference wrapper)."""
+    import torch
+
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h"):
             return module
@@ -55,6 +59,8 @@ def layer_output(model: torch.nn.Module, layer: torch.nn.Module, ids: torch.Tens
     """The output hidden states `[B, T, H]` of `layer` when `model` runs on `ids`; the forward pass stops
     right after it. The hook is removed before returning, so a recomputation of the layer in the backward
     pass (gradient checkpointing) runs it plain."""
+    import torch
+
     captured: list[torch.Tensor] = []
 
     def hook(_module, _args, output):
@@ -76,6 +82,8 @@ def layer_output(model: torch.nn.Module, layer: torch.nn.Module, ids: torch.Tens
 def steering_vector(hidden: int, seed: int) -> torch.Tensor:
     """u: uniform [0, 1) entries normalised to unit length, from the run's seed (CPU generator, so the same
     seed gives the same u on any device)."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed + 7919)
     u = torch.rand(hidden, generator=gen)
     return u / u.norm()
@@ -105,6 +113,9 @@ class RMU(UnlearningMethod):
         self.u = steering_vector(ctx.model.config.get_text_config().hidden_size, ctx.seed).to(ctx.device)
 
     def loss(self, model, batch: Batch) -> LossOut:
+        import torch
+        import torch.nn.functional as F
+
         forget_h = layer_output(model, self.layer, batch.forget).float()
         target = (self.value(STEERING) * self.u).expand_as(forget_h)
         forget = F.mse_loss(forget_h, target)

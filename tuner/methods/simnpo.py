@@ -9,13 +9,17 @@ subtracted from the mean NLL inside the β scaling. The paper's SimNPO adds λ �
 `npo_coeff` · forget + `grad_diff_coeff` · retain, 0.1375 : 1 on TOFU, i.e. λ ≈ 7.3 relative to a unit forget
 term), so the retain term is part of the method and λ is searched."""
 
-import torch
-import torch.nn.functional as F
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from tuner.hparams import RETAIN_WEIGHT, Hyperparameter
+from tuner.lossout import LossOut
 from tuner.methods import register
 from tuner.methods.base import Batch, UnlearningMethod, nll_term, token_nll_term
-from tuner.training import LossOut
+
+if TYPE_CHECKING:
+    import torch
 
 BETA = Hyperparameter(
     "beta", "SimNPO inverse temperature β", default=2.5, low=0.5, high=10.0, log=True, symbol="β",
@@ -31,6 +35,8 @@ GAMMA = Hyperparameter(
 
 def simnpo_forget_term(mean_nll: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
     """-(2/β) · log σ(β · (mean NLL - γ)) per sequence, averaged; `mean_nll` is -(1/|y|) · log p_θ(y)."""
+    import torch.nn.functional as F
+
     return -(2.0 / beta) * F.logsigmoid(beta * (mean_nll - gamma)).mean()
 
 

@@ -7,14 +7,17 @@ Only the memorised token loses mass, and by a bounded amount, so the loss stays 
 ascent's diverges. The authors' code (dong-river/LLM_unlearning utils/ft_utils.py, DITrainer) has no retain
 term, and open-unlearning's UNDIAL config sets its retain weight to 0: so none here."""
 
-import torch
-import torch.nn.functional as F
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from tuner.hparams import Hyperparameter
-from tuner.lossfn import next_token_logits
+from tuner.lossout import LossOut
 from tuner.methods import register
-from tuner.methods.base import Batch, UnlearningMethod, target_ce_term
-from tuner.training import LossOut
+from tuner.methods.base import Batch, UnlearningMethod, no_grad, target_ce_term
+
+if TYPE_CHECKING:
+    import torch
 
 BETA = Hyperparameter(
     "beta", "UNDIAL logit reduction β", default=3.0, low=0.5, high=30.0, log=True, symbol="β",
@@ -23,10 +26,15 @@ BETA = Hyperparameter(
     help="β of UNDIAL: how far the true token's logit is lowered in the distillation target")
 
 
-@torch.no_grad()
+@no_grad
 def adjusted_targets(reference: torch.nn.Module, ids: torch.Tensor, beta: float) -> torch.Tensor:
     """softmax(z_ref - β · onehot(true next token)) `[B, T-1, V]` in fp32: the original model's next-token
     distribution with the true token's logit lowered by β."""
+    import torch
+    import torch.nn.functional as F
+
+    from tuner.lossfn import next_token_logits
+
     logits = next_token_logits(reference, ids).float()
     logits.scatter_add_(-1, ids[:, 1:, None], torch.full_like(logits[..., :1], -beta))
     return F.softmax(logits, dim=-1)

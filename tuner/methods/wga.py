@@ -8,12 +8,17 @@ plus λ · NLL on retained data, as in open-unlearning's WGA (GradDiff-based, NL
 (tmlr-group/G-effect dataloader.py) has `wga` without a retain term and `wga_kl` with a KL one; here the retain
 term is part of the method and λ is searched. At β = 0 the forget term is plain gradient ascent."""
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from tuner.hparams import RETAIN_WEIGHT, Hyperparameter
+from tuner.lossout import LossOut
 from tuner.methods import register
 from tuner.methods.base import Batch, UnlearningMethod, nll_term, token_nll_term
-from tuner.training import LossOut
+
+if TYPE_CHECKING:
+    import torch
 
 BETA = Hyperparameter(
     "beta", "WGA weight exponent β", default=1.0, low=0.1, high=10.0, log=True, symbol="β",
@@ -24,6 +29,8 @@ BETA = Hyperparameter(
 
 def token_weights(token_nll: torch.Tensor, beta: float) -> torch.Tensor:
     """p_θ(y_t)^β from the per-token NLL, detached: the weights scale the gradient, they are not trained."""
+    import torch
+
     return torch.exp(-beta * token_nll.detach())
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchM
 from sqlalchemy.orm import selectinload, sessionmaker
 
 from tuner.errors import TunerError
+from tuner.names import NAME_RULE, is_valid_name
 from tuner.retry import retrying
 from tuner.store.schema import Check, CurvePoint, Metric, Recommendation, Search, Study, Trial
 
@@ -197,11 +198,8 @@ class Store:
     def create_study(self, name: str, model: str, seed: int, spec: dict, spec_text: str, versions: dict) -> int:
         """A new study row; a name already taken (also by a process that won a race to create it) is a
         TunerError that points at `tuner study resume`. A password in the spec's storage URL is not stored."""
-        from tuner.spec import NAME_PATTERN
-
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-            raise TunerError(f"study name {name!r}: use 1-100 letters, digits, '_', '.', '-' "
-                             "(starting with a letter or digit)")
+        if not is_valid_name(name):
+            raise TunerError(f"study name {name!r}: {NAME_RULE}")
         spec, spec_text = _without_password(spec, spec_text)
         try:
             with self.sessions.begin() as s:

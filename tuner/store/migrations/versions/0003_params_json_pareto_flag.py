@@ -33,8 +33,6 @@ def upgrade() -> None:
 
 
 def _flag_existing_fronts(conn) -> None:
-    from tuner.pareto import front_ids
-
     studies = conn.execute(sa.text("SELECT id, spec FROM tuner_studies")).all()
     for study_id, spec in studies:
         spec = _json(spec)
@@ -43,10 +41,28 @@ def _flag_existing_fronts(conn) -> None:
                 for r in conn.execute(sa.text(
                     "SELECT t.id, s.unit, t.status, t.objectives FROM tuner_trials t "
                     "JOIN tuner_searches s ON s.id = t.search_id WHERE s.study_id = :sid"), {"sid": study_id})]
-        front = {i for ids in front_ids(rows, objectives).values() for i in ids}
+        front = _front_ids(rows, objectives)
         for row in rows:
             conn.execute(sa.text("UPDATE tuner_trials SET pareto = :flag WHERE id = :id"),
                          {"flag": row["id"] in front, "id": row["id"]})
+
+
+# A frozen copy of tuner.pareto as it was when this revision was written: a migration means the same thing on
+# every store it ever upgrades, so it never imports the package's live code.
+def _dominates(a, b) -> bool:
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
+
+
+def _front_ids(rows, objectives) -> set:
+    """Ids of the rows on their search unit's Pareto front of the minimised `objectives`; rows of unfinished
+    trials or without every objective value take no part (duplicates of a front point are all kept)."""
+    by_unit = {}
+    for row in rows:
+        values = [row["objectives"].get(o) for o in objectives]
+        if row["status"] in ("completed", "stopped_at_target") and all(v is not None for v in values):
+            by_unit.setdefault(row["unit"], []).append((row["id"], values))
+    return {i for members in by_unit.values() for i, p in members
+            if not any(_dominates(q, p) for j, q in members if j != i)}
 
 
 def _json(value):

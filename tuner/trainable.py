@@ -1,0 +1,22 @@
+"""The Ray Tune trainable: one trial, on one worker (`tuner.trial.run_trial`) or on Ray Train over several
+(`tuner.multiworker.run_sharded_trial`, which runs `run_trial` on each rank). It sits above both so that
+neither imports the other's caller."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuner.trial import run_trial
+
+
+def trainable(config: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any]) -> None:
+    """Ray Tune function trainable (bound with `tune.with_parameters(trainable, study=..., prepared=...)`).
+    A trial of more than one worker runs on Ray Train inside this trial (`tuner.multiworker`)."""
+    from ray import tune
+
+    if int(study.get("workers", 1)) > 1:
+        from tuner.multiworker import run_sharded_trial
+
+        run_sharded_trial(config, study, prepared, tune.report)
+    else:
+        run_trial(config, study, prepared, tune.report)
