@@ -10,12 +10,15 @@ On a GPU the oversized batch raises torch.OutOfMemoryError; on a CPU the allocat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
+from tuner.context import TrialContext
 from tuner.hparams import EPOCHS, LR
 from tuner.settings import RunSettings
+from tuner.spec import StudySpec
 from tuner.trial import prepare, run_trial
 
 
@@ -24,9 +27,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--oversized", type=int, default=None, help="batch size that cannot fit (GPU 2**23, CPU 2**21)")
     args = ap.parse_args()
-    study = {"model": "testbed:micro", "data": None, "seed": 0, "objectives": ["forget_gap", "utility_drop"],
-             "units": {"u": {"method": "ga_gd", "retain_source": "in_distribution"}},
-             "run": RunSettings(device=args.device).model_dump(mode="json")}
+    study = TrialContext.of(StudySpec(name="oom", model="testbed:micro", methods=["ga_gd"],
+                                      retain_sources=["in_distribution"], run=RunSettings(device=args.device)))
+    unit = next(iter(study.units))
     prepared = prepare(study)
     cuda = torch.device(args.device).type == "cuda"
     oversized = args.oversized or (2**23 if cuda else 2**21)
@@ -35,15 +38,15 @@ def main() -> None:
         return f"{torch.cuda.memory_allocated() / 2**20:.0f} MiB allocated" if cuda else "cpu"
 
     print(f"device {args.device}: {torch.cuda.get_device_name() if cuda else 'cpu'}; after prepare: {allocated()}")
-    big = {**study, "run": {**study["run"], "batch_size": oversized}}
+    big = dataclasses.replace(study, run=study.run.model_copy(update={"batch_size": oversized}))
     started = time.perf_counter()
-    failed = run_trial({"unit": "u", LR.name: 5e-4, EPOCHS.name: 1}, big, prepared, lambda _r: None)
+    failed = run_trial({"unit": unit, LR.name: 5e-4, EPOCHS.name: 1}, big, prepared, lambda _r: None)
     print(f"oversized batch {oversized}: status {failed['status']} in {time.perf_counter() - started:.1f} s; "
           f"{allocated()}\n  reason: {failed['payload']['reason']}")
     started = time.perf_counter()
-    ok = run_trial({"unit": "u", LR.name: 5e-4, EPOCHS.name: 2}, study, prepared, lambda _r: None)
+    ok = run_trial({"unit": unit, LR.name: 5e-4, EPOCHS.name: 2}, study, prepared, lambda _r: None)
     m = ok["payload"]["metrics"] or {}
-    print(f"next trial, same process, batch {study['run']['batch_size']}: status {ok['status']} in "
+    print(f"next trial, same process, batch {study.run.batch_size}: status {ok['status']} in "
           f"{time.perf_counter() - started:.1f} s; forget gap {m.get('forget_gap', float('nan')):+.3f}; {allocated()}")
 
 

@@ -18,8 +18,10 @@ import time
 
 import optuna
 
+from tuner.context import TrialContext
 from tuner.hparams import EPOCHS, LR, RETAIN_WEIGHT
 from tuner.settings import RunSettings
+from tuner.spec import StudySpec
 from tuner.trial import prepare, run_trial
 
 
@@ -38,8 +40,8 @@ def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float]) 
     return area
 
 
-def evaluate(params: dict, study: dict, prepared: dict) -> tuple[float, float]:
-    final = run_trial({**params, "unit": "unit"}, study, prepared, lambda _result: None)
+def evaluate(params: dict, study: TrialContext, prepared: dict) -> tuple[float, float]:
+    final = run_trial({**params, "unit": next(iter(study.units))}, study, prepared, lambda _result: None)
     if final["status"] == "diverged":
         return math.inf, math.inf
     return final["obj_forget_gap"], final["obj_utility_drop"]
@@ -55,9 +57,8 @@ def main() -> None:
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     lr_lo, lr_hi, rw_lo, rw_hi = 1e-4, 3e-3, 0.3, 3.0
-    study = {"model": args.model, "data": None, "seed": 0,
-             "units": {"unit": {"method": args.method, "retain_source": "in_distribution"}},
-             "run": RunSettings(device=args.device).model_dump(mode="json"), "objectives": ["forget_gap", "utility_drop"]}
+    study = TrialContext.of(StudySpec(name="search-efficiency", model=args.model, methods=[args.method],
+                                      retain_sources=["in_distribution"], run=RunSettings(device=args.device)))
     prepared = prepare(study)
     cache: dict[tuple, tuple[float, float]] = {}
 

@@ -21,34 +21,31 @@ from typing import Any
 
 import torch
 
-from tuner.candidates import objective_values
-from tuner.trial import run_trial
+from tuner.context import TrialContext
+from tuner.trial import failed, run_trial
 
 ENGINE = "ray.train.torch.TorchTrainer"
 
 
-def run_sharded_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any],
+def run_sharded_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any],
                       report) -> dict[str, Any] | None:
-    """Run one trial over `study["workers"]` ranks; a failed rank becomes a failed trial with its reason
+    """Run one trial over `ctx.workers` ranks; a failed rank becomes a failed trial with its reason
     (reported here, since no rank got to report it)."""
     from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.queue import Queue
 
     placement = Queue(actor_options={"num_cpus": 0})
-    trainer = torch_trainer(_rank_main, {"params": params, "study": study, "prepared": prepared,
+    trainer = torch_trainer(_rank_main, {"params": params, "ctx": ctx, "prepared": prepared,
                                          "placement": placement},
-                            int(study["workers"]), float(study.get("cpus") or 1.0), float(study.get("gpus") or 0.0),
+                            ctx.workers, ctx.cpus, ctx.gpus,
                             callbacks=[TuneReportCallback()])
     try:
         trainer.fit()
         return None
     except TrainingFailedError as err:
         ranks = _drain(placement)
-        final = {"kind": "final", "status": "failed",
-                 "payload": {"reason": rank_failure_reason(err, ranks),
-                             "environment": sharded_environment(study, ranks)},
-                 **objective_values(None, study["objectives"])}
+        final = failed(rank_failure_reason(err, ranks), ctx.objectives, environment=sharded_environment(ctx, ranks))
         report(final)
         return final
     finally:
@@ -81,7 +78,7 @@ def _rank_main(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     rank = ray.train.get_context().get_world_rank()
-    if torch.cuda.is_available() and float(config["study"].get("gpus") or 0):
+    if torch.cuda.is_available() and config["ctx"].gpus:
         torch.cuda.set_device(ray.train.torch.get_device())
     where = {"rank": rank, "host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(),
              "pid": os.getpid()}
@@ -95,7 +92,7 @@ def _rank_main(config: dict[str, Any]) -> None:
                 engine=ENGINE, ranks=[{k: r[k] for k in ("rank", "host", "node")} for r in everyone])
         ray.train.report(result if rank == 0 else {})
 
-    run_trial(config["params"], config["study"], config["prepared"], report)
+    run_trial(config["params"], config["ctx"], config["prepared"], report)
 
 
 def rank_unlearn(config: dict[str, Any]) -> dict[str, Any]:
@@ -154,10 +151,10 @@ def _first_line(err: BaseException) -> str:
     return (lines[0] if lines else type(err).__name__)[:300]
 
 
-def sharded_environment(study: dict[str, Any], ranks: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def sharded_environment(ctx: TrialContext, ranks: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """What a failed multi-worker trial still records: its world size, effective batch, engine and strategy."""
-    run, world = study["run"], int(study["workers"])
-    return {"world_size": world, "sharding": study.get("sharding", "ddp"), "engine": ENGINE,
-            "batch_size": run.get("batch_size"), "grad_accum": run.get("grad_accum"),
-            "effective_batch": int(run.get("batch_size", 8)) * int(run.get("grad_accum", 1)) * world,
+    run, world = ctx.run, ctx.workers
+    return {"world_size": world, "sharding": ctx.sharding, "engine": ENGINE,
+            "batch_size": run.batch_size, "grad_accum": run.grad_accum,
+            "effective_batch": run.batch_size * run.grad_accum * world,
             "ranks": [{k: ranks[r][k] for k in ("rank", "host", "node")} for r in sorted(ranks)]}

@@ -29,10 +29,11 @@ from tuner.cluster import (
     trial_resources,
     worker_death,
 )
+from tuner.context import TrialContext
 from tuner.errors import TunerError
 from tuner.recorder import Event, StoreCallback
 from tuner.search import UnitRun, UnitsSearcher, UnitTally, close_open_trials, optuna_storage, unit_search
-from tuner.spec import StudySpec, gpu_share, unit_name
+from tuner.spec import StudySpec, unit_name
 from tuner.store import Store
 from tuner.trainable import trainable
 from tuner.trial import prepare
@@ -79,7 +80,7 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         previous = stop_on_signals()  # after ray.init: Ray's native handler would print a crash dump on SIGTERM
         check_resources(spec)
         concurrency = trial_concurrency(spec)  # refuses a local Ray that cannot hold one multi-worker trial
-        context = _context(spec)
+        context = TrialContext.of(spec)
         prepared = _prepare(spec, context)
         if resume:
             _check_same_data(store, spec.name, prepared["data_summary"])
@@ -94,7 +95,7 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         units = _unit_runs(spec, store, study_id, storage, outcome, on_event)
         if resume:
             derived.refresh(store, spec.name)  # trials of an older version or a killed driver
-        _run_trials(spec, units, store, on_event, tune.with_parameters(trainable, study=context, prepared=prepared),
+        _run_trials(spec, units, store, on_event, tune.with_parameters(trainable, ctx=context, prepared=prepared),
                     ray_dir, concurrency)
         derived.refresh(store, spec.name)
         rechecks.run(spec, store, context, prepared)  # derives again after each round of re-runs
@@ -152,24 +153,7 @@ def _run_trials(spec: StudySpec, units: list[UnitRun], store: Store, on_event: E
             callback.lost(death, searcher)
 
 
-def _context(spec: StudySpec) -> dict[str, Any]:
-    """What every worker needs to know about the study: plain data, shipped once through the object store."""
-    return {"model": spec.model, "trust_remote_code": spec.trust_remote_code,
-            "data": spec.data.model_dump(mode="json") if spec.data else None, "seed": spec.seed,
-            "units": {unit_name(m, s): {"method": m, "retain_source": s} for m, s in spec.units()},
-            "run": spec.run.model_dump(mode="json"), "objectives": list(spec.objectives),
-            "target": spec.target.model_dump(mode="json"), "robustness": spec.robustness.model_dump(mode="json"),
-            "threads": max(1, int(spec.resources.cpus)), "gpu_share": gpu_share(spec.resources.gpus),
-            **_placement(spec)}
-
-
-def _placement(spec: StudySpec) -> dict[str, Any]:
-    """How one trial is placed: its workers, each with `cpus`/`gpus` (read by `tuner.multiworker`)."""
-    r = spec.resources
-    return {"workers": r.workers, "sharding": r.sharding, "cpus": r.cpus, "gpus": r.gpus}
-
-
-def _prepare(spec: StudySpec, context: dict[str, Any]) -> Any:
+def _prepare(spec: StudySpec, context: TrialContext) -> Any:
     """Tokenise and evaluate the original model once, on a worker with a trial's resources (the driver
     may have neither the data files nor a GPU). A user error there (a missing data file on the workers,
     say) comes back as the TunerError it is."""

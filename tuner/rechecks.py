@@ -18,6 +18,7 @@ from typing import Any
 
 from tuner import derived
 from tuner.candidates import CONFIRMATION, OK_STATUSES
+from tuner.context import TrialContext
 from tuner.robustness import seed_spread
 from tuner.spec import StudySpec
 from tuner.store import Store
@@ -74,7 +75,7 @@ def confirmations(spec: StudySpec, store: Store) -> list[dict[str, Any]]:
              "config": candidate_config(rows[c["trial_id"]], c["step"])} for c in wanted if c["trial_id"] in rows]
 
 
-def run(spec: StudySpec, store: Store, context: dict[str, Any], prepared: Any) -> int:
+def run(spec: StudySpec, store: Store, context: TrialContext, prepared: Any) -> int:
     """Confirm mid-run picks until the recommendation settles, then run the pending checks and seed runs, as
     Ray tasks (at most `concurrency` at once); store what they measured and derive the study's results again.
     Returns how many re-runs ran."""
@@ -108,7 +109,7 @@ def run(spec: StudySpec, store: Store, context: dict[str, Any], prepared: Any) -
     return ran + len(results)
 
 
-def _run(spec: StudySpec, jobs: list[dict[str, Any]], context: dict[str, Any], data: Any
+def _run(spec: StudySpec, jobs: list[dict[str, Any]], context: TrialContext, data: Any
          ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Each job's re-run as a Ray task with a trial's resources: (job, what `tuner.trial.rerun` returned)."""
     import ray

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from tuner.context import TrialContext
 from tuner.trial import run_trial
 
 
-def trainable(config: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any]) -> None:
-    """Ray Tune function trainable (bound with `tune.with_parameters(trainable, study=..., prepared=...)`).
+def trainable(config: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any]) -> None:
+    """Ray Tune function trainable (bound with `tune.with_parameters(trainable, ctx=..., prepared=...)`).
     A trial of more than one worker runs on Ray Train inside this trial (`tuner.multiworker`)."""
     from ray import tune
 
-    if int(study.get("workers", 1)) > 1:
+    if ctx.workers > 1:
         from tuner.multiworker import run_sharded_trial
 
-        run_sharded_trial(config, study, prepared, tune.report)
+        run_sharded_trial(config, ctx, prepared, tune.report)
     else:
-        run_trial(config, study, prepared, tune.report)
+        run_trial(config, ctx, prepared, tune.report)

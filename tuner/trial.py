@@ -20,17 +20,15 @@ import torch
 
 from tuner import methods
 from tuner.candidates import CONSTRAINT_PREFIX, constraint_values, objective_values
-from tuner.data import DataSpec, UnlearnData, build_data
+from tuner.context import TrialContext
+from tuner.data import UnlearnData, build_data
 from tuner.evaluation import full_metrics
 from tuner.memory import STUDY_MAX_WORKERS, device_capacity, model_shape, refusal, run_shape
 from tuner.memory import plan as memory_plan
 from tuner.models import Workbench, fingerprint, load, resolve
-from tuner.precision import PrecisionPlan, resolve_precision
 from tuner.robustness import check_candidate, retrain_relearning
-from tuner.settings import RunSettings
-from tuner.spec import Robustness, Target
 from tuner.testbed import data_spec as testbed_data_spec
-from tuner.unlearn import UnlearnConfig, resolve_device, run_unlearning
+from tuner.unlearn import UnlearnConfig, run_unlearning
 
 _WORKER: dict[str, Any] = {}
 
@@ -40,159 +38,135 @@ def hyperparameters_of(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "unit"}
 
 
-def _device_and_precision(study: dict[str, Any]) -> tuple[torch.device, PrecisionPlan]:
-    settings = RunSettings.model_validate(study["run"])
-    device = resolve_device(settings.device)
-    return device, resolve_precision(settings.precision, device)
-
-
-def workbench(study: dict[str, Any]) -> Workbench:
+def workbench(ctx: TrialContext) -> Workbench:
     """The base model on this worker's device in the compute dtype, loaded once per process."""
-    device, precision = _device_and_precision(study)
-    key = (study["model"], bool(study.get("trust_remote_code", False)), precision.compute)
+    key = (ctx.model, ctx.trust_remote_code, ctx.precision.compute)
     if _WORKER.get("key") != key:
         _WORKER.clear()
-        bench = Workbench.open(study["model"], study.get("trust_remote_code", False), dtype=precision.compute)
-        bench.original.to(device)
+        bench = Workbench.open(ctx.model, ctx.trust_remote_code, dtype=ctx.precision.compute)
+        bench.original.to(ctx.device)
         _WORKER.update(key=key, bench=bench)
     return _WORKER["bench"]
 
 
-def memory_refusal(study: dict[str, Any], method: str, block_size: int) -> str | None:
+def memory_refusal(ctx: TrialContext, method: str, block_size: int) -> str | None:
     """Before a trial loads anything: the one-line refusal when its memory plan cannot fit this worker's GPU."""
-    device, precision = _device_and_precision(study)
-    capacity = device_capacity(device)
+    capacity = device_capacity(ctx.device)
     if capacity is None:
         return None
-    capacity = int(capacity * study.get("gpu_share", 1.0))  # trials sharing a GPU share its memory
-    settings = RunSettings.model_validate(study["run"])
-    shape = model_shape(study["model"], settings, bool(study.get("trust_remote_code", False)))
-    shards = study.get("workers", 1) if study.get("sharding") == "fsdp" else 1
-    run = run_shape([methods.get(method)], settings, precision.name, block_size, workers=shards,
-                    ranks=study.get("workers", 1))
+    capacity = int(capacity * ctx.gpu_share)  # trials sharing a GPU share its memory
+    shape = model_shape(ctx.model, ctx.run, ctx.trust_remote_code)
+    run = run_shape([methods.get(method)], ctx.run, ctx.precision.name, block_size, workers=ctx.shards,
+                    ranks=ctx.workers)
     if memory_plan(shape, run, capacity).fits:
         return None
     return refusal(shape, run, capacity, STUDY_MAX_WORKERS)
 
 
-def prepare(study: dict[str, Any]) -> dict[str, Any]:
+def prepare(ctx: TrialContext) -> dict[str, Any]:
     """Once per study: token blocks of every set, the original model's metrics and, on the testbed, the
     exact-retrain model's. The caller ships the result to every trial."""
-    if study.get("threads"):
-        torch.set_num_threads(int(study["threads"]))
-    device, precision = _device_and_precision(study)
-    dtype = precision.compute
+    torch.set_num_threads(ctx.threads)
+    device, dtype = ctx.device, ctx.precision.compute
     # not cached: runs once
-    bench = Workbench.open(study["model"], study.get("trust_remote_code", False), dtype=dtype)
+    bench = Workbench.open(ctx.model, ctx.trust_remote_code, dtype=dtype)
     bench.original.to(device)
-    if study["data"] is not None:
-        spec = DataSpec.model_validate(study["data"])
-    else:
-        spec = testbed_data_spec(bench.source.testbed_root)
-    data = build_data(spec, bench.tokenizer, bench.reference.config, seed=study["seed"])
-    batch = study["run"].get("eval_batch_size", 16)
+    spec = ctx.data if ctx.data is not None else testbed_data_spec(bench.source.testbed_root)
+    data = build_data(spec, bench.tokenizer, bench.reference.config, seed=ctx.seed)
+    batch = ctx.run.eval_batch_size
     baseline = full_metrics(bench.reference, data, batch, device, dtype)
     exact = None
     if bench.source.retrain_path is not None:
         retrain, _ = load(resolve(str(bench.source.retrain_path)), torch_dtype=dtype)
         exact = full_metrics(retrain.to(device), data, batch, device, dtype)
-        checks = Robustness.model_validate(study.get("robustness") or {})
+        checks = ctx.robustness
         if checks.enabled("relearn"):  # the yardstick of every candidate's relearning speed, once per study
-            exact["relearn"] = retrain_relearning(retrain, data, checks.relearn, study["seed"], device, dtype, batch)
+            exact["relearn"] = retrain_relearning(retrain, data, checks.relearn, ctx.seed, device, dtype, batch)
         del retrain
     summary = {"blocks": data.summary(), "sources": data.sources, "sha256": data.fingerprints(),
                "model": fingerprint(bench.reference.config)}
     return {"data": data, "baseline": baseline, "exact_retrain": exact, "data_summary": summary}
 
 
-def run_trial(params: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any], report) -> dict[str, Any]:
+def failed(reason: str, objectives: tuple[str, ...], **payload: Any) -> dict[str, Any]:
+    """The final report of a trial that produced no metrics, with its reason."""
+    return {"kind": "final", "status": "failed", "payload": {"reason": reason, **payload},
+            **objective_values(None, objectives)}
+
+
+def run_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any], report) -> dict[str, Any]:
     """Run one trial of the search unit named in `params["unit"]` and hand every curve point and the final
     result to `report` (tune.report in Ray)."""
-    if study.get("threads"):
-        torch.set_num_threads(int(study["threads"]))
-    unit = study["units"][params["unit"]]
+    torch.set_num_threads(ctx.threads)
     data: UnlearnData = prepared["data"]
-    objectives = study["objectives"]
-    refused = memory_refusal(study, unit["method"], data.block_size)
+    cfg = ctx.config(params["unit"], hyperparameters_of(params))
+    refused = memory_refusal(ctx, cfg.method, data.block_size)
     if refused is not None:
-        final = {"kind": "final", "status": "failed", "payload": {"reason": refused},
-                 **objective_values(None, objectives)}
-        report(final)
+        report(final := failed(refused, ctx.objectives))
         return final
-    bench = workbench(study)
-    baseline = prepared["baseline"]
-    cfg = UnlearnConfig(method=unit["method"], retain_source=unit["retain_source"] or "in_distribution",
-                        seed=study["seed"], params=hyperparameters_of(params),
-                        world_size=study.get("workers", 1),
-                        sharding=study.get("sharding", "ddp"), **study["run"])
 
     def on_eval(point: dict[str, float]) -> None:
         # a curve point is stored, not told to the searcher: only the final result carries objectives
         report({"kind": "curve", "curve_point": point})
 
     try:
-        model, reference = bench.trainee(cfg, _device_and_precision(study)[1])
-        result = run_unlearning(model, data, cfg, reference=reference, baseline=baseline, on_eval=on_eval)
+        model, reference = workbench(ctx).trainee(cfg, ctx.precision)
+        result = run_unlearning(model, data, cfg, reference=reference, baseline=prepared["baseline"],
+                                on_eval=on_eval)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         if not _out_of_memory(err) or cfg.world_size > 1:  # a rank out of memory fails the whole trial (multiworker)
             raise
-        final = {"kind": "final", "status": "failed", "payload": {"reason": _oom_reason(err, cfg)},
-                 **objective_values(None, objectives)}
         _release_memory()
-        report(final)
+        report(final := failed(_oom_reason(err, cfg), ctx.objectives))
         return final
     payload = result.to_dict()
     payload.setdefault("environment", {}).update(host=socket.gethostname(), ray_node=_ray_node())
     checked = dict(result.metrics or {})
-    if result.metrics is not None and should_check(study, result.metrics):
-        payload["checks"] = {"step": result.selected_step, **robustness_checks(model, data, study, prepared, cfg,
+    if result.metrics is not None and should_check(ctx, result.metrics):
+        payload["checks"] = {"step": result.selected_step, **robustness_checks(model, ctx, prepared, cfg,
                                                                                    result.metrics)}
         checked.update(payload["checks"]["metrics"])
     # flat keys, like the objectives: Tune flattens nested results before the searcher sees them
-    target = Target.model_validate(study["target"]).rule(prepared.get("exact_retrain"))
-    constraints = constraint_values(checked, target) if result.metrics else {}
-    final = {"kind": "final", "status": result.status, "payload": payload, **objective_values(result.metrics, objectives),
+    constraints = constraint_values(checked, ctx.rule(prepared.get("exact_retrain"))) if result.metrics else {}
+    final = {"kind": "final", "status": result.status, "payload": payload,
+             **objective_values(result.metrics, ctx.objectives),
              **{f"{CONSTRAINT_PREFIX}{k}": v for k, v in constraints.items()}}
     report(final)
     return final
 
 
-def rerun(config: dict[str, Any], study: dict[str, Any], prepared: dict[str, Any], checks: bool) -> dict[str, Any]:
-    """A candidate's setting run again on a worker after the trials (`tuner.rechecks`): another seed for the
-    seed spread, or the same run to check a Pareto candidate whose weights no trial kept.
-    Returns {"metrics": ..., "checks": ... or None}."""
+def rerun(config: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any], checks: bool) -> dict[str, Any]:
+    """A candidate's setting run again on a worker after the trials (`tuner.rechecks`): a confirmation that
+    scores a mid-run candidate in full, another seed for the seed spread, or the same run to check a Pareto
+    candidate whose weights no trial kept. Returns {"metrics", "checks" (or None), "status", "reason", "time_s"}."""
     started = time.perf_counter()
-    if study.get("threads"):
-        torch.set_num_threads(int(study["threads"]))
-    bench = workbench(study)
-    cfg = UnlearnConfig.model_validate({**config, "device": study["run"].get("device", "auto")})
-    model, reference = bench.trainee(cfg, _device_and_precision(study)[1])
+    torch.set_num_threads(ctx.threads)
+    cfg = UnlearnConfig.model_validate({**config, "device": ctx.run.device})
+    model, reference = workbench(ctx).trainee(cfg, ctx.precision)
     result = run_unlearning(model, prepared["data"], cfg, reference=reference, baseline=prepared["baseline"])
     out = {"metrics": result.metrics, "checks": None, "status": result.status, "reason": result.reason}
     if checks and result.metrics is not None:
-        out["checks"] = robustness_checks(model, prepared["data"], study, prepared, cfg, result.metrics)
+        out["checks"] = robustness_checks(model, ctx, prepared, cfg, result.metrics)
     out["time_s"] = time.perf_counter() - started  # the re-run is part of what the check costs
     return out
 
 
-def should_check(study: dict[str, Any], metrics: dict[str, float]) -> bool:
+def should_check(ctx: TrialContext, metrics: dict[str, float]) -> bool:
     """Whether this trial's kept checkpoint gets the robustness checks (`robustness.when`). Trials sharded over
     several ranks are not checked: the attack and quantization copy the whole model on one device."""
-    spec = Robustness.model_validate(study.get("robustness") or {})
-    if spec.when in ("off", "pareto_at_end") or not spec.checks or int(study.get("workers", 1)) > 1:
+    spec = ctx.robustness
+    if spec.when in ("off", "pareto_at_end") or not spec.checks or ctx.workers > 1:
         return False
-    return spec.when == "every_trial" or abs(metrics["forget_gap"]) <= study["target"]["gap_tolerance"]
+    return spec.when == "every_trial" or abs(metrics["forget_gap"]) <= ctx.target.gap_tolerance
 
 
-def robustness_checks(model: torch.nn.Module, data: UnlearnData, study: dict[str, Any], prepared: dict[str, Any],
-                      cfg: UnlearnConfig, metrics: dict[str, float]) -> dict[str, Any]:
+def robustness_checks(model: torch.nn.Module, ctx: TrialContext, prepared: dict[str, Any], cfg: UnlearnConfig,
+                      metrics: dict[str, float]) -> dict[str, Any]:
     """The study's checks of the model as the trial left it (its kept checkpoint)."""
-    spec = Robustness.model_validate(study.get("robustness") or {})
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    return check_candidate(model, data, spec.checks, spec.relearn, spec.quantization,
+    spec = ctx.robustness
+    return check_candidate(model, prepared["data"], spec.checks, spec.relearn, spec.quantization,
                            (prepared.get("exact_retrain") or {}).get("relearn"), prepared["baseline"],
-                           metrics, cfg.seed, device, precision.compute, cfg.eval_batch_size)
+                           metrics, cfg.seed, ctx.device, ctx.precision.compute, cfg.eval_batch_size)
 
 
 def _out_of_memory(err: BaseException) -> bool:
