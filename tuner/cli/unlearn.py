@@ -87,9 +87,13 @@ def data_spec_from_args(args: argparse.Namespace, source):
     from tuner.data import DataSpec, TextSource
 
     files = {role: getattr(args, role) for role in DATA_ROLES}
-    if source.testbed_root is not None and not own_data(args):
+    if source.testbed_root is not None:
         spec = testbed.data_spec(source.testbed_root)
-        return spec.model_copy(update={"block_size": args.block_size or spec.block_size})
+        if not own_data(args):
+            return spec.model_copy(update={"block_size": args.block_size or spec.block_size})
+        default_block = spec.block_size  # a testbed model's context is the testbed's block (as the plan assumes)
+    else:
+        default_block = 128
     for key in ("forget", "unseen"):
         if not files[key]:
             raise TunerError(f"--{key} is required for model '{source.name}' (only testbed models bring data)")
@@ -98,7 +102,7 @@ def data_spec_from_args(args: argparse.Namespace, source):
         return TextSource(path=path, text_field=args.text_field) if path else None
 
     return DataSpec(forget=src(files["forget"]), unseen=src(files["unseen"]), retain=src(files["retain"]),
-                    general=src(files["general"]), block_size=args.block_size or 128)
+                    general=src(files["general"]), block_size=args.block_size or default_block)
 
 
 def check_tuned_for(provenance: dict[str, Any], bench, path: str) -> None:
