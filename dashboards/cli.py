@@ -3,7 +3,7 @@
     tuner dashboard [--storage URL] [--host 127.0.0.1] [--port 8050] [--token TOKEN]
     tuner dashboard export NAME -o report.html [--storage URL] [--abs-gap]
 
-Wired into `tuner/cli.py` with `dashboards.cli.add_parser(subparsers)`. User mistakes raise TunerError.
+Wired into `tuner/cli/parser.py` with `dashboards.cli.add_parser(subparsers)`. User mistakes raise TunerError.
 """
 
 from __future__ import annotations

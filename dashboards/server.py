@@ -13,12 +13,14 @@ import threading
 THREADS = 8  # a cold page asks for ~15 files at once; the threads mostly wait on sockets, not the CPU
 
 
-def create(app, host: str, port: int):
-    """A waitress server for a Dash app, bound (port 0: a free one, see `.effective_port`) but not yet run."""
+def create(app, host: str, port: int, channels: dict | None = None):
+    """A waitress server for a Dash app, bound (port 0: a free one, see `.effective_port`) but not yet run.
+    `channels`: the socket map its loop serves (waitress's `map=`; the listening socket and every open
+    connection are registered in it), for a caller that has to close them."""
     from waitress import create_server
 
-    return create_server(app.server, host=host, port=port, threads=THREADS, ident="unlearn-tuner",
-                         clear_untrusted_proxy_headers=True)
+    return create_server(app.server, map={} if channels is None else channels, host=host, port=port,
+                         threads=THREADS, ident="unlearn-tuner", clear_untrusted_proxy_headers=True)
 
 
 def serve(app, host: str, port: int) -> None:
@@ -38,7 +40,8 @@ class BackgroundServer:
     screenshots and the load benchmark, so they exercise what `tuner dashboard` runs."""
 
     def __init__(self, app) -> None:
-        self.server = create(app, "127.0.0.1", 0)
+        self.channels: dict = {}
+        self.server = create(app, "127.0.0.1", 0, self.channels)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -46,7 +49,7 @@ class BackgroundServer:
     def stop(self) -> None:
         # closing every channel (the listening socket and open connections) empties the loop's map, so
         # `run` returns; then the worker threads are told to finish
-        for channel in list(self.server._map.values()):
+        for channel in list(self.channels.values()):
             channel.close()
         self.server.task_dispatcher.shutdown()
         self.thread.join(10)

@@ -593,7 +593,7 @@ def test_prefetch_queue_is_bounded(study):
     the pages' own callbacks, and a queued name is still built."""
     import threading
 
-    from dashboards.app import StudyCache
+    from dashboards.cache import StudyCache
 
     cache = StudyCache(study["store"], size=4)
     gate = threading.Event()
@@ -610,7 +610,7 @@ def test_study_cache_builds_a_value_once_for_concurrent_callers(study):
     """The prefetch and the page's callback arriving together share one build; a failed build is not cached."""
     import threading
 
-    from dashboards.app import StudyCache
+    from dashboards.cache import StudyCache
 
     cache = StudyCache(study["store"])
     calls, gate = [], threading.Event()

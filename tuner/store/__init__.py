@@ -175,10 +175,10 @@ class Store:
                 migrate(self.engine)
         except OperationalError as err:
             reason = _first_line(str(err.orig) if err.orig else "") or "connection failed"
-            raise TunerError(f"storage {safe_url(self.url)} is unreachable: {_mask(reason, self.url)}") from None
+            raise TunerError(f"storage {safe_url(self.url)} is unreachable: {mask_password(reason, self.url)}") from None
         except DatabaseError as err:  # e.g. SQLite's "file is not a database"
             reason = _first_line(str(err.orig) if err.orig else "") or type(err).__name__
-            raise TunerError(f"storage {safe_url(self.url)} is not a usable database ({_mask(reason, self.url)}); "
+            raise TunerError(f"storage {safe_url(self.url)} is not a usable database ({mask_password(reason, self.url)}); "
                              f"{what_works()}, pointing at a tuner store or a new file") from None
         except CommandError:  # Alembic: the store's revision is not one this version knows
             raise TunerError(f"storage {safe_url(self.url)} was written by a newer unlearn-tuner (unknown schema "
@@ -455,11 +455,12 @@ def _first_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
-def _mask(text: str, url: str) -> str:
-    """Drivers may echo the connection string in their messages: never its password."""
+def mask_password(text: str, url: str | None) -> str:
+    """`text` with the password of the storage `url` masked: drivers (and errors that reach the command line)
+    may echo the connection string in their messages."""
     try:
-        password = make_url(url).password
-    except ArgumentError:
+        password = make_url(url).password if url else None
+    except (ArgumentError, ValueError):  # not a URL: nothing to hide
         return text
     return text.replace(str(password), "***") if password else text
 
