@@ -76,7 +76,8 @@ def prepare(ctx: TrialContext) -> dict[str, Any]:
     batch = ctx.run.eval_batch_size
     baseline = full_metrics(bench.reference, data, batch, device, dtype)
     exact = None
-    if bench.source.retrain_path is not None:
+    # the testbed's retrain model never saw the forget set only when the forget set is the testbed's own
+    if bench.source.retrain_path is not None and ctx.data is None:
         retrain, _ = load(resolve(str(bench.source.retrain_path)), torch_dtype=dtype)
         exact = full_metrics(retrain.to(device), data, batch, device, dtype)
         checks = ctx.robustness
