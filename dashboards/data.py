@@ -30,13 +30,13 @@ from typing import Any
 from tuner import methods
 from tuner.hparams import LR, RETAIN_WEIGHT, SHARED, Hyperparameter
 from tuner.recommend import OK_STATUSES, outcome, succeeded
+from tuner.spec import Target
 from tuner.store import Store
 
 OUTCOMES = ("remembered", "in_band", "over_unlearned", "diverged", "failed")
 OUTCOME_LABELS = {"remembered": "still remembered", "in_band": "in the target band", "over_unlearned": "over-unlearned",
                   "diverged": "diverged", "failed": "failed", "running": "running", "interrupted": "interrupted",
                   "in_band_damaged": "in the band, utility drop over tolerance"}
-DEFAULT_TARGET = {"gap_tolerance": 0.1, "utility_tolerance": 0.5, "mia_tolerance": 0.1}
 # every declared hyperparameter's label by name (the first declaration of a name that several methods declare)
 PARAM_LABELS = {name: pairs[0][1].label for name, pairs in methods.declared().items()}
 NO_RECOMMENDATION = "no recommendation stored yet: no trial has finished"
@@ -219,7 +219,7 @@ def load_study(store: Store, name: str, curves: bool = True, recommend: bool = T
     Pareto flags and the recommendation are the ones the study driver derived and stored (`tuner.derived`)."""
     study = store.study(name)
     spec = study.spec or {}
-    target = {**DEFAULT_TARGET, **(spec.get("target") or {})}
+    target = Target.model_validate(spec.get("target") or {}).rule(study.exact_retrain)
     objectives = list(spec.get("objectives") or ["forget_gap", "utility_drop"])
     use_mia = "mia_auc" in objectives
     rows = store.trials(name)

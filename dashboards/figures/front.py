@@ -10,6 +10,7 @@ from dashboards import hypervolume
 from dashboards.data import (
     OUTCOME_LABELS,
     StudyData,
+    fmt,
     objective_point,
     plotted,
     study_axes,
@@ -75,12 +76,15 @@ def pareto(data: StudyData, abs_gap: bool = False) -> go.Figure:
             customdata=[r["id"] for r in dominated], opacity=0.3,
             marker=dict(color=colour, size=7, symbol=symbol), meta={"unit": unit.name, "role": "dominated"}, **common))
         rec = data.row(rec_ids.get(unit.name))
-        if rec is not None and plotted(rec):
-            status = (data.recommendation or {}).get("units", {}).get(unit.name, {}).get("status", "")
+        pick = (data.recommendation or {}).get("units", {}).get(unit.name, {})
+        if rec is not None and plotted(picked(rec, pick)):
+            status = pick.get("status", "")
             traces.append(dict(
-                type="scatter", x=[xval(rec)], y=[rec["metrics"]["utility_drop"]], mode="markers",
-                name="recommended per method (★; hollow: closest, none in band)", showlegend=not shown_star,
-                legendgroup="recommended", hovertext=["<b>recommended</b> (" + esc(status) + ")<br>" + hover(rec)],
+                type="scatter", x=[xval(picked(rec, pick))], y=[picked(rec, pick)["metrics"]["utility_drop"]],
+                mode="markers", name="recommended per method (★; hollow: closest, none in band)",
+                showlegend=not shown_star, legendgroup="recommended",
+                hovertext=["<b>recommended</b> (" + esc(status) + f") at step {fmt(pick.get('step'), 'd')}, "
+                           f"measured {esc(pick.get('measured', 'full'))}<br>" + hover(picked(rec, pick))],
                 hovertemplate="%{hovertext}<extra></extra>", customdata=[rec["id"]],
                 marker=dict(symbol="star" if status == "recommended" else "star-open",
                             size=20 if rec["id"] == overall else 16, color=colour,
@@ -89,6 +93,8 @@ def pareto(data: StudyData, abs_gap: bool = False) -> go.Figure:
             shown_star = True
     traces += _references(data, abs_gap)
     r = data.row(overall)
+    if r is not None:
+        r = picked(r, (data.recommendation or {}).get("overall") or {})
     if r is not None and plotted(r):
         notes.append(dict(x=xval(r), y=r["metrics"]["utility_drop"], text="overall pick: " + esc(r["unit"]),
                           showarrow=True, arrowhead=2, ax=40, ay=-40, font=dict(size=11)))
@@ -97,6 +103,15 @@ def pareto(data: StudyData, abs_gap: bool = False) -> go.Figure:
                                           "NLL(unseen)  (< 0 remembered, > 0 over-unlearned)"), zeroline=False),
                   yaxis=dict(title=axis_title("utility drop (retain NLL − original, nats)")))
     return figure(traces, layout, title, 560)
+
+
+def picked(row: dict[str, Any], pick: dict[str, Any]) -> dict[str, Any]:
+    """The trial row with the figures of the recommended candidate (its step may be a mid-run checkpoint,
+    measured in full by a confirmation), so the star sits where the recommendation is, not where the trial
+    ended."""
+    if not pick or pick.get("selected", True) or not pick.get("metrics"):
+        return row
+    return {**row, "metrics": {**pick["metrics"]}}
 
 
 def _references(data: StudyData, abs_gap: bool) -> list[dict]:
