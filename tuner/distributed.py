@@ -86,17 +86,23 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(parts)[:n].cpu()
 
 
-def shard_model(model: torch.nn.Module, strategy: Strategy, device: torch.device) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, strategy: Strategy, device: torch.device,
+                forward: torch.nn.Module | None = None, partial: bool = False) -> torch.nn.Module:
     """The module to train: DDP around `model` (every rank holds all weights; gradients all-reduced), or
-    `model` itself sharded in place by FSDP2 (`fully_shard` per transformer block, then the root)."""
+    `model` itself sharded in place by FSDP2 (`fully_shard` per transformer block, then the root).
+
+    `forward` is the module the loss calls when it is not `model` itself (`UnlearningMethod.training_module`,
+    which holds `model`): DDP then wraps it, and `partial` says its forward leaves some parameters without a
+    gradient (a forward stopped at a layer), which DDP must look for each step. FSDP2 shards `model` in place
+    either way and `forward` is returned as it is."""
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(forward or model, device_ids=ids, find_unused_parameters=partial)
     fully_shard_blocks(model)
-    return model
+    return forward or model
 
 
 def fully_shard_blocks(model: torch.nn.Module) -> None:
@@ -109,11 +115,6 @@ def fully_shard_blocks(model: torch.nn.Module) -> None:
         if module is not model and type(module).__name__ in names:
             fully_shard(module)
     fully_shard(model)
-
-
-def inner(model: torch.nn.Module) -> torch.nn.Module:
-    """The module DDP wraps (for evaluation and weights), or the model itself."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

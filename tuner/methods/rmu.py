@@ -10,7 +10,15 @@ shared λ: α is on a scale of its own (activation MSE, ~10³) and is declared h
 
 The WMDP code updates only the MLPs of layers 5-7; here the whole model trains, as open-unlearning's RMU
 config does (`trainable_params_regex: .*`). The activations are read by a forward hook on the layer, and the
-forward pass stops there (the rest of the model, head included, never runs)."""
+forward pass stops there (the rest of the model, head included, never runs).
+
+Under data parallelism the stop must not cut short the wrapper's own forward: DDP averages gradients only
+after a forward that returned. So the policy runs through `LayerProbe`, a module whose forward returns the
+layer's activations, and DDP wraps that probe (told that later layers and the head get no gradient); forget and
+retain blocks go through it in one forward, since DDP expects one forward per backward. FSDP2 shards the model
+itself: a stopped forward of its root is completed by the backward (FSDP2's post-backward callback ends the
+iteration), and a stopped forward without gradients (the frozen reference's) is ended with FSDP2's
+`reset_iter_state`."""
 
 from __future__ import annotations
 
@@ -24,10 +32,11 @@ from tuner.methods.base import Batch, MethodContext, UnlearningMethod
 from tuner.training import LossOut
 
 LAYER = Hyperparameter(
-    "layer", "RMU layer", default=7, low=0, high=7, integer=True, at_least=0,
-    source="centerforaisafety/wmdp rmu/unlearn.py (layer_id 7, for zephyr-7b); open-unlearning "
-           "configs/trainer/RMU.yaml (model.layers.7)",
-    help="the decoder layer (0-based) whose output activations RMU steers; must exist in the model")
+    "layer", "RMU layer", default=7, low=0, high=7, integer=True, at_least=0, depth=32,
+    source="centerforaisafety/wmdp rmu/unlearn.py (layer_id 7 of zephyr-7b's 32, about 22% of the depth); "
+           "open-unlearning configs/trainer/RMU.yaml (model.layers.7)",
+    help="the decoder layer (0-based) whose output activations RMU steers; by default the layer at 7/32 of the "
+         "model's depth (searched from 0 to there); a value given is a layer index and must exist in the model")
 STEERING = Hyperparameter(
     "steering_coeff", "RMU steering coefficient c", default=6.5, low=1.0, high=100.0, log=True, symbol="c",
     source="WMDP paper / centerforaisafety/wmdp README run for zephyr-7b (--steering_coeffs 6.5,6.5)",
@@ -65,12 +74,41 @@ def layer_output(model: torch.nn.Module, layer: torch.nn.Module, ids: torch.Tens
     try:
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     except _Reached:
-        pass
+        if not torch.is_grad_enabled():
+            _end_stopped_forward(model)
     finally:
         handle.remove()
     if not captured:
         raise RuntimeError("RMU's layer did not run in the model's forward pass")
     return captured[0]
+
+
+def _end_stopped_forward(model: torch.nn.Module) -> None:
+    """After a stopped forward without gradients of an FSDP2 root (the sharded frozen reference), end FSDP2's
+    iteration as its documented recovery does: no backward will, and the next forward must start as a root
+    forward. A stopped forward with gradients is ended by its backward instead."""
+    reset = getattr(model, "reset_iter_state", None)
+    if reset is not None:
+        reset()
+
+
+class LayerProbe(torch.nn.Module):
+    """The model run up to one decoder layer: `probe(ids, layer)` returns the output hidden states `[B, T, H]`
+    of decoder layer `layer` (an index) and runs nothing after it.
+
+    It is what data parallelism wraps for RMU (`RMU.training_module`): its forward returns normally, so DDP's
+    post-forward step runs and the gradients are averaged over ranks."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        layers = decoder_layers(model)
+        if layers is None:
+            raise TunerError("rmu: cannot find the model's decoder layers (expected a 'layers' or 'h' list)")
+        self._layers = list(layers)  # a plain list: the layers are registered once, under `model`
+
+    def forward(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+        return layer_output(self.model, self._layers[layer], input_ids)
 
 
 def steering_vector(hidden: int, seed: int) -> torch.Tensor:
@@ -87,10 +125,12 @@ class RMU(UnlearningMethod):
     summary = "steer forget activations at one layer to a random vector; hold retain activations to the original"
     uses_retain = True  # the retain term is weighted by RMU's own α, not λ
     needs_reference = True  # the frozen model's retain activations
+
+    partial_forward = True  # the probe's forward stops at the layer: later layers and the head are unused
     own = (LAYER, STEERING, ALPHA)
 
     def prepare(self, ctx: MethodContext) -> None:
-        super().prepare(ctx)
+        super().prepare(ctx)  # resolves the default layer against the model's depth
         layers = decoder_layers(ctx.model)
         if layers is None:
             raise TunerError("rmu: cannot find the model's decoder layers (expected a 'layers' or 'h' list)")
@@ -98,19 +138,29 @@ class RMU(UnlearningMethod):
         if not 0 <= index < len(layers):
             raise TunerError(f"rmu: layer {index} does not exist: the model has {len(layers)} decoder layers "
                              f"(choose layer 0..{len(layers) - 1})")
+        self.index = index
         self.layer = layers[index]
         # With LoRA the reference is the same model with its adapters off: the same layer module.
         ref_layers = decoder_layers(ctx.reference)
         self.ref_layer = ref_layers[index] if ref_layers is not None else self.layer
         self.u = steering_vector(ctx.model.config.get_text_config().hidden_size, ctx.seed).to(ctx.device)
 
+    def training_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return LayerProbe(model)
+
     def loss(self, model, batch: Batch) -> LossOut:
-        forget_h = layer_output(model, self.layer, batch.forget).float()
+        probe = model if isinstance(_unwrapped(model), LayerProbe) else LayerProbe(model)
+        # forget and retain in one forward: DDP expects one forward per backward
+        hidden = probe(torch.cat([batch.forget, batch.retain]), layer=self.index).float()
+        forget_h, retain_h = hidden[:batch.forget.shape[0]], hidden[batch.forget.shape[0]:]
         target = (self.value(STEERING) * self.u).expand_as(forget_h)
         forget = F.mse_loss(forget_h, target)
-        retain_h = layer_output(model, self.layer, batch.retain).float()
         with torch.no_grad():
             ref_h = layer_output(self.ctx.reference, self.ref_layer, batch.retain).float()
         retain = F.mse_loss(retain_h, ref_h)
         loss = forget + self.value(ALPHA) * retain
         return LossOut(loss, {"forget_mse": forget, "retain_mse": retain})
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
