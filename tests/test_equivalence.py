@@ -26,7 +26,7 @@ TOLERANCE = {"fp32": 1e-5,
 COMMON = {"lr": 1e-3, "max_steps": 2, "eval_every": 2, "seed": 3, "warmup_ratio": 0.0, "stop_at_target": False,
           "checkpoint": "last", "device": "cpu", "eval_batch_size": 8}
 # methods whose own knobs need settings for the micro testbed's scale (RMU's c and α are sized for zephyr-7b)
-OWN = {"rmu": {"steering_coeff": 2.0, "alpha": 10.0}}
+OWN = {"rmu": {"layer": 0, "steering_coeff": 2.0, "alpha": 10.0}}
 # LoRA changes what trains and what the reference is (the model with its adapters off): it is checked with the
 # methods that read a reference or stop the forward early, and with one that does neither (ga_gd), whose path
 # the other methods share. Mixed precision changes the dtypes of the loss and of what is precomputed: checked

@@ -32,7 +32,7 @@ FIXED = {"lr": 1e-3, "max_steps": 1, "batch_size": 8, "stop_at_target": False, "
 STEP0 = {"npo": ("forget_npo", 2 / 0.1 * math.log(2)),  # -(2/β)·log σ(0) at the default β 0.1: log-ratio 0
          "ga_kl": ("retain_kl", 0.0),
          "rmu": ("retain_mse", 0.0)}
-OWN = {"rmu": {"steering_coeff": 2.0, "alpha": 10.0}}
+OWN = {"rmu": {"layer": 0, "steering_coeff": 2.0, "alpha": 10.0}}
 COMBOS = [(m, a, p) for m in STEP0 for a in ("full", "lora") for p in ("fp32", "mixed")]
 
 

@@ -117,6 +117,20 @@ def fully_shard_blocks(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Register the sharded parameters of every FSDP2 unit of `model` (a no-op elsewhere). FSDP2 keeps the
+    root's parameters unsharded after a forward pass, expecting the backward; after a forward without one
+    (evaluation, a method's precomputation) `parameters()` would hand out those full tensors instead of the
+    shards the optimiser, the gradient clipping and the weight snapshots must see."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 shards nothing
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's shard on this rank (FSDP2 weights), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -125,12 +139,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def snapshot_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of this rank's trainable weights (its shards under FSDP2; a LoRA run's adapters), for keeping
     the best evaluated step: frozen weights never change, so they are not copied."""
+    reshard(model)
     return {n: _local(p).detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()
 def restore_weights(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
     """Copy a `snapshot_weights` copy back into the live weights (in place, so FSDP2 shards stay shards)."""
+    reshard(model)
     for name, p in model.named_parameters():
         if name in saved:
             _local(p).copy_(saved[name])

@@ -19,7 +19,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from tuner import methods
 from tuner.data import RetainSource, UnlearnData
-from tuner.distributed import Ranks, StepSync, Strategy, backend, restore_weights, shard_model, snapshot_weights
+from tuner.distributed import Ranks, StepSync, Strategy, backend, reshard, restore_weights, shard_model, snapshot_weights
 from tuner.errors import TunerError
 from tuner.evaluation import autocast_for, curve_point, curve_sets, full_metrics
 from tuner.hparams import EPOCHS, LR, RETAIN_WEIGHT
@@ -220,8 +220,8 @@ def run_unlearning(
     train_model = (shard_model(model, cfg.sharding, device, wrapper, method_cls.partial_forward)
                    if ranks.world > 1 else forward_module)
     synced = model if cfg.sharding == "fsdp" else train_model  # FSDP2 shards the model itself
-    if reference is not None and ranks.world > 1 and cfg.sharding == "fsdp" and any(True for _ in
-                                                                                   reference.parameters()):
+    if (reference is not None and ranks.world > 1 and cfg.sharding == "fsdp"
+            and next(reference.parameters(), None) is not None):
         # frozen, sharded like the model (forward only); a LoRA reference (the model with its adapters off)
         # holds no weights of its own: it runs the sharded model
         shard_model(reference, "fsdp", device)
@@ -302,7 +302,9 @@ def run_unlearning(
         return cfg.end_step is not None and step >= cfg.end_step
 
     sync = StepSync(synced, ranks) if ranks.world > 1 else None
-    # after sharding: FSDP2 replaces the parameters with sharded ones
+    # after sharding, and with the shards registered again after the forward passes above: FSDP2 replaces the
+    # parameters with sharded ones
+    reshard(model)
     optim = cfg.optim(cfg.lr)
     optimizer = make_optimizer([p for p in train_model.parameters() if p.requires_grad], optim, device)
     outcome = run_loop(train_model, micro_loss, total_steps, cfg.grad_accum, optim, device, dtype, after_step,
