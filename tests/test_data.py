@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,34 @@ def test_unreachable_hf_dataset_is_one_clear_line(monkeypatch):
     src = TextSource(hf="llmunlearn/unlearn_dataset", config="arxiv", split="forget")
     with pytest.raises(TunerError, match=r"forget: could not load hf:llmunlearn/unlearn_dataset/arxiv\[forget\]"):
         read_documents(src, "forget")
+
+
+def distinct_lines(tmp_path, name: str, prefix: str, n: int = 120) -> TextSource:
+    path = tmp_path / name
+    path.write_text("".join(f"{prefix} line {i}: the value is {i * 7919 % 1000}\n" for i in range(n)))
+    return TextSource(path=str(path))
+
+
+def test_a_forget_set_that_is_the_retain_or_unseen_set_is_refused(tmp_path, bench):
+    """`--forget D --retain D` would unlearn and keep the same text: refused, naming the sets."""
+    forget = distinct_lines(tmp_path, "f.txt", "forget")
+    with pytest.raises(TunerError, match=r"every forget block \(.*f\.txt\) also appears in retain \(.*f\.txt\)"):
+        build_data(spec(tmp_path, forget=forget, retain=forget), bench.tokenizer, bench.reference.config)
+    with pytest.raises(TunerError, match=r"also appears in unseen \(.*f\.txt\)"):
+        build_data(spec(tmp_path, forget=forget, unseen=forget), bench.tokenizer, bench.reference.config)
+
+
+def test_a_partial_overlap_is_reported_in_one_line_with_its_share(tmp_path, bench, caplog):
+    from tuner.data import forget_overlap
+
+    forget = distinct_lines(tmp_path, "f.txt", "forget")
+    mixed = tmp_path / "r.txt"  # the forget text's first half, then text of its own
+    mixed.write_text(Path(forget.path).read_text()[:2000] + "".join(f"kept line {i}\n" for i in range(200)))
+    with caplog.at_level("WARNING", logger="tuner.data"):
+        data = build_data(spec(tmp_path, forget=forget, retain=TextSource(path=str(mixed))), bench.tokenizer,
+                          bench.reference.config)
+    share = forget_overlap(data)["retain"]
+    assert 0.2 < share < 0.8
+    lines = [r.getMessage() for r in caplog.records if r.name == "tuner.data"]
+    assert lines == [f"data: forget blocks also appear in other sets: {share:.1%} in retain ({mixed})"]
+    assert forget_overlap(build_data(spec(tmp_path), bench.tokenizer, bench.reference.config)) == {}

@@ -26,7 +26,8 @@ def prepared(bench, data, model, **params):
 def test_npo_declares_beta_and_its_retain_weight():
     cls = methods.get("npo")
     assert cls.hyperparameters() == ["lr", "epochs", "retain_weight", "beta"]
-    assert cls.needs_reference and cls.uses_retain and cls.has_retain_term
+    # log p_ref(y) is read from the policy before its first step (it is the original): no frozen copy is held
+    assert not cls.needs_reference and cls.uses_retain and cls.has_retain_term
     assert not cls.reference_distributions and cls.full_logit_streams == 0
     assert UnlearnConfig(method="npo", beta=0.2).params["beta"] == 0.2
     with pytest.raises(ValueError, match="method 'npo'.*beta"):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from tuner import methods
 from tuner.errors import TunerError
 from tuner.methods.base import Batch, MethodContext
-from tuner.methods.rmu import decoder_layers, layer_output, steering_vector
+from tuner.methods.rmu import steering_vector
+from tuner.probe import decoder_layers, layer_output
 from tuner.training import OptimConfig, run_loop
 from tuner.unlearn import UnlearnConfig
 
@@ -40,7 +41,32 @@ def test_rmu_declares_layer_steering_and_alpha():
 def test_rmu_refuses_a_layer_the_model_does_not_have(bench, data):
     n = len(decoder_layers(bench.reference))
     with pytest.raises(TunerError, match=f"layer 7 .*{n} decoder layers"):
-        prepared(bench, data, bench.fresh())  # the paper's default layer 7: the micro model has fewer
+        prepared(bench, data, bench.fresh(), layer=7)  # an explicit layer is a layer index: micro has fewer
+
+
+def test_rmu_default_layer_and_search_range_follow_the_model_s_depth(bench, data):
+    """WMDP's layer 7 of 32 is the default on zephyr-sized models; smaller ones get the layer at the same depth."""
+    from tuner.methods.rmu import LAYER
+    from tuner.spec import validate_spec
+
+    assert [LAYER.at_depth(n).default for n in (32, 80, 8, 4, 2)] == [7, 18, 2, 1, 0]
+    assert (LAYER.at_depth(32).low, LAYER.at_depth(32).high, LAYER.at_depth(4).high) == (0, 7, 1)
+    assert "layer" not in UnlearnConfig(method="rmu").params  # resolved once the model is known
+    method = prepared(bench, data, bench.fresh())
+    assert method.ctx.params["layer"] == 0 and method.layer is decoder_layers(bench.fresh())[0]
+    assert list(method.ctx.params) == methods.get("rmu").hyperparameters()  # in declaration order
+    spec = validate_spec({"name": "r", "model": "testbed:micro", "methods": ["rmu"]}, "spec")
+    assert spec.space_for("rmu", depth=4)["layer"].model_dump() == {"low": 0, "high": 1, "log": False}
+    assert spec.space_for("rmu")["layer"].high == 7  # without a model: the range as declared for 32 layers
+    narrowed = validate_spec({"name": "r", "model": "testbed:micro", "methods": ["rmu"],
+                              "search": {"layer": {"low": 1, "high": 1}}}, "spec")
+    assert narrowed.space_for("rmu", depth=4)["layer"].model_dump() == {"low": 1, "high": 1, "log": False}
+
+
+def test_rmu_runs_with_its_defaults(unlearn):
+    """`tuner unlearn --model testbed:micro --method rmu --lr 1e-3` ran into "layer 7 does not exist"."""
+    result = unlearn(method="rmu", lr=1e-3, max_steps=2, **FIXED)
+    assert result.status == "completed" and result.config["params"]["layer"] == 0
 
 
 def test_rmu_steering_vector_is_a_seeded_positive_unit_vector():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 
 from tuner.errors import TunerError
 from tuner.settings import DataSpec, RetainSource, TextSource
+
+log = logging.getLogger("tuner.data")
 
 
 def _read_text_file(path: Path, role: str) -> str:
@@ -206,6 +209,41 @@ def build_data(spec: DataSpec, tokenizer, model_config=None, seed: int = 0,
         data.retain_train[name] = train
         data.retain_eval[name] = subsample(held, spec.max_eval_blocks, seed)
         data.sources[key] = source.label()
+    check_overlap(data)
     data.forget_zlib = zlib_lengths(data.forget_eval, tokenizer)
     data.unseen_zlib = zlib_lengths(data.unseen, tokenizer)
     return data
+
+
+def forget_overlap(data: UnlearnData) -> dict[str, float]:
+    """Share of forget blocks that also appear, token for token, in each other set (unseen, retain, general;
+    a retain set counts its training and held-out blocks), for the sets where it is above 0."""
+    forget = [row.tobytes() for row in data.forget.numpy()]
+    others = {"unseen": [data.unseen]}
+    for name, key in (("in_distribution", "retain"), ("general", "general")):
+        others[key] = [t for t in (data.retain_train.get(name), data.retain_eval.get(name)) if t is not None]
+    shares = {}
+    for key, parts in others.items():
+        if not parts:
+            continue
+        seen = {row.tobytes() for blocks in parts for row in blocks.numpy()}
+        share = sum(block in seen for block in forget) / len(forget)
+        if share > 0:
+            shares[key] = share
+    return shares
+
+
+def check_overlap(data: UnlearnData) -> None:
+    """Forget blocks must not also be what the model keeps (retain, general) or what it never saw (unseen): a
+    complete overlap is refused (the sets are the same text, so unlearning and keeping it contradict each
+    other), a partial one is reported in one line."""
+    shares = forget_overlap(data)
+    if not shares:
+        return
+    named = {k: f"{k} ({data.sources[k]})" if k in data.sources else k for k in shares}
+    full = [named[k] for k, share in shares.items() if share >= 1.0]
+    if full:
+        raise TunerError(f"data: every forget block ({data.sources.get('forget', 'forget')}) also appears in "
+                         f"{' and '.join(full)}: give a forget set that differs from it")
+    log.warning("data: forget blocks also appear in other sets: %s",
+                ", ".join(f"{share:.1%} in {named[k]}" for k, share in shares.items()))

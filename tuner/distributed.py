@@ -86,17 +86,23 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(parts)[:n].cpu()
 
 
-def shard_model(model: torch.nn.Module, strategy: Strategy, device: torch.device) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, strategy: Strategy, device: torch.device,
+                forward: torch.nn.Module | None = None, partial: bool = False) -> torch.nn.Module:
     """The module to train: DDP around `model` (every rank holds all weights; gradients all-reduced), or
-    `model` itself sharded in place by FSDP2 (`fully_shard` per transformer block, then the root)."""
+    `model` itself sharded in place by FSDP2 (`fully_shard` per transformer block, then the root).
+
+    `forward` is the module the loss calls when it is not `model` itself (`UnlearningMethod.training_module`,
+    which holds `model`): DDP then wraps it, and `partial` says its forward leaves some parameters without a
+    gradient (a forward stopped at a layer), which DDP must look for each step. FSDP2 shards `model` in place
+    either way and `forward` is returned as it is."""
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(forward or model, device_ids=ids, find_unused_parameters=partial)
     fully_shard_blocks(model)
-    return model
+    return forward or model
 
 
 def fully_shard_blocks(model: torch.nn.Module) -> None:
@@ -111,9 +117,18 @@ def fully_shard_blocks(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-def inner(model: torch.nn.Module) -> torch.nn.Module:
-    """The module DDP wraps (for evaluation and weights), or the model itself."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+def reshard(model: torch.nn.Module) -> None:
+    """Register the sharded parameters of every FSDP2 unit of `model` (a no-op elsewhere). FSDP2 keeps the
+    root's parameters unsharded after a forward pass, expecting the backward; after a forward without one
+    (evaluation, a method's precomputation) `parameters()` would hand out those full tensors instead of the
+    shards the optimiser, the gradient clipping and the weight snapshots must see."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 shards nothing
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -124,12 +139,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def snapshot_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of this rank's trainable weights (its shards under FSDP2; a LoRA run's adapters), for keeping
     the best evaluated step: frozen weights never change, so they are not copied."""
+    reshard(model)
     return {n: _local(p).detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()
 def restore_weights(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
     """Copy a `snapshot_weights` copy back into the live weights (in place, so FSDP2 shards stay shards)."""
+    reshard(model)
     for name, p in model.named_parameters():
         if name in saved:
             _local(p).copy_(saved[name])

@@ -59,7 +59,7 @@ def add_hyperparameter_flags(parser: argparse.ArgumentParser, declared: dict[str
         by_decl: dict[int, tuple[Hyperparameter, list[str]]] = {}
         for method, hp in pairs:
             by_decl.setdefault(id(hp), (hp, []))[1].append(method)
-        parts = [f"{hp.label}, default {hp.format(hp.default)}"
+        parts = [f"{hp.label}, default {hp.default_text()}"
                  + (f" ({', '.join(ms)})" if len(by_decl) > 1 or len(ms) < 3 else "")
                  for hp, ms in by_decl.values()]
         whole = all(hp.integer and hp.whole is not False for _, hp in pairs)

@@ -8,6 +8,7 @@ Torch-free: the CLI, the spec and the dashboards read these without loading a mo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,7 +19,12 @@ from typing import Any
 class Hyperparameter:
     """One searchable knob. `low`/`high`/`log` are the default search range (a spec may narrow or widen it);
     `above`/`at_least`/`at_most` bound what a value may be at all (a spec's range and an applied config are
-    checked against them). `source` names the paper or code that sets the default."""
+    checked against them). `source` names the paper or code that sets the default.
+
+    A knob about the model's layers (RMU's steered layer) sets `depth`: its default and default range are then
+    declared for a model of `depth` decoder layers, as its source states them (WMDP's layer 7 of zephyr-7b's
+    32), and scale with the model's depth once the model is known (`at_depth`). A value given explicitly (a
+    flag, a config, a spec's range) is an absolute layer index."""
 
     name: str
     label: str  # axis titles and help text
@@ -32,6 +38,7 @@ class Hyperparameter:
     above: float | None = None  # values must be > this
     at_least: float | None = None  # values must be >= this
     at_most: float | None = None
+    depth: int | None = None  # default/low/high are for a model of this many decoder layers (see `at_depth`)
     source: str = ""
     help: str = ""
 
@@ -60,6 +67,25 @@ class Hyperparameter:
         if self.at_most is not None and value > self.at_most:
             return f"{self.name} must be <= {self.at_most:g} (got {value:g})"
         return None
+
+    def at_depth(self, layers: int) -> Hyperparameter:
+        """This knob for a model of `layers` decoder layers: a depth-relative default and default range scaled
+        to it (rounded to the nearest layer, within 0..layers-1); any other knob as it is."""
+        if self.depth is None:
+            return self
+
+        def scaled(value: float) -> int:
+            return min(layers - 1, max(0, math.floor(value * layers / self.depth + 0.5)))
+
+        return dataclasses.replace(self, default=scaled(self.default), low=scaled(self.low), high=scaled(self.high),
+                                   depth=None)
+
+    def default_text(self) -> str:
+        """The default as help text prints it: "7 of 32 layers, scaled to the model's depth" for a
+        depth-relative knob."""
+        if self.depth is None:
+            return self.format(self.default)
+        return f"{self.format(self.default)} of {self.depth} layers, scaled to the model's depth"
 
     def coordinate(self, value: float) -> float:
         """Where `value` sits on the search axis (log10 for log-scale knobs): the recommender's distances and
@@ -106,9 +132,16 @@ def by_name(declared: Iterable[Hyperparameter]) -> dict[str, Hyperparameter]:
     return {hp.name: hp for hp in declared}
 
 
+def at_depth(declared: Iterable[Hyperparameter], layers: int) -> tuple[Hyperparameter, ...]:
+    """The declarations for a model of `layers` decoder layers (`Hyperparameter.at_depth`): what a study searches
+    by default on that model, and the defaults a run on it takes."""
+    return tuple(hp.at_depth(layers) for hp in declared)
+
+
 def complete(declared: Iterable[Hyperparameter], given: Mapping[str, Any], owner: str) -> dict[str, float | int]:
     """Every declared value (defaults where `given` is silent), each checked; a name the owner does not
-    declare is an error naming the owner and what it does take."""
+    declare is an error naming the owner and what it does take. A depth-relative knob that is not given is left
+    out: its default depends on the model (`UnlearningMethod.prepare` fills it in)."""
     table = by_name(declared)
     unknown = [k for k in given if k not in table]
     if unknown:
@@ -116,6 +149,8 @@ def complete(declared: Iterable[Hyperparameter], given: Mapping[str, Any], owner
                          f"(it takes: {', '.join(table)})")
     out: dict[str, float | int] = {}
     for name, hp in table.items():
+        if name not in given and hp.depth is not None:
+            continue
         value = given.get(name, hp.default)
         problem = hp.problem(value)
         if problem:

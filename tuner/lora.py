@@ -60,7 +60,8 @@ def attach(model: torch.nn.Module, spec: LoraSpec, adapter_dtype: torch.dtype, s
 
 
 class AdaptersOff(torch.nn.Module):
-    """The frozen reference of a LoRA run: the same module called with its adapters disabled.
+    """The frozen reference of a LoRA run: the same module called with its adapters disabled, in eval mode
+    (no dropout, whatever mode the adapted model trains in; its modes are restored after each call).
 
     It holds the adapted model outside its own parameters, so nothing is counted or moved twice."""
 
@@ -74,5 +75,11 @@ class AdaptersOff(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         adapted = self._adapted[0]
-        with adapted.disable_adapter():
-            return adapted(*args, **kwargs)
+        modes = [(m, m.training) for m in adapted.modules()]
+        adapted.eval()
+        try:
+            with adapted.disable_adapter():
+                return adapted(*args, **kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training

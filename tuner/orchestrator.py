@@ -92,7 +92,8 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         store.update_study(study_id, status="running", baseline=prepared["baseline"],
                            exact_retrain=prepared["exact_retrain"], data_summary=prepared["data_summary"])
         storage = optuna_storage(store)
-        units = _unit_runs(spec, store, study_id, storage, outcome, on_event)
+        depth = (prepared["data_summary"].get("model") or {}).get("layers")
+        units = _unit_runs(spec, store, study_id, storage, outcome, on_event, depth)
         if resume:
             derived.refresh(store, spec.name)  # trials of an older version or a killed driver
         _run_trials(spec, units, store, on_event, tune.with_parameters(trainable, ctx=context, prepared=prepared),
@@ -179,19 +180,20 @@ def _check_same_data(store: Store, name: str, summary: dict[str, Any]) -> None:
 
 
 def _unit_runs(spec: StudySpec, store: Store, study_id: int, storage: optuna.storages.RDBStorage,
-               outcome: StudyOutcome, on_event: Event | None) -> list[UnitRun]:
+               outcome: StudyOutcome, on_event: Event | None, depth: int | None) -> list[UnitRun]:
     """Each unit's search row, Optuna study (runs a killed driver left open closed as failed) and the part
-    of its budget still to run."""
+    of its budget still to run; `depth` (the model's decoder layers) resolves depth-relative ranges."""
     units = []
     for method, source in spec.units():
         unit = unit_name(method, source)
         optuna_name = f"{spec.name}/{unit}"
         search_id = store.ensure_search(study_id, unit, method, source, optuna_name, spec.sampler.name,
-                                        spec.budget.trials, {k: r.model_dump() for k, r in spec.space_for(method).items()})
+                                        spec.budget.trials,
+                                        {k: r.model_dump() for k, r in spec.space_for(method, depth).items()})
         close_open_trials(storage, optuna_name)
         done = store.finished_count(search_id)
         tally = outcome.units[unit] = UnitTally(budget=spec.budget.trials, finished=done)
-        units.append(UnitRun(unit, search_id, tally, unit_search(spec, method, optuna_name, storage),
+        units.append(UnitRun(unit, search_id, tally, unit_search(spec, method, optuna_name, storage, depth),
                              spec.budget.trials - done))
         if on_event is not None:
             on_event(unit, {"budget": tally.budget, "finished": done, "running": 0, "failed": 0, "best": None})

@@ -42,10 +42,11 @@ def make_sampler(spec: SamplerSpec, budget: int, seed: int) -> optuna.samplers.B
 
 class SearchSpaceFn:
     """Optuna define-by-run space, one suggestion per hyperparameter the method declares; a class (not a
-    closure) so Tune can pickle the searcher's state."""
+    closure) so Tune can pickle the searcher's state. `depth`: the model's decoder layers, against which a
+    depth-relative knob's default range is resolved (RMU's layer)."""
 
-    def __init__(self, spec: StudySpec, method: str) -> None:
-        self.ranges = spec.space_for(method)
+    def __init__(self, spec: StudySpec, method: str, depth: int | None = None) -> None:
+        self.ranges = spec.space_for(method, depth)
         self.declared = methods.get(method).space()
 
     def __call__(self, trial: optuna.Trial) -> dict[str, float | int]:
@@ -158,11 +159,12 @@ class UnitSearch:
         with_retry(lambda: tell(self.study, trial, values, state), "telling Optuna", OPTUNA_TRANSIENT)
 
 
-def unit_search(spec: StudySpec, method: str, optuna_name: str, storage: optuna.storages.BaseStorage) -> UnitSearch:
+def unit_search(spec: StudySpec, method: str, optuna_name: str, storage: optuna.storages.BaseStorage,
+                depth: int | None = None) -> UnitSearch:
     """The unit's search: its Optuna study with the spec's sampler, over the method's space."""
     objectives = list(spec.objectives)
     study = open_study(storage, optuna_name, make_sampler(spec.sampler, spec.budget.trials, spec.seed), objectives)
-    return UnitSearch(study, SearchSpaceFn(spec, method), objectives, spec.retries)
+    return UnitSearch(study, SearchSpaceFn(spec, method, depth), objectives, spec.retries)
 
 
 @dataclass

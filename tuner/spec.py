@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tuner import methods
 from tuner.candidates import YARDSTICK, yardstick
 from tuner.errors import TunerError, describe_validation_error, one_line
-from tuner.hparams import Hyperparameter
+from tuner.hparams import Hyperparameter, at_depth
 from tuner.names import NAME_RULE, is_valid_name
 from tuner.settings import DataSpec, QuantSettings, RelearnSettings, RetainSource, RunSettings
 
@@ -255,11 +255,16 @@ class StudySpec(_Strict):
                 _checked(f"per_method.{method}.{name}", method, own[name], _fields(self.search.get(name)),
                          _fields(partial))
 
-    def space_for(self, method: str) -> dict[str, Range]:
-        """The method's searched ranges, one per declared hyperparameter, in declaration order."""
+    def space_for(self, method: str, depth: int | None = None) -> dict[str, Range]:
+        """The method's searched ranges, one per declared hyperparameter, in declaration order. `depth`: the
+        model's decoder layers (`fingerprint(config)["layers"]`), against which a depth-relative knob's default
+        range is resolved (RMU's layer); without it, that range is the one declared for its source's model."""
         over = self.per_method.get(method, {})
+        declared = methods.get(method).space()
+        if depth is not None:
+            declared = at_depth(declared, depth)
         return {hp.name: resolved_range(hp, _fields(self.search.get(hp.name)), _fields(over.get(hp.name)))
-                for hp in methods.get(method).space()}
+                for hp in declared}
 
     def available_retain_sources(self) -> list[str]:
         """Testbeds bring both retain sources; otherwise those the data section names."""

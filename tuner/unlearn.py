@@ -19,9 +19,9 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from tuner import methods
 from tuner.data import RetainSource, UnlearnData
-from tuner.distributed import Ranks, StepSync, Strategy, backend, inner, restore_weights, shard_model, snapshot_weights
+from tuner.distributed import Ranks, StepSync, Strategy, backend, reshard, restore_weights, shard_model, snapshot_weights
 from tuner.errors import TunerError
-from tuner.evaluation import curve_point, curve_sets, full_metrics
+from tuner.evaluation import autocast_for, curve_point, curve_sets, full_metrics
 from tuner.hparams import EPOCHS, LR, RETAIN_WEIGHT
 from tuner.lossfn import compile_decoder
 from tuner.memory import GIB, ModelShape, device_capacity, measured_peak, run_shape
@@ -213,10 +213,18 @@ def run_unlearning(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         compile_decoder(model, data.forget[:1].to(device))
-    train_model = shard_model(model, cfg.sharding, device) if ranks.world > 1 else model
-    model = inner(train_model)  # evaluated and checkpointed; the same object under FSDP2
-    if reference is not None and ranks.world > 1 and cfg.sharding == "fsdp":
-        shard_model(reference, "fsdp", device)  # frozen, sharded like the model (forward only)
+    # the module the loss calls (the model, or a method's wrapper around it); `model` stays what is evaluated
+    # and checkpointed
+    forward_module = method.training_module(model)
+    wrapper = forward_module if forward_module is not model else None
+    train_model = (shard_model(model, cfg.sharding, device, wrapper, method_cls.partial_forward)
+                   if ranks.world > 1 else forward_module)
+    synced = model if cfg.sharding == "fsdp" else train_model  # FSDP2 shards the model itself
+    if (reference is not None and ranks.world > 1 and cfg.sharding == "fsdp"
+            and next(reference.parameters(), None) is not None):
+        # frozen, sharded like the model (forward only); a LoRA reference (the model with its adapters off)
+        # holds no weights of its own: it runs the sharded model
+        shard_model(reference, "fsdp", device)
     eval_tokens = 0
 
     def evaluated_tokens() -> int:
@@ -229,9 +237,12 @@ def run_unlearning(
         eval_tokens += evaluated_tokens()
     eval_time += time.perf_counter() - t0
 
-    method.prepare(MethodContext(model=model, reference=reference, forget=data.forget, device=device,
-                                 dtype=dtype, seed=cfg.seed, params=cfg.params,
-                                 eval_batch_size=cfg.eval_batch_size))
+    with autocast_for(device, dtype):  # what a method precomputes is computed as its loss will be
+        method.prepare(MethodContext(model=model, reference=reference, forget=data.forget, device=device,
+                                     dtype=dtype, seed=cfg.seed, params=cfg.params,
+                                     eval_batch_size=cfg.eval_batch_size))
+    # the settings the run used, a depth-relative default resolved for this model (recorded with the result)
+    cfg = cfg.model_copy(update={"params": dict(method.ctx.params)})
     total_steps = cfg.total_steps(data.forget.shape[0])
     eval_every = cfg.eval_every or max(1, total_steps // 10)
     forget_stream = IndexStream(data.forget.shape[0], cfg.seed)
@@ -290,8 +301,10 @@ def run_unlearning(
             return True
         return cfg.end_step is not None and step >= cfg.end_step
 
-    sync = StepSync(train_model, ranks) if ranks.world > 1 else None
-    # after sharding: FSDP2 replaces the parameters with sharded ones
+    sync = StepSync(synced, ranks) if ranks.world > 1 else None
+    # after sharding, and with the shards registered again after the forward passes above: FSDP2 replaces the
+    # parameters with sharded ones
+    reshard(model)
     optim = cfg.optim(cfg.lr)
     optimizer = make_optimizer([p for p in train_model.parameters() if p.requires_grad], optim, device)
     outcome = run_loop(train_model, micro_loss, total_steps, cfg.grad_accum, optim, device, dtype, after_step,

@@ -23,11 +23,11 @@ def top1_excluding_truth(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tenso
 class Adversarial(UnlearningMethod):
     name = "adversarial"
     summary = "cross-entropy toward the original model's best wrong next token"
-    needs_reference = True
 
     def prepare(self, ctx: MethodContext) -> None:
         super().prepare(ctx)
-        self.labels = precompute_labels(ctx.reference, ctx.forget, ctx.eval_batch_size, ctx.device,
+        # the original model's labels, read from the policy before its first step (it is the original)
+        self.labels = precompute_labels(ctx.model, ctx.forget, ctx.eval_batch_size, ctx.device,
                                         top1_excluding_truth)
 
     def loss(self, model, batch: Batch) -> LossOut:

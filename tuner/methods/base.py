@@ -7,12 +7,18 @@ prepared once per run in `prepare`, never per step.
 Importing a method needs no torch: `tuner methods`, the spec's checks and the dashboards read a method's
 catalogue (name, summary, flags, `own` hyperparameters) alone. So a method's file imports torch under
 TYPE_CHECKING and inside the functions that compute, and decorates with `no_grad` rather than `torch.no_grad()`.
+
+The original model's quantities match the policy's at step 0: `prepare` runs under the policy's autocast, and
+what it precomputes from "the original" it reads from the policy itself before its first step (the same
+weights, the same dtypes, so exactly the same numbers); the frozen reference, read per step, runs in eval mode
+under the same autocast as the policy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
@@ -29,7 +35,7 @@ _F = TypeVar("_F", bound=Callable)
 class MethodContext:
     """What a run hands a method once, before the first step."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module  # the policy, before its first step: the original model, as the policy computes
     reference: torch.nn.Module | None  # the frozen original model (None when the method does not need it)
     forget: torch.Tensor  # all forget blocks, CPU
     device: torch.device
@@ -57,6 +63,7 @@ class UnlearningMethod:
     needs_reference: ClassVar[bool] = False
     reference_distributions: ClassVar[bool] = False  # holds the reference's full next-token distributions (KL)
     full_logit_streams: ClassVar[int] = 0  # batches whose loss needs [B, T, V] logits (not chunked log-probs)
+    partial_forward: ClassVar[bool] = False  # `training_module`'s forward leaves later layers and the head unused
     own: ClassVar[tuple[Hyperparameter, ...]] = ()  # the method's own knobs, declared in its file
 
     def __init__(self) -> None:
@@ -77,7 +84,24 @@ class UnlearningMethod:
         return complete(cls.space(), given, f"method '{cls.name}'")
 
     def prepare(self, ctx: MethodContext) -> None:
+        """Keep the run's context; a depth-relative knob the run did not set (`Hyperparameter.depth`) gets its
+        default for this model's depth here, the first point where the model is known."""
+        relative = [hp for hp in self.space() if hp.depth is not None and hp.name not in ctx.params]
+        if relative:
+            from tuner.models import fingerprint
+
+            layers = int(fingerprint(ctx.model.config.get_text_config())["layers"])
+            defaults = {hp.name: hp.at_depth(layers).default for hp in relative}
+            declared = [hp.name for hp in self.space()]
+            ctx.params = {**{n: ctx.params.get(n, defaults.get(n)) for n in declared
+                             if n in ctx.params or n in defaults}, **ctx.params}
         self.ctx = ctx
+
+    def training_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What `loss` is called with, and what data parallelism wraps: the model itself, or, for a method whose
+        forward pass stops early, a module around it whose forward completes (DDP prepares the gradient
+        all-reduce after the forward returns; an exception raised out of it skips that step)."""
+        return model
 
     def value(self, hp: Hyperparameter) -> float:
         """This run's value of one of the method's hyperparameters."""
@@ -146,17 +170,30 @@ def kl_term(model: torch.nn.Module, reference: torch.nn.Module, ids: torch.Tenso
     return F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1).mean()
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode (no dropout), every submodule's mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @no_grad
 def precompute_labels(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device,
                       pick) -> torch.Tensor:
-    """Run `model` over all blocks once and keep `pick(logits, ids)` (hard labels) per block, on CPU."""
+    """Run `model` (in eval mode) over all blocks once and keep `pick(logits, ids)` (hard labels) per block, on
+    CPU."""
     import torch
 
     from tuner.lossfn import next_token_logits
 
-    model.eval()
     out = []
-    for start in range(0, blocks.shape[0], batch_size):
-        ids = blocks[start:start + batch_size].to(device)
-        out.append(pick(next_token_logits(model, ids).float(), ids).cpu())
+    with evaluating(model):
+        for start in range(0, blocks.shape[0], batch_size):
+            ids = blocks[start:start + batch_size].to(device)
+            out.append(pick(next_token_logits(model, ids).float(), ids).cpu())
     return torch.cat(out)

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 from tuner.hparams import RETAIN_WEIGHT, Hyperparameter
 from tuner.lossout import LossOut
 from tuner.methods import register
-from tuner.methods.base import Batch, MethodContext, UnlearningMethod, nll_term, no_grad, token_nll_term
+from tuner.methods.base import (
+    Batch,
+    MethodContext,
+    UnlearningMethod,
+    evaluating,
+    nll_term,
+    no_grad,
+    token_nll_term,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -28,14 +36,14 @@ BETA = Hyperparameter(
 
 @no_grad
 def sequence_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """-log p(y) of each block (per-token NLL summed over the block), fp32 on CPU."""
+    """-log p(y) of each block (per-token NLL summed over the block, in eval mode), fp32 on CPU."""
     import torch
 
     from tuner.lossfn import next_token_nll
 
-    model.eval()
-    return torch.cat([next_token_nll(model, blocks[s:s + batch_size].to(device)).sum(-1).cpu()
-                      for s in range(0, blocks.shape[0], batch_size)])
+    with evaluating(model):
+        return torch.cat([next_token_nll(model, blocks[s:s + batch_size].to(device)).sum(-1).cpu()
+                          for s in range(0, blocks.shape[0], batch_size)])
 
 
 def npo_forget_term(nll: torch.Tensor, ref_nll: torch.Tensor, beta: float) -> torch.Tensor:
@@ -51,14 +59,15 @@ class NPO(UnlearningMethod):
     summary = "negative preference optimisation on forget (bounded GA, relative to the original) + λ · retain NLL"
     has_retain_term = True
     uses_retain = True
-    needs_reference = True  # read once in `prepare`: each forget block's log p_ref(y)
     own = (BETA,)
 
     def prepare(self, ctx: MethodContext) -> None:
         super().prepare(ctx)
-        # The reference is frozen and the forget set fixed, so log p_ref(y) of every block is computed once
-        # per run rather than by a second forward pass each step.
-        self.ref_nll = sequence_nll(ctx.reference, ctx.forget, ctx.eval_batch_size, ctx.device)
+        # The reference is the original model and the forget set fixed, so log p_ref(y) of every block is
+        # computed once per run rather than by a second forward pass each step, from the policy before its
+        # first step: it is the original, in the policy's dtypes, so the step-0 log-ratio is exactly 0 and no
+        # frozen copy is needed.
+        self.ref_nll = sequence_nll(ctx.model, ctx.forget, ctx.eval_batch_size, ctx.device)
 
     def loss(self, model, batch: Batch) -> LossOut:
         token_nll = token_nll_term(model, batch.forget)

@@ -10,7 +10,15 @@ shared λ: α is on a scale of its own (activation MSE, ~10³) and is declared h
 
 The WMDP code updates only the MLPs of layers 5-7; here the whole model trains, as open-unlearning's RMU
 config does (`trainable_params_regex: .*`). The activations are read by a forward hook on the layer, and the
-forward pass stops there (the rest of the model, head included, never runs)."""
+forward pass stops there (the rest of the model, head included, never runs).
+
+Under data parallelism the stop must not cut short the wrapper's own forward: DDP averages gradients only
+after a forward that returned. So the policy runs through `LayerProbe`, a module whose forward returns the
+layer's activations, and DDP wraps that probe (told that later layers and the head get no gradient); forget and
+retain blocks go through it in one forward, since DDP expects one forward per backward. FSDP2 shards the model
+itself: a stopped forward of its root is completed by the backward (FSDP2's post-backward callback ends the
+iteration), and a stopped forward without gradients (the frozen reference's) is ended with FSDP2's
+`reset_iter_state`."""
 
 from __future__ import annotations
 
@@ -26,10 +34,11 @@ if TYPE_CHECKING:
     import torch
 
 LAYER = Hyperparameter(
-    "layer", "RMU layer", default=7, low=0, high=7, integer=True, at_least=0,
-    source="centerforaisafety/wmdp rmu/unlearn.py (layer_id 7, for zephyr-7b); open-unlearning "
-           "configs/trainer/RMU.yaml (model.layers.7)",
-    help="the decoder layer (0-based) whose output activations RMU steers; must exist in the model")
+    "layer", "RMU layer", default=7, low=0, high=7, integer=True, at_least=0, depth=32,
+    source="centerforaisafety/wmdp rmu/unlearn.py (layer_id 7 of zephyr-7b's 32, about 22% of the depth); "
+           "open-unlearning configs/trainer/RMU.yaml (model.layers.7)",
+    help="the decoder layer (0-based) whose output activations RMU steers; by default the layer at 7/32 of the "
+         "model's depth (searched from 0 to there); a value given is a layer index and must exist in the model")
 STEERING = Hyperparameter(
     "steering_coeff", "RMU steering coefficient c", default=6.5, low=1.0, high=100.0, log=True, symbol="c",
     source="WMDP paper / centerforaisafety/wmdp README run for zephyr-7b (--steering_coeffs 6.5,6.5)",
@@ -38,45 +47,6 @@ ALPHA = Hyperparameter(
     "alpha", "RMU retain weight α", default=1200.0, low=10.0, high=1e4, log=True, symbol="α",
     source="WMDP paper / centerforaisafety/wmdp README run for zephyr-7b (--alpha 1200,1200)",
     help="α, the weight of the retain activations' MSE to the frozen model's")
-
-
-class _Reached(Exception):
-    """Raised by the hook once the layer has run: the rest of the forward pass is not needed."""
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
-    """The decoder's list of layers (`model.layers` in Llama-style models, `transformer.h` in GPT-2), also
-    inside a peft or DDP wrapper; None when the module exposes none (the LoRA reference wrapper)."""
-    import torch
-
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h"):
-            return module
-    return None
-
-
-def layer_output(model: torch.nn.Module, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The output hidden states `[B, T, H]` of `layer` when `model` runs on `ids`; the forward pass stops
-    right after it. The hook is removed before returning, so a recomputation of the layer in the backward
-    pass (gradient checkpointing) runs it plain."""
-    import torch
-
-    captured: list[torch.Tensor] = []
-
-    def hook(_module, _args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _Reached
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError("RMU's layer did not run in the model's forward pass")
-    return captured[0]
 
 
 def steering_vector(hidden: int, seed: int) -> torch.Tensor:
@@ -95,10 +65,14 @@ class RMU(UnlearningMethod):
     summary = "steer forget activations at one layer to a random vector; hold retain activations to the original"
     uses_retain = True  # the retain term is weighted by RMU's own α, not λ
     needs_reference = True  # the frozen model's retain activations
+
+    partial_forward = True  # the probe's forward stops at the layer: later layers and the head are unused
     own = (LAYER, STEERING, ALPHA)
 
     def prepare(self, ctx: MethodContext) -> None:
-        super().prepare(ctx)
+        from tuner.probe import decoder_layers
+
+        super().prepare(ctx)  # resolves the default layer against the model's depth
         layers = decoder_layers(ctx.model)
         if layers is None:
             raise TunerError("rmu: cannot find the model's decoder layers (expected a 'layers' or 'h' list)")
@@ -106,20 +80,30 @@ class RMU(UnlearningMethod):
         if not 0 <= index < len(layers):
             raise TunerError(f"rmu: layer {index} does not exist: the model has {len(layers)} decoder layers "
                              f"(choose layer 0..{len(layers) - 1})")
+        self.index = index
         self.layer = layers[index]
         # With LoRA the reference is the same model with its adapters off: the same layer module.
         ref_layers = decoder_layers(ctx.reference)
         self.ref_layer = ref_layers[index] if ref_layers is not None else self.layer
         self.u = steering_vector(ctx.model.config.get_text_config().hidden_size, ctx.seed).to(ctx.device)
 
+    def training_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        from tuner.probe import LayerProbe
+
+        return LayerProbe(model)
+
     def loss(self, model, batch: Batch) -> LossOut:
         import torch
         import torch.nn.functional as F
 
-        forget_h = layer_output(model, self.layer, batch.forget).float()
+        from tuner.probe import LayerProbe, layer_output, unwrapped
+
+        probe = model if isinstance(unwrapped(model), LayerProbe) else LayerProbe(model)
+        # forget and retain in one forward: DDP expects one forward per backward
+        hidden = probe(torch.cat([batch.forget, batch.retain]), layer=self.index).float()
+        forget_h, retain_h = hidden[:batch.forget.shape[0]], hidden[batch.forget.shape[0]:]
         target = (self.value(STEERING) * self.u).expand_as(forget_h)
         forget = F.mse_loss(forget_h, target)
-        retain_h = layer_output(model, self.layer, batch.retain).float()
         with torch.no_grad():
             ref_h = layer_output(self.ctx.reference, self.ref_layer, batch.retain).float()
         retain = F.mse_loss(retain_h, ref_h)
