@@ -6,7 +6,7 @@ run in one group start, and each combination is its own test (the ids name it: `
 
 from __future__ import annotations
 
-import math
+import copy
 import time
 
 import pytest
@@ -18,10 +18,12 @@ from tuner import methods
 
 METHODS = list(methods.available())
 SHARDINGS = ("ddp", "fsdp")
-# fp32: the ranks sum the same terms in another order (gradient all-reduce, per-rank means)
+# largest |1 rank - 2 ranks| of the forget NLL, in nats. fp32: the ranks sum the same terms in another order
+# (gradient all-reduce, per-rank means): ~5e-7 seen
 TOLERANCE = {"fp32": 1e-5,
              # mixed: bf16 autocast rounds each matmul to 8 bits of mantissa, and a batch of 4 rows and one of 8
-             # may round differently (other kernel blocking); a few steps keep that below 1e-3 nats
+             # may round differently (other kernel blocking): up to ~2e-4 seen; RMU's unaveraged DDP gradients
+             # gave 3e-3
              "mixed": 1e-3}
 COMMON = {"lr": 1e-3, "max_steps": 2, "eval_every": 2, "seed": 3, "warmup_ratio": 0.0, "stop_at_target": False,
           "checkpoint": "last", "device": "cpu", "eval_batch_size": 8}
@@ -67,28 +69,35 @@ def small(data):
 
 
 @pytest.fixture(scope="module")
-def small_baseline(bench, small):
-    from tuner.evaluation import full_metrics
-
-    return full_metrics(bench.original, small, 8, torch.device("cpu"), torch.float32)
+def original(bench) -> torch.nn.Module:
+    """The pristine micro testbed model (every run takes a private copy of it)."""
+    bench.fresh()  # detaches any adapters another test left attached
+    return copy.deepcopy(bench.original)
 
 
 @pytest.fixture(scope="module")
-def one_rank(bench, small, small_baseline):
+def small_baseline(original, small):
+    from tuner.evaluation import full_metrics
+
+    return full_metrics(original, small, 8, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def one_rank(original, small, small_baseline):
     """1-rank runs at batch 8, made once each and kept."""
     done: dict[str, dict] = {}
 
     def get(method: str, precision: str, adapters: str) -> dict:
         k = key(method, "1rank", precision, adapters)
         if k not in done:
-            done[k] = run_job(bench.original, small, small_baseline, job(method, precision, adapters, 1))
+            done[k] = run_job(original, small, small_baseline, job(method, precision, adapters, 1))
         return done[k]
 
     return get
 
 
 @pytest.fixture(scope="module")
-def two_ranks(bench, small, small_baseline, tmp_path_factory):
+def two_ranks(original, small, small_baseline, tmp_path_factory):
     """The meaningful 2-rank combinations of one sharding, all in one process group start (at the first test of
     that sharding); results kept by job key."""
     done: dict[str, dict] = {}
@@ -99,7 +108,7 @@ def two_ranks(bench, small, small_baseline, tmp_path_factory):
             jobs = {key(m, s, p, a): job(m, p, a, 2, s) for m, s, p, a in COMBOS
                     if s == sharding and not_meaningful(m, p, a) is None}
             started = time.perf_counter()
-            done.update(run_on_ranks(bench.original, small, small_baseline, jobs,
+            done.update(run_on_ranks(original, small, small_baseline, jobs,
                                      tmp_path_factory.mktemp(sharding), free_port()))
             print(f"\n{len(jobs)} runs on 2 ranks ({sharding}) in {time.perf_counter() - started:.0f} s")
         return done[k]
@@ -124,4 +133,4 @@ def test_two_ranks_give_the_one_rank_trial(method, ranks, precision, adapters, o
     a, b = one["metrics"]["forget_nll"], two["metrics"]["forget_nll"]
     print(f"{key(method, ranks, precision, adapters)}: forget NLL 1 rank {a:.7f}, 2 ranks {b:.7f}, "
           f"|diff| {abs(a - b):.1e}")
-    assert math.isclose(a, b, rel_tol=TOLERANCE[precision], abs_tol=TOLERANCE[precision]), (a, b)
+    assert abs(a - b) <= TOLERANCE[precision], (a, b)

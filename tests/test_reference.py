@@ -42,17 +42,26 @@ def small(data):
 
 
 @pytest.fixture(scope="module")
-def small_baseline(bench, small):
+def own_bench(bench) -> Workbench:
+    """A workbench of this module's own: LoRA runs attach adapters to a workbench's model in place, and the
+    session's is shared with other tests."""
+    bench.fresh()  # detaches any adapters another test left attached
+    return Workbench(copy.deepcopy(bench.original), bench.tokenizer, bench.source)
+
+
+@pytest.fixture(scope="module")
+def small_baseline(own_bench, small):
     from tuner.evaluation import full_metrics
 
-    return full_metrics(bench.original, small, 8, CPU, torch.float32)
+    return full_metrics(own_bench.original, small, 8, CPU, torch.float32)
 
 
 @pytest.mark.parametrize(("method", "adapters", "precision"), COMBOS, ids=["-".join(c) for c in COMBOS])
-def test_the_first_step_sees_reference_equal_to_policy(method, adapters, precision, bench, small, small_baseline):
+def test_the_first_step_sees_reference_equal_to_policy(method, adapters, precision, own_bench, small,
+                                                       small_baseline):
     cfg = UnlearnConfig(method=method, precision=precision, **OWN.get(method, {}),
                         **({"lora": {"r": 4}} if adapters == "lora" else {}), **FIXED)
-    model, reference = bench.trainee(cfg, resolve_precision(precision, CPU))
+    model, reference = own_bench.trainee(cfg, resolve_precision(precision, CPU))
     logs = []
     run_unlearning(model, small, cfg, reference=reference, baseline=small_baseline,
                    on_progress=lambda step, total, log: logs.append(log))
@@ -62,6 +71,7 @@ def test_the_first_step_sees_reference_equal_to_policy(method, adapters, precisi
 
 def dropout_workbench(bench) -> Workbench:
     """The micro testbed's weights in a model whose config has dropout 0.1 everywhere."""
+    bench.fresh()  # detaches any adapters another test left attached
     config = copy.deepcopy(bench.original.config)
     config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.1
     model = AutoModelForCausalLM.from_config(config)
