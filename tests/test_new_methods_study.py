@@ -22,7 +22,7 @@ OWN = {"npo": {"beta"}, "rmu": {"layer", "steering_coeff", "alpha"}}
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, local_ray, micro_study):
     tmp = tmp_path_factory.mktemp("own-knobs")
-    url = micro_study(tmp, name="own-knobs", methods=["npo", "rmu"], budget={"trials": 3}, concurrency=2,
+    url = micro_study(tmp, name="own-knobs", methods=["npo", "rmu"], budget={"trials": 2}, concurrency=2,
                       sampler={"name": "tpe", "n_startup_trials": 2},
                       search={"lr": {"low": 1e-3, "high": 3e-3}, "epochs": {"low": 1, "high": 2}},
                       per_method={"rmu": {"layer": {"low": 0, "high": 1}, "steering_coeff": {"low": 1, "high": 10},

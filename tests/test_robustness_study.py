@@ -22,7 +22,7 @@ TUNER = str(Path(sys.executable).with_name("tuner"))
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, local_ray, micro_study):
     tmp = tmp_path_factory.mktemp("robust")
-    url = micro_study(tmp, name="robust", methods=["ga", "ga_gd"], budget={"trials": 3}, concurrency=2,
+    url = micro_study(tmp, name="robust", methods=["ga", "ga_gd"], budget={"trials": 2}, concurrency=2,
                       sampler={"name": "tpe", "n_startup_trials": 2},
                       search={"lr": {"low": 1e-3, "high": 3e-3}, "epochs": {"low": 1, "high": 2}},
                       robustness={"when": "every_trial", "relearn": {"steps": 4, "lr": 1e-3}, "seeds": 2},
@@ -110,7 +110,8 @@ def test_pareto_candidates_are_rechecked_at_the_end(tmp_path, local_ray, micro_s
                               search={"lr": {"low": 1e-3, "high": 2e-3}, "epochs": {"low": 1, "high": 1}},
                               robustness={"when": "pareto_at_end", "checks": ["relearn"],
                                           "relearn": {"steps": 2, "lr": 1e-3}, "seeds": 1},
-                              target={"gap_tolerance": 0.3}))
+                              target={"gap_tolerance": 0.3},
+                              run={"eval_every": 8}))  # one or two checkpoints per trial: few candidates to re-run
     front = {(tid, p["step"]) for tid, points in store.study_curves(store.study("pareto-end").id).items() for p in points
              if p["pareto"]}
     checks = store.study_checks("pareto-end")
