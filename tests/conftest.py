@@ -1,12 +1,18 @@
-"""Shared fixtures: one micro testbed per test session, built for real into a private cache."""
+"""Shared fixtures: one micro testbed per test session, built for real into a private cache; the builders of a
+micro study spec, a micro study run in-process, a store; one local Ray per study module."""
 
 from __future__ import annotations
 
+import copy
 import os
 import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -94,3 +100,85 @@ def store_url(request, tmp_path):
     with psycopg.connect(base.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{name}"')
     return f"{base}?options=-csearch_path%3D{name}"
+
+
+# ---- micro studies ---------------------------------------------------------------------------------------------
+
+# The smallest study that trains: one unit, one trial, no robustness checks. Tests name what they need beyond it.
+MICRO_SPEC: dict[str, Any] = {
+    "name": "micro", "model": "testbed:micro", "methods": ["ga_gd"], "retain_sources": ["in_distribution"],
+    "budget": {"trials": 1}, "concurrency": 1, "sampler": {"name": "random"},
+    "robustness": {"when": "off", "seeds": 1},
+    "search": {"lr": {"low": 3e-4, "high": 2e-3}, "epochs": {"low": 1, "high": 2}},
+    "run": {"device": "cpu"},
+}
+
+
+def build_micro_spec(run: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """MICRO_SPEC with `fields` replacing its top-level keys; `run` adds to its run block (device cpu stays)."""
+    doc = copy.deepcopy(MICRO_SPEC)
+    doc.update(copy.deepcopy(fields))
+    doc["run"] = {**doc["run"], **(run or {})}
+    return doc
+
+
+def write_micro_spec(folder: Path, run: dict[str, Any] | None = None, **fields: Any) -> Path:
+    """The micro spec as `folder/study.yaml`, for `tuner study run` and `load_spec`."""
+    path = Path(folder) / "study.yaml"
+    path.write_text(yaml.safe_dump(build_micro_spec(run, **fields)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro_spec() -> Callable[..., dict[str, Any]]:
+    """micro_spec(**fields) -> the micro study as a dict (see build_micro_spec)."""
+    return build_micro_spec
+
+
+@pytest.fixture(scope="session")
+def spec_file() -> Callable[..., Path]:
+    """spec_file(folder, **fields) -> the micro study written to folder/study.yaml."""
+    return write_micro_spec
+
+
+@pytest.fixture(scope="session")
+def micro_study(bench) -> Callable[..., str]:
+    """micro_study(folder, **fields) -> the URL of a SQLite store in `folder` holding that micro study, run to
+    its end in this process by `tuner.orchestrator.run_study`. On the module's `local_ray` when the caller
+    holds it (a module fixture asks for both); otherwise the study starts and stops its own Ray."""
+    from tuner.orchestrator import run_study
+    from tuner.spec import load_spec
+    from tuner.store import Store
+
+    def run(folder: Path, run: dict[str, Any] | None = None, **fields: Any) -> str:
+        spec, text = load_spec(write_micro_spec(folder, run, **fields))
+        url = f"sqlite:///{Path(folder) / spec.name}.db"
+        run_study(spec, text, Store(url))
+        return url
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def local_ray(cache_dir):
+    """One local Ray for a test module's in-process studies, started as `tuner study run` starts it
+    (`tuner.cluster.start_ray`): `run_study` leaves a Ray it did not start running, so the module's studies
+    share it and it stops once, after the module. After the testbed cache is set: Ray's workers inherit it."""
+    import ray
+
+    from tuner.cluster import start_ray
+
+    started = start_ray(None)
+    yield
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def store_file(tmp_path) -> str:
+    """The URL of a new, empty SQLite store (its tables made), so a test can check that nothing was written."""
+    from tuner.store import Store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    Store(url)
+    return url

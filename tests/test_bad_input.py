@@ -48,21 +48,6 @@ def refused(proc, *needles):
     return lines[0]
 
 
-def small_spec(**fields) -> dict:
-    doc = {"name": "bad-input", "model": "testbed:micro", "methods": ["ga"], "budget": {"trials": 1},
-           "robustness": {"when": "off", "seeds": 1}, "run": {"device": "cpu"}}
-    doc.update(fields)
-    return doc
-
-
-@pytest.fixture
-def store_file(tmp_path):
-    """An existing SQLite store, so 'no study row' can be checked (and a new file could not hide one)."""
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    Store(url)
-    return url
-
-
 def no_study_rows(url):
     assert Store(url).study_names() == []
 
@@ -113,9 +98,8 @@ def test_non_utf8_and_missing_spec_files(tmp_path, cache_dir, store_file):
     (["--name", "x" * 101], "name: Value error"),
     (["--trials", "0"], "--trials must be at least 1"),
 ])
-def test_bad_flags_of_study_run(tmp_path, cache_dir, store_file, flags, needle):
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(small_spec()))
+def test_bad_flags_of_study_run(tmp_path, cache_dir, store_file, flags, needle, spec_file):
+    path = spec_file(tmp_path, methods=["ga"])
     refused(tuner("study", "run", path, "--storage", store_file, *flags, cache_dir=cache_dir), needle)
     no_study_rows(store_file)
 
@@ -150,12 +134,12 @@ def unseen_file(tmp_path, bench) -> Path:
 
 
 @pytest.mark.parametrize("case", sorted(DATA_MESSAGES))
-def test_unreadable_data_stops_study_run_before_the_study_is_stored(tmp_path, cache_dir, bench, store_file, case):
+def test_unreadable_data_stops_study_run_before_the_study_is_stored(tmp_path, cache_dir, bench, store_file, case,
+                                                                    spec_file):
     forget = write_data(tmp_path, case)
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(small_spec(data={"forget": {"path": str(forget)},
-                                                    "unseen": {"path": str(unseen_file(tmp_path, bench))},
-                                                    "block_size": 32})))
+    path = spec_file(tmp_path, methods=["ga"], data={"forget": {"path": str(forget)},
+                                                     "unseen": {"path": str(unseen_file(tmp_path, bench))},
+                                                     "block_size": 32})
     line = refused(tuner("study", "run", path, "--storage", store_file, cache_dir=cache_dir),
                    str(path), "data.forget", DATA_MESSAGES[case])
     assert str(forget) in line
@@ -189,7 +173,8 @@ def mismatched_model(tmp_path_factory, bench):
     return path
 
 
-def test_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, cache_dir, bench, store_file, mismatched_model):
+def test_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, cache_dir, bench, store_file, mismatched_model,
+                                                         spec_file):
     out = tmp_path / "out"
     forget = tmp_path / "forget.txt"
     forget.write_text((bench.source.testbed_root / "data" / "forget").joinpath(
@@ -200,11 +185,10 @@ def test_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, cache_dir, be
             "do not belong together", f"tokenizer has {len(bench.tokenizer)} tokens")
     assert not out.exists()
     data = {"forget": {"path": str(forget)}, "unseen": {"path": str(unseen)}, "block_size": 32}
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(small_spec(model=str(mismatched_model), data=data)))
+    path = spec_file(tmp_path, methods=["ga"], model=str(mismatched_model), data=data)
     refused(tuner("study", "run", path, "--storage", store_file, cache_dir=cache_dir), str(path),
             "do not belong together")
-    path.write_text(yaml.safe_dump(small_spec(model=bench.source.path, data={**data, "block_size": 4096})))
+    path = spec_file(tmp_path, methods=["ga"], model=bench.source.path, data={**data, "block_size": 4096})
     refused(tuner("study", "run", path, "--storage", store_file, cache_dir=cache_dir), str(path),
             "data.block_size 4096 is longer than the model's context")
     no_study_rows(store_file)
@@ -212,9 +196,8 @@ def test_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, cache_dir, be
 
 # ---- storage ------------------------------------------------------------------------------------------------
 
-def test_unusable_sqlite_locations_are_refused_and_not_created(tmp_path, cache_dir):
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(small_spec()))
+def test_unusable_sqlite_locations_are_refused_and_not_created(tmp_path, cache_dir, spec_file):
+    path = spec_file(tmp_path, methods=["ga"])
     missing = tmp_path / "no-such-folder"
     refused(tuner("study", "run", path, "--storage", f"sqlite:///{missing / 'x.db'}", cache_dir=cache_dir),
             f"folder {missing}", "does not exist")
@@ -231,9 +214,8 @@ def test_unusable_sqlite_locations_are_refused_and_not_created(tmp_path, cache_d
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_read_only_sqlite_folder(tmp_path, cache_dir):
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(small_spec()))
+def test_read_only_sqlite_folder(tmp_path, cache_dir, spec_file):
+    path = spec_file(tmp_path, methods=["ga"])
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -256,13 +238,13 @@ def test_a_database_without_a_store_is_not_written_by_reading_commands(cache_dir
 
 # ---- a study name that is taken -----------------------------------------------------------------------------
 
-def test_an_existing_study_name_points_at_resume_and_is_left_alone(tmp_path, cache_dir, store_file):
+def test_an_existing_study_name_points_at_resume_and_is_left_alone(tmp_path, cache_dir, store_file, micro_spec,
+                                                                   spec_file):
     store = Store(store_file)
-    spec = StudySpec.model_validate(small_spec(name="taken"))
+    spec = StudySpec.model_validate(micro_spec(methods=["ga"], name="taken"))
     store.create_study("taken", spec.model, 0, spec.model_dump(mode="json"), "name: taken\n", {"v": "1"})
     before = store.study("taken")
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(small_spec(name="other")))
+    path = spec_file(tmp_path, methods=["ga"], name="other")
     refused(tuner("study", "run", path, "--name", "taken", "--storage", store_file, cache_dir=cache_dir),
             "a study named 'taken' already exists", "tuner study resume taken")
     after = store.study("taken")
@@ -303,11 +285,11 @@ def test_racing_creators_of_one_name_get_the_same_error(store_url):
 # ---- export --------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def exportable(tmp_path):
+def exportable(tmp_path, micro_spec):
     """A stored study with one finished trial in the target band (written through the store's API)."""
     url = f"sqlite:///{tmp_path / 'export.db'}"
     store = Store(url)
-    spec = StudySpec.model_validate(small_spec(name="exp"))
+    spec = StudySpec.model_validate(micro_spec(methods=["ga"], name="exp"))
     study_id = store.create_study("exp", spec.model, 0, spec.model_dump(mode="json"), "", {})
     search = store.ensure_search(study_id, "ga", "ga", None, "exp/ga", "tpe", 1, {})
     trial = store.start_trial(search, {"lr": 1e-3, "epochs": 1})
@@ -540,7 +522,7 @@ def test_the_property_test_covers_every_subcommand(capsys):
 
 
 @pytest.fixture(scope="module")
-def cli_files(tmp_path_factory):
+def cli_files(tmp_path_factory, micro_spec):
     """The files arguments are drawn from: random bytes and text, YAML of odd shapes, an empty file, a file
     that is not a database, an empty SQLite file, a directory, a missing path, and one real store with a
     study named 'stored' whose saved spec no longer validates (so `resume` would refuse it)."""
@@ -561,7 +543,7 @@ def cli_files(tmp_path_factory):
     paths += [str(root / "dir"), str(root / "missing" / "x"), str(root / "empty.db")]
     store_url = f"sqlite:///{root / 'store.db'}"
     store = Store(store_url)
-    spec = StudySpec.model_validate(small_spec(name="stored")).model_dump(mode="json")
+    spec = StudySpec.model_validate(micro_spec(methods=["ga"], name="stored")).model_dump(mode="json")
     study_id = store.create_study("stored", "testbed:micro", 0, {**spec, "methods": ["no_such_method"]}, "", {})
     search = store.ensure_search(study_id, "ga", "ga", None, "stored/ga", "tpe", 1, {})
     trial = store.start_trial(search, {"lr": 1e-3, "epochs": 1})

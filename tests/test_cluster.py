@@ -15,7 +15,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 from procs import free_port
 
 from tuner.store import Store
@@ -90,15 +89,12 @@ def cluster(tmp_path, cache_dir, bench):
         c.stop()
 
 
-def spec_file(tmp_path: Path, name: str, trials: int, epochs: tuple[int, int]) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": name, "model": "testbed:micro", "methods": ["ga_gd"], "retain_sources": ["in_distribution"],
-        "budget": {"trials": trials}, "concurrency": 2, "resources": {"cpus": 1},
-        "robustness": {"when": "off", "seeds": 1},
-        "search": {"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": epochs[0], "high": epochs[1]}},
-        "run": {"device": "cpu", "eval_every": 4}}))
-    return path
+def cluster_spec(spec_file, tmp_path: Path, name: str, trials: int, epochs: tuple[int, int]) -> Path:
+    """A micro study of one-CPU trials, two at a time: one per node."""
+    return spec_file(tmp_path, name=name, budget={"trials": trials}, concurrency=2, sampler={"name": "tpe"},
+                     resources={"cpus": 1},
+                     search={"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": epochs[0], "high": epochs[1]}},
+                     run={"eval_every": 4})
 
 
 def run_cli(cluster: LocalCluster, spec: Path, url: str) -> subprocess.Popen:
@@ -107,11 +103,12 @@ def run_cli(cluster: LocalCluster, spec: Path, url: str) -> subprocess.Popen:
                             text=True)
 
 
-def test_trials_run_on_both_nodes_and_losing_one_mid_study_fails_only_its_trial(tmp_path, cluster, pg_database):
+def test_trials_run_on_both_nodes_and_losing_one_mid_study_fails_only_its_trial(tmp_path, cluster, pg_database,
+                                                                              spec_file):
     """Two one-CPU nodes, two trials at a time: the first two run one on each node. Once both have finished
     (so trials were placed on both nodes) and the next two are running, the second node dies."""
     store = Store(pg_database)
-    proc = run_cli(cluster, spec_file(tmp_path, "two-nodes", trials=5, epochs=(2, 3)), pg_database)
+    proc = run_cli(cluster, cluster_spec(spec_file, tmp_path, "two-nodes", trials=5, epochs=(2, 3)), pg_database)
     deadline = time.time() + 600
     while time.time() < deadline:
         try:
@@ -141,9 +138,9 @@ def test_trials_run_on_both_nodes_and_losing_one_mid_study_fails_only_its_trial(
     assert store.study("two-nodes").status == "finished"
 
 
-def test_ray_client_addresses_are_refused_before_anything_is_stored(tmp_path, cache_dir):
+def test_ray_client_addresses_are_refused_before_anything_is_stored(tmp_path, cache_dir, spec_file):
     """ray:// would run Tune's loop (and the store writes) on the head, away from the driver: a clear no."""
-    spec = spec_file(tmp_path, "client", trials=1, epochs=(1, 1))
+    spec = cluster_spec(spec_file, tmp_path, "client", trials=1, epochs=(1, 1))
     db = tmp_path / "client.db"
     env = {**os.environ, "TUNER_CACHE": str(cache_dir)}
     for args, extra in (([f"--address=ray://127.0.0.1:{free_port()}"], {}), ([], {"RAY_ADDRESS": "ray://head:10001"})):

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuner.orchestrator import run_study
-from tuner.spec import load_spec
 from tuner.store import Store
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
@@ -26,20 +24,15 @@ def cli(*args, cache_dir):
 
 
 @pytest.fixture(scope="module")
-def screened(tmp_path_factory, bench, cache_dir):
+def screened(tmp_path_factory, local_ray, micro_study):
     tmp = tmp_path_factory.mktemp("screened")
-    path = tmp / "study.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "screened", "model": "testbed:micro", "methods": ["ga_gd"], "retain_sources": ["in_distribution"],
-        "budget": {"trials": 3}, "sampler": {"name": "tpe", "n_startup_trials": 3}, "concurrency": 2,
-        "search": {"lr": {"low": 1e-3, "high": 3e-3}, "epochs": {"low": 3, "high": 3}},
-        "robustness": {"when": "off", "seeds": 1}, "target": {"gap_tolerance": 0.1},
-        # the selected checkpoint is the last step, past the band: the picks are mid-run points
-        "run": {"device": "cpu", "eval_every": 2, "eval_utility_every": 3, "eval_utility_blocks": 4,
-                "stop_at_target": False, "checkpoint": "last"}}))
-    spec, text = load_spec(path)
-    url = f"sqlite:///{tmp / 'screened.db'}"
-    run_study(spec, text, Store(url))
+    url = micro_study(tmp, name="screened", budget={"trials": 3}, concurrency=2,
+                      sampler={"name": "tpe", "n_startup_trials": 3},
+                      search={"lr": {"low": 1e-3, "high": 3e-3}, "epochs": {"low": 3, "high": 3}},
+                      target={"gap_tolerance": 0.1},
+                      # the selected checkpoint is the last step, past the band: the picks are mid-run points
+                      run={"eval_every": 2, "eval_utility_every": 3, "eval_utility_blocks": 4,
+                           "stop_at_target": False, "checkpoint": "last"})
     return tmp, url
 
 

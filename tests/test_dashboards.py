@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from dashboards import data as D
 from dashboards import figures as F
@@ -31,24 +30,14 @@ ERROR = "<img src=x onerror=\"window.__xss = 3\"> worker said: a < b & c > d"
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, bench, cache_dir):
+def study(tmp_path_factory, local_ray, micro_study):
     """A real micro study (GA and GA+GD, 2 trials each) in a fresh SQLite store, plus one failed trial whose
-    error text is HTML, to check escaping."""
-    from tuner.orchestrator import run_study
-    from tuner.spec import load_spec
-
+    error text is HTML, to check escaping. No robustness checks: their figures and guideline are tested on the
+    `checked` store below."""
     root = tmp_path_factory.mktemp("dash-study")
-    doc = {"name": "dash", "model": "testbed:micro", "notes": NOTES, "methods": ["ga", "ga_gd"],
-           "retain_sources": ["in_distribution"], "budget": {"trials": 2}, "concurrency": 2,
-           "sampler": {"name": "tpe", "n_startup_trials": 1},
-           "search": {"lr": {"low": 3e-4, "high": 2e-3}, "epochs": {"low": 1, "high": 2}},
-           "robustness": {"seeds": 1}, "run": {"eval_every": 4, "device": "cpu"}}
-    path = root / "study.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    spec, text = load_spec(path)
-    url = f"sqlite:///{root / 'studies.db'}"
+    url = micro_study(root, name="dash", notes=NOTES, methods=["ga", "ga_gd"], budget={"trials": 2}, concurrency=2,
+                      sampler={"name": "tpe", "n_startup_trials": 1}, run={"eval_every": 4})
     store = Store(url)
-    run_study(spec, text, store)
     with store.sessions() as s:
         from sqlalchemy import select
 

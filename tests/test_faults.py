@@ -11,12 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import psutil
 import pytest
-import yaml
 from procs import wait_for_step
 
 from tuner.store import Store
@@ -24,15 +24,12 @@ from tuner.store import Store
 TUNER = str(Path(sys.executable).with_name("tuner"))
 
 
-def start_study(tmp_path: Path, name: str, trials: int, env: dict[str, str] | None = None, merge: bool = True,
-                **run) -> tuple[subprocess.Popen, str]:
-    spec = tmp_path / f"{name}.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": name, "model": "testbed:micro", "methods": ["ga_gd"], "retain_sources": ["in_distribution"],
-        "budget": {"trials": trials}, "concurrency": 1, "sampler": {"name": "random"},
-        "robustness": {"when": "off", "seeds": 1},
-        "search": {"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 3}},
-        "run": {"device": "cpu", "eval_every": 4, **run}}))
+def start_study(spec_file: Callable[..., Path], tmp_path: Path, name: str, trials: int,
+                env: dict[str, str] | None = None, merge: bool = True, **run) -> tuple[subprocess.Popen, str]:
+    """`tuner study run` of a micro study whose trials last long enough (2-3 epochs) for a fault to land."""
+    spec = spec_file(tmp_path, name=name, budget={"trials": trials},
+                            search={"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 3}},
+                            run={"eval_every": 4, **run})
     url = f"sqlite:///{tmp_path / 'faults.db'}"
     env = {**os.environ, "RAY_ADDRESS": "", **(env or {})}
     proc = subprocess.Popen([TUNER, "study", "run", str(spec), "--storage", url], env=env, stdout=subprocess.PIPE,
@@ -60,8 +57,8 @@ def trial_process(proc: subprocess.Popen, timeout: float = 300) -> psutil.Proces
     pytest.fail("no trial process appeared")
 
 
-def test_a_trial_killed_mid_run_is_failed_with_a_reason_and_the_study_goes_on(tmp_path, cache_dir, bench):
-    proc, url = start_study(tmp_path, "killed-trial", trials=2)
+def test_a_trial_killed_mid_run_is_failed_with_a_reason_and_the_study_goes_on(tmp_path, cache_dir, bench, spec_file):
+    proc, url = start_study(spec_file, tmp_path, "killed-trial", trials=2)
     victim = trial_process(proc)
     wait_for_step(Store(url), "killed-trial", proc)
     victim.send_signal(signal.SIGKILL)
@@ -83,7 +80,7 @@ def test_a_trial_killed_mid_run_is_failed_with_a_reason_and_the_study_goes_on(tm
 
 
 def test_a_trial_killed_by_rays_memory_monitor_is_failed_for_host_memory_retried_and_the_study_goes_on(
-        tmp_path, cache_dir, bench):
+        tmp_path, cache_dir, bench, spec_file):
     """Another process on the node takes memory mid-trial: Ray's memory monitor (threshold set just above
     what the node uses now) kills the trial's worker. The attempt is stored failed for host memory, the same
     setting runs again, and the study finishes its budget."""
@@ -92,7 +89,8 @@ def test_a_trial_killed_by_rays_memory_monitor_is_failed_for_host_memory_retried
     threshold = (vm.total - vm.available + margin) / vm.total
     env = {"RAY_memory_usage_threshold": f"{threshold:.4f}", "RAY_memory_monitor_refresh_ms": "100"}
     # every step runs (no stop at the target) and is evaluated: the trial is still running when the memory goes
-    proc, url = start_study(tmp_path, "memory-monitor", trials=2, env=env, stop_at_target=False, eval_every=1)
+    proc, url = start_study(spec_file, tmp_path, "memory-monitor", trials=2, env=env, stop_at_target=False,
+                            eval_every=1)
     victim = trial_process(proc)
     wait_for_step(Store(url), "memory-monitor", proc)
     vm = psutil.virtual_memory()
@@ -123,8 +121,8 @@ def test_a_trial_killed_by_rays_memory_monitor_is_failed_for_host_memory_retried
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
 
 
-def test_sigterm_stops_the_study_in_one_line_and_it_resumes(tmp_path, cache_dir, bench):
-    proc, url = start_study(tmp_path, "sigterm", trials=1, merge=False)
+def test_sigterm_stops_the_study_in_one_line_and_it_resumes(tmp_path, cache_dir, bench, spec_file):
+    proc, url = start_study(spec_file, tmp_path, "sigterm", trials=1, merge=False)
     trial_process(proc)
     wait_for_step(Store(url), "sigterm", proc)
     proc.send_signal(signal.SIGTERM)
@@ -144,11 +142,11 @@ def test_sigterm_stops_the_study_in_one_line_and_it_resumes(tmp_path, cache_dir,
     assert store.trials("sigterm")[1]["status"] in ("completed", "stopped_at_target")
 
 
-def test_a_trial_out_of_memory_is_failed_with_advice_and_the_study_completes(tmp_path, cache_dir, bench):
+def test_a_trial_out_of_memory_is_failed_with_advice_and_the_study_completes(tmp_path, cache_dir, bench, spec_file):
     # An oversized batch: its embeddings alone need 2**21 x 64 x 64 x 4 bytes = 32 GiB, more than this
     # machine has, so the allocator refuses at once, as CUDA does on a full GPU.
     batch = 2**21
-    proc, url = start_study(tmp_path, "oom-trial", trials=2, batch_size=batch)
+    proc, url = start_study(spec_file, tmp_path, "oom-trial", trials=2, batch_size=batch)
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
         # On a machine with more memory than that, a cap on the trial process keeps the test honest.
@@ -171,10 +169,8 @@ def test_a_trial_out_of_memory_is_failed_with_advice_and_the_study_completes(tmp
     assert states == [optuna.trial.TrialState.FAIL] * 2
 
 
-def test_resources_no_node_has_are_refused_in_seconds_with_one_line(tmp_path, cache_dir, bench):
-    spec = tmp_path / "gpu.yaml"
-    spec.write_text(yaml.safe_dump({"name": "wants-gpu", "model": "testbed:micro", "methods": ["ga"],
-                                    "budget": {"trials": 1}, "resources": {"gpus": 1}, "run": {"device": "cpu"}}))
+def test_resources_no_node_has_are_refused_in_seconds_with_one_line(tmp_path, cache_dir, bench, spec_file):
+    spec = spec_file(tmp_path, name="wants-gpu", methods=["ga"], resources={"gpus": 1})
     url = f"sqlite:///{tmp_path / 'gpu.db'}"
     started = time.monotonic()
     proc = subprocess.run([TUNER, "study", "run", str(spec), "--storage", url], capture_output=True, text=True,
@@ -200,13 +196,15 @@ def test_waiting_for_resources_is_said_in_words():
         ray.shutdown()
 
 
-def test_an_unexpected_driver_error_is_one_line_with_a_log_and_the_study_is_resumable(tmp_path, cache_dir, bench):
+def test_an_unexpected_driver_error_is_one_line_with_a_log_and_the_study_is_resumable(tmp_path, cache_dir, bench,
+                                                                                      spec_file):
     """Someone renames one of the store's tables mid-study: the driver's next write fails (after the short
     patience set here), which no code path expects. One line, the traceback in a log beside the store, exit 1,
     and the study marked interrupted so that `tuner study resume` can continue it."""
     import sqlite3
 
-    proc, url = start_study(tmp_path, "driver-error", trials=1, merge=False, env={"TUNER_STORE_RETRY_S": "2"})
+    proc, url = start_study(spec_file, tmp_path, "driver-error", trials=1, merge=False,
+                            env={"TUNER_STORE_RETRY_S": "2"})
     trial_process(proc)
     wait_for_step(Store(url), "driver-error", proc)
     with sqlite3.connect(tmp_path / "faults.db", timeout=60) as conn:

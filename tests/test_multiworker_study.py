@@ -15,7 +15,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 from procs import wait_for_step
 
 from tuner.store import Store
@@ -44,18 +43,14 @@ def wait_for_ranks(proc: subprocess.Popen, n: int, timeout: float = 300) -> list
     pytest.fail(f"{n} rank processes never appeared")
 
 
-def test_two_worker_study_survives_a_killed_rank_and_records_world_size(tmp_path, cache_dir, bench):
+def test_two_worker_study_survives_a_killed_rank_and_records_world_size(tmp_path, cache_dir, bench, spec_file):
     from dashboards.data import load_study, table_rows
     from tuner.export import build_export
 
-    spec = tmp_path / "two-ranks.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "two-ranks", "model": "testbed:micro", "methods": ["ga_gd"], "retain_sources": ["in_distribution"],
-        "budget": {"trials": 2}, "concurrency": 1, "sampler": {"name": "random"},
-        "robustness": {"when": "off", "seeds": 1},
-        "search": {"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 2}},
-        "run": {"device": "cpu", "batch_size": 4, "eval_every": 2, "stop_at_target": False},
-        "resources": {"cpus": 0.5, "workers": 2}}))  # 2 x 0.5 CPUs + the trial's token share: fits 2 cores
+    spec = spec_file(tmp_path, name="two-ranks", budget={"trials": 2},
+                     search={"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 2}},
+                     run={"batch_size": 4, "eval_every": 2, "stop_at_target": False},
+                     resources={"cpus": 0.5, "workers": 2})  # 2 x 0.5 CPUs + the trial's token share: fits 2 cores
     url = f"sqlite:///{tmp_path / 'ranks.db'}"
     proc = subprocess.Popen([TUNER, "study", "run", str(spec), "--storage", url], env={**os.environ, "RAY_ADDRESS": ""},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

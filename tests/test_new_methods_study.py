@@ -13,8 +13,6 @@ import optuna
 import pytest
 import yaml
 
-from tuner.orchestrator import run_study
-from tuner.spec import load_spec
 from tuner.store import Store
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
@@ -22,20 +20,15 @@ OWN = {"npo": {"beta"}, "rmu": {"layer", "steering_coeff", "alpha"}}
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, bench, cache_dir):
+def study(tmp_path_factory, local_ray, micro_study):
     tmp = tmp_path_factory.mktemp("own-knobs")
-    path = tmp / "study.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "own-knobs", "model": "testbed:micro", "methods": ["npo", "rmu"],
-        "retain_sources": ["in_distribution"], "budget": {"trials": 3}, "sampler": {"name": "tpe", "n_startup_trials": 2},
-        "search": {"lr": {"low": 1e-3, "high": 3e-3}, "epochs": {"low": 1, "high": 2}},
-        "per_method": {"rmu": {"layer": {"low": 0, "high": 1}, "steering_coeff": {"low": 1, "high": 10},
-                               "alpha": {"low": 1, "high": 100}},
-                       "npo": {"beta": {"low": 0.05, "high": 0.5}}},
-        "robustness": {"when": "off"}, "run": {"device": "cpu"}, "target": {"gap_tolerance": 0.1}}))
-    spec, text = load_spec(path)
-    url = f"sqlite:///{tmp / 'own.db'}"
-    run_study(spec, text, Store(url))
+    url = micro_study(tmp, name="own-knobs", methods=["npo", "rmu"], budget={"trials": 2}, concurrency=2,
+                      sampler={"name": "tpe", "n_startup_trials": 2},
+                      search={"lr": {"low": 1e-3, "high": 3e-3}, "epochs": {"low": 1, "high": 2}},
+                      per_method={"rmu": {"layer": {"low": 0, "high": 1}, "steering_coeff": {"low": 1, "high": 10},
+                                          "alpha": {"low": 1, "high": 100}},
+                                  "npo": {"beta": {"low": 0.05, "high": 0.5}}},
+                      target={"gap_tolerance": 0.1})
     return tmp, url
 
 

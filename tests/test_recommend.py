@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuner.orchestrator import run_study
 from tuner.recommend import recommend_unit
-from tuner.spec import load_spec
 from tuner.store import Store
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
@@ -46,18 +44,14 @@ def test_without_success_the_closest_is_named_with_its_reason():
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory, bench, cache_dir):
+def tuned(tmp_path_factory, local_ray, micro_study):
+    """GA (at rates that diverge) and GA+GD, two trials each, no robustness checks: the study an export and an
+    applied run are checked against."""
     tmp = tmp_path_factory.mktemp("tuned")
-    path = tmp / "study.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "tuned", "model": "testbed:micro", "methods": ["ga", "ga_gd"], "retain_sources": ["in_distribution"],
-        "budget": {"trials": 3}, "sampler": {"name": "tpe", "n_startup_trials": 2},
-        "search": {"lr": {"low": 3e-4, "high": 2e-3}, "epochs": {"low": 1, "high": 3}},
-        "per_method": {"ga": {"lr": {"low": 1e29, "high": 1e30}}},
-        "robustness": {"seeds": 1}, "run": {"device": "cpu"}, "target": {"gap_tolerance": 0.1}}))
-    spec, text = load_spec(path)
-    url = f"sqlite:///{tmp / 'tuned.db'}"
-    run_study(spec, text, Store(url))
+    url = micro_study(tmp, name="tuned", methods=["ga", "ga_gd"], budget={"trials": 2}, concurrency=2,
+                      sampler={"name": "tpe", "n_startup_trials": 2},
+                      search={"lr": {"low": 3e-4, "high": 2e-3}, "epochs": {"low": 1, "high": 3}},
+                      per_method={"ga": {"lr": {"low": 1e29, "high": 1e30}}}, target={"gap_tolerance": 0.1})
     return tmp, url
 
 

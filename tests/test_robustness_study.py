@@ -12,29 +12,21 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
-from tuner.orchestrator import run_study
 from tuner.recommend import recommend_unit
-from tuner.spec import load_spec
 from tuner.store import Store
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, bench, cache_dir):
+def study(tmp_path_factory, local_ray, micro_study):
     tmp = tmp_path_factory.mktemp("robust")
-    path = tmp / "study.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "robust", "model": "testbed:micro", "methods": ["ga", "ga_gd"], "retain_sources": ["in_distribution"],
-        "budget": {"trials": 3}, "sampler": {"name": "tpe", "n_startup_trials": 2},
-        "search": {"lr": {"low": 1e-3, "high": 3e-3}, "epochs": {"low": 1, "high": 2}},
-        "robustness": {"when": "every_trial", "relearn": {"steps": 4, "lr": 1e-3}, "seeds": 2},
-        "run": {"device": "cpu"}, "target": {"gap_tolerance": 0.3, "utility_tolerance": 0.3}}))
-    spec, text = load_spec(path)
-    url = f"sqlite:///{tmp / 'robust.db'}"
-    run_study(spec, text, Store(url))
+    url = micro_study(tmp, name="robust", methods=["ga", "ga_gd"], budget={"trials": 2}, concurrency=2,
+                      sampler={"name": "tpe", "n_startup_trials": 2},
+                      search={"lr": {"low": 1e-3, "high": 3e-3}, "epochs": {"low": 1, "high": 2}},
+                      robustness={"when": "every_trial", "relearn": {"steps": 4, "lr": 1e-3}, "seeds": 2},
+                      target={"gap_tolerance": 0.3, "utility_tolerance": 0.3})
     return tmp, url
 
 
@@ -110,19 +102,16 @@ def test_the_recommender_skips_a_candidate_that_relearns_and_says_why():
     assert alone["check_failures"]
 
 
-def test_pareto_candidates_are_rechecked_at_the_end(tmp_path, bench, cache_dir):
+def test_pareto_candidates_are_rechecked_at_the_end(tmp_path, local_ray, micro_study):
     """`robustness.when: pareto_at_end`: no trial checks itself; after the trials every Pareto candidate
     (trial, step) is re-run to its step and checked, and the checks are stored on that candidate."""
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "pareto-end", "model": "testbed:micro", "methods": ["ga"], "budget": {"trials": 2},
-        "search": {"lr": {"low": 1e-3, "high": 2e-3}, "epochs": {"low": 1, "high": 1}},
-        "robustness": {"when": "pareto_at_end", "checks": ["relearn"], "relearn": {"steps": 2, "lr": 1e-3},
-                       "seeds": 1},
-        "run": {"device": "cpu"}, "target": {"gap_tolerance": 0.3}}))
-    spec, text = load_spec(path)
-    store = Store(f"sqlite:///{tmp_path / 'end.db'}")
-    run_study(spec, text, store)
+    store = Store(micro_study(tmp_path, name="pareto-end", methods=["ga"], budget={"trials": 2}, concurrency=2,
+                              sampler={"name": "tpe"},
+                              search={"lr": {"low": 1e-3, "high": 2e-3}, "epochs": {"low": 1, "high": 1}},
+                              robustness={"when": "pareto_at_end", "checks": ["relearn"],
+                                          "relearn": {"steps": 2, "lr": 1e-3}, "seeds": 1},
+                              target={"gap_tolerance": 0.3},
+                              run={"eval_every": 8}))  # one or two checkpoints per trial: few candidates to re-run
     front = {(tid, p["step"]) for tid, points in store.study_curves(store.study("pareto-end").id).items() for p in points
              if p["pareto"]}
     checks = store.study_checks("pareto-end")

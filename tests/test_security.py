@@ -33,15 +33,9 @@ def tuner(*args, cache_dir, cwd=None, **env):
     return subprocess.run([TUNER, *map(str, args)], capture_output=True, text=True, env=full, timeout=600, cwd=cwd)
 
 
-def spec_file(tmp_path, **fields) -> Path:
-    doc = {"name": "sec", "model": "testbed:micro", "methods": ["ga"], "budget": {"trials": 1},
-           "robustness": {"when": "off", "seeds": 1}, "concurrency": 1, "sampler": {"name": "random"},
-           "search": {"lr": {"low": 5e-4, "high": 1e-3}, "epochs": {"low": 1, "high": 1}},
-           "run": {"device": "cpu", "eval_every": 4}}
-    doc.update(fields)
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+# the study these tests run or refuse: one GA trial of one epoch
+SEC = {"name": "sec", "methods": ["ga"], "search": {"lr": {"low": 5e-4, "high": 1e-3}, "epochs": {"low": 1, "high": 1}},
+       "run": {"eval_every": 4}}
 
 
 # ---- configuration is data: YAML tags never construct objects --------------------------------------------------
@@ -138,7 +132,7 @@ def remote_code_model(tmp_path, bench):
     return model, marker
 
 
-def test_remote_code_is_off_unless_asked_for(tmp_path, cache_dir, bench, remote_code_model):
+def test_remote_code_is_off_unless_asked_for(tmp_path, cache_dir, bench, remote_code_model, spec_file, store_file):
     model, marker = remote_code_model
     assert StudySpec.model_validate({"name": "x", "model": "testbed:micro"}).trust_remote_code is False
     hf = {"HF_HOME": str(tmp_path / "hf")}
@@ -147,15 +141,14 @@ def test_remote_code_is_off_unless_asked_for(tmp_path, cache_dir, bench, remote_
                  "--unseen", data / "unseen", "--block-size", "32", "--out", tmp_path / "o", cache_dir=cache_dir, **hf)
     assert proc.returncode == 2 and "could not be loaded" in proc.stderr and "custom code" in proc.stderr
     assert "warning" not in proc.stderr
-    store = f"sqlite:///{tmp_path / 'store.db'}"
-    Store(store)
-    spec = spec_file(tmp_path, model=str(model), data={"forget": {"path": str(data / "forget")},
-                                                       "unseen": {"path": str(data / "unseen")}, "block_size": 32})
+    store = store_file
+    spec = spec_file(tmp_path, **SEC, model=str(model), data={"forget": {"path": str(data / "forget")},
+                                                               "unseen": {"path": str(data / "unseen")}, "block_size": 32})
     proc = tuner("study", "run", spec, "--storage", store, cache_dir=cache_dir, **hf)
     assert proc.returncode == 2 and "custom code" in proc.stderr, proc.stderr
     assert not marker.exists() and Store(store).study_names() == []
     # asked for: a warning, and `study validate` still does not run the model's code
-    spec = spec_file(tmp_path, model=str(model), trust_remote_code=True,
+    spec = spec_file(tmp_path, **SEC, model=str(model), trust_remote_code=True,
                      data={"forget": {"path": str(data / "forget")}, "unseen": {"path": str(data / "unseen")}})
     proc = tuner("study", "validate", spec, cache_dir=cache_dir, **hf)
     assert proc.returncode == 0, proc.stderr
@@ -177,7 +170,7 @@ def test_study_names_are_checked_wherever_a_study_is_created(tmp_path):
     assert store.study_names() == []
 
 
-def test_exports_write_only_where_told(tmp_path, cache_dir):
+def test_exports_write_only_where_told(tmp_path, cache_dir, spec_file):
     """No output name is derived from a study or method name: without -o, `export` writes to stdout only and
     `dashboard export` refuses; a path-like --method is just an unknown method."""
     url = f"sqlite:///{tmp_path / 'store.db'}"
@@ -200,7 +193,8 @@ def test_exports_write_only_where_told(tmp_path, cache_dir):
     proc = tuner("dashboard", "export", "exp", "--storage", url, cache_dir=cache_dir, cwd=work)
     assert proc.returncode == 2 and "-o/--output" in proc.stderr
     assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == before
-    proc = tuner("study", "validate", spec_file(tmp_path, methods=["../../x"]), cache_dir=cache_dir)
+    proc = tuner("study", "validate", spec_file(tmp_path, **(SEC | {"methods": ["../../x"]})),
+                 cache_dir=cache_dir)
     assert proc.returncode == 2 and "unknown method '../../x'" in proc.stderr
 
 
@@ -223,14 +217,14 @@ def test_dashboards_never_create_a_store(tmp_path, cache_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_a_password_in_the_storage_url_never_reaches_the_output(tmp_path, cache_dir):
-    spec = spec_file(tmp_path)
+def test_a_password_in_the_storage_url_never_reaches_the_output(tmp_path, cache_dir, spec_file):
+    spec = spec_file(tmp_path, **SEC)
     commands = [("study", "run", spec, "--storage", CLOSED), ("study", "resume", "sec", "--storage", CLOSED),
                 ("study", "list", "--storage", CLOSED), ("study", "show", "sec", "--storage", CLOSED),
                 ("export", "sec", "--storage", CLOSED), ("dashboard", "export", "sec", "-o", tmp_path / "r.html",
                                                          "--storage", CLOSED),
                 ("dashboard", "--storage", CLOSED, "--port", _free_port())]
-    spec_with_url = spec_file(tmp_path, storage=CLOSED)
+    spec_with_url = spec_file(tmp_path, **SEC, storage=CLOSED)
     commands.append(("study", "run", spec_with_url))
     for args in commands:
         proc = tuner(*args, cache_dir=cache_dir)
@@ -239,12 +233,12 @@ def test_a_password_in_the_storage_url_never_reaches_the_output(tmp_path, cache_
         assert SECRET not in proc.stdout + proc.stderr, args
 
 
-def test_a_study_run_with_a_password_shows_and_stores_none(tmp_path, cache_dir, bench, pg_database):
+def test_a_study_run_with_a_password_shows_and_stores_none(tmp_path, cache_dir, bench, pg_database, spec_file):
     """A whole study against PostgreSQL with a password in the URL (the test server trusts any password):
     its output (progress, tables, Ray and Optuna messages) and the stored spec keep the password out."""
     url = re.sub(r"://([^@/:]+)@", rf"://\1:{SECRET}@", pg_database, count=1)
     assert SECRET in url
-    spec = spec_file(tmp_path, storage=url)  # in the file, too: stored text is masked
+    spec = spec_file(tmp_path, **SEC, storage=url)  # in the file, too: stored text is masked
     proc = tuner("study", "run", spec, "--storage", url, cache_dir=cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished; store: postgresql+psycopg://" in proc.stdout and ":***@" in proc.stdout

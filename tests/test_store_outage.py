@@ -13,7 +13,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from procs import free_port, wait_for_step
 
 from tuner.store import Store
@@ -67,14 +66,10 @@ def postgres(tmp_path_factory):
     shutil.rmtree(server.root, ignore_errors=True)
 
 
-def test_a_study_rides_out_a_database_restart(tmp_path, cache_dir, bench, postgres):
-    spec = tmp_path / "outage.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "outage", "model": "testbed:micro", "methods": ["ga_gd"], "retain_sources": ["in_distribution"],
-        "budget": {"trials": 2}, "concurrency": 1, "sampler": {"name": "random"},
-        "robustness": {"when": "off", "seeds": 1},
-        "search": {"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 3}},
-        "run": {"device": "cpu", "eval_every": 2}}))
+def test_a_study_rides_out_a_database_restart(tmp_path, cache_dir, bench, postgres, spec_file):
+    spec = spec_file(tmp_path, name="outage", budget={"trials": 2},
+                     search={"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 3}},
+                     run={"eval_every": 2})
     proc = subprocess.Popen([TUNER, "study", "run", str(spec), "--storage", postgres.url],
                             env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

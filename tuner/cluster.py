@@ -34,11 +34,13 @@ class StudyStopped(KeyboardInterrupt):
         self.signum = signum
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None) -> bool:
+    """Start a local Ray, or join `address` (or RAY_ADDRESS). True when this call did so, False when Ray was
+    already initialized in this process: the caller then shuts down only a Ray it started."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     address = address or os.environ.get("RAY_ADDRESS")
     problem = ray_address_problem(address)
@@ -51,6 +53,7 @@ def start_ray(address: str | None) -> None:
         # "local": a fresh instance even when `ray start` left a cluster on this machine (plain ray.init()
         # would join that one).
         ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
+    return True
 
 
 def trial_resources(spec: StudySpec) -> dict[str, float]:

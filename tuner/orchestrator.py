@@ -74,9 +74,10 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
     ray_dir = tempfile.mkdtemp(prefix="tuner-ray-")
     study_id: int | None = None
     previous = None
+    started_ray = False
     signals_received.clear()
     try:
-        start_ray(spec.ray_address)
+        started_ray = start_ray(spec.ray_address)
         previous = stop_on_signals()  # after ray.init: Ray's native handler would print a crash dump on SIGTERM
         check_resources(spec)
         concurrency = trial_concurrency(spec)  # refuses a local Ray that cannot hold one multi-worker trial
@@ -113,8 +114,8 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         raise
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
-        if ray.is_initialized() and not spec.ray_address:
-            ray.shutdown()
+        if started_ray and not spec.ray_address and ray.is_initialized():
+            ray.shutdown()  # a Ray the caller started (a test's, a notebook's) is theirs to keep
         restore_signals(previous)
     outcome.pareto_sizes = pareto_sizes(store, spec.name)
     return outcome
