@@ -488,7 +488,7 @@ def test_unknown_study_page_says_so(browser, server):
 
 def _copy_store(study, tmp_path) -> str:
     """A private copy of the study's SQLite store (the backup API copies a WAL database consistently)."""
-    src = sqlite3.connect(str(study["root"] / "studies.db"))
+    src = sqlite3.connect(study["url"].removeprefix("sqlite:///"))
     dst_path = tmp_path / "copy.db"
     dst = sqlite3.connect(str(dst_path))
     src.backup(dst)
