@@ -39,7 +39,7 @@ import urllib.request
 from pathlib import Path
 
 from dashboards.headless import CHROMIUM_ARGS
-from tuner.hparams import EPOCHS, LR, RETAIN_WEIGHT
+from tuner.core.hparams import EPOCHS, LR, RETAIN_WEIGHT
 from tuner.store import Store
 
 FIGURE_IDS = ("fig-pareto", "fig-robustness", "fig-attacks", "fig-curves", "fig-hypervolume", "fig-parallel",
@@ -145,7 +145,7 @@ def fill_store(url: str, name: str, trials: int, seed: int = 0) -> Store:
               "retain_in_distribution_eval": 176, "retain_general_eval": 197}
     store.update_study(study_id, status="finished", baseline=BASE, exact_retrain=EXACT,
                        data_summary={"blocks": blocks, "sources": {}})
-    from tuner import derived
+    from tuner.results import derived
 
     derived.refresh(store, name)  # the Pareto flags and the recommendation, as the study driver stores them
     return store

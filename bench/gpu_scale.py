@@ -5,8 +5,8 @@ without a precision setting did).
 A benchmark, not a test. The model is built from a config (Llama-3.2-1B's shape on a GPU, a small Llama on
 CPU), saved in bf16 like a hub checkpoint, with the micro testbed's tokenizer; the forget, unseen and retain
 sets are standard-library modules, so nothing is downloaded. Each path runs `--steps` steps of gradient ascent
-(`ga`) at `--lr` (the paper's 2e-5 by default) through `tuner.unlearn.run_unlearning` in this process (no Ray),
-except the old path, which runs the same loss through `tuner.training.run_loop` with torch's AdamW on the
+(`ga`) at `--lr` (the paper's 2e-5 by default) through `tuner.engine.unlearn.run_unlearning` in this process (no Ray),
+except the old path, which runs the same loss through `tuner.engine.training.run_loop` with torch's AdamW on the
 bf16 weights. Printed per path:
 
   changed/step   share of the trainable weights whose value changed in the first optimiser step
@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 import transformers
 
-from tuner import memory, methods, testbed
-from tuner.data import DataSpec, TextSource, build_data
-from tuner.evaluation import token_nll
-from tuner.methods.base import nll_term
-from tuner.models import Workbench
-from tuner.precision import resolve_precision
-from tuner.training import IndexStream, LossOut, run_loop
-from tuner.unlearn import UnlearnConfig, run_unlearning
+from tuner.core.precision import resolve_precision
+from tuner.engine import memory, methods, testbed
+from tuner.engine.data import DataSpec, TextSource, build_data
+from tuner.engine.evaluation import token_nll
+from tuner.engine.methods.base import nll_term
+from tuner.engine.models import Workbench
+from tuner.engine.training import IndexStream, LossOut, run_loop
+from tuner.engine.unlearn import UnlearnConfig, run_unlearning
 
 PRESETS: dict[str, dict] = {
     # Llama-3.2-1B: 1.24B params, vocab 128256, GQA 32/8, tied embeddings; 8 x 2048 tokens per step.
@@ -141,7 +141,7 @@ def run_tuner_path(name: str, args, source: Path, data) -> dict:
 
 def run_old_path(args, source: Path, data) -> dict:
     """The path `precision` replaced: the checkpoint loads in bf16 and torch's AdamW steps the bf16 weights."""
-    from tuner.training import OptimConfig
+    from tuner.engine.training import OptimConfig
 
     device, size = args.device, args.size
     if device.type == "cuda":

@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from tuner import methods, testbed
-from tuner.data import build_data
-from tuner.models import Workbench
-from tuner.unlearn import UnlearnConfig, run_unlearning
+from tuner.engine import methods, testbed
+from tuner.engine.data import build_data
+from tuner.engine.models import Workbench
+from tuner.engine.unlearn import UnlearnConfig, run_unlearning
 
 
 def main() -> None:

@@ -2,12 +2,12 @@
 N-worker step spent communicating.
 
 A benchmark, not a test. Every configuration trains the same GPT-2 style model (built from a config, the same
-initial weights) with the project's loop `tuner.training.run_loop` and `nll_term` as the loss, on the same
+initial weights) with the project's loop `tuner.engine.training.run_loop` and `nll_term` as the loss, on the same
 seeded random token batches, at the same effective batch:
 
   1 worker     the default one-process path (no Ray, no process group): batch B per step
   N workers    Ray Train TorchTrainer, DDP over gloo (CPU) or NCCL (GPU): batch B / N per rank per step, each
-               rank training on its contiguous slice of the global batch (`tuner.distributed`)
+               rank training on its contiguous slice of the global batch (`tuner.engine.distributed`)
   N, no comm   the same N ranks with DDP's gradient all-reduce skipped (`no_sync`) and the loss not averaged:
                the same compute without the communication (the weights then drift apart; only timed)
 
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from tuner.distributed import Ranks, StepSync, shard_model
-from tuner.methods.base import nll_term
-from tuner.training import LossOut, OptimConfig, run_loop
+from tuner.engine.distributed import Ranks, StepSync, shard_model
+from tuner.engine.methods.base import nll_term
+from tuner.engine.training import LossOut, OptimConfig, run_loop
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,7 +100,7 @@ def timed_steps(cfg: dict[str, Any]) -> list[float]:
 
 def on_ranks(cfg: dict[str, Any], workers: int) -> list[float]:
     """`timed_steps` on `workers` Ray Train ranks (rank 0's step times)."""
-    from tuner.multiworker import torch_trainer
+    from tuner.study.multiworker import torch_trainer
 
     return torch_trainer(timed_steps, cfg, workers=workers, cpus=cfg["threads"], gpus=0).fit().return_value
 

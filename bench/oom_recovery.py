@@ -1,7 +1,7 @@
 """Out of memory on a real device: a trial with an oversized batch fails with advice, and the same worker
 process then runs a normal trial (what a Ray worker does when it is reused for the next trial).
 
-Runs `tuner.trial.prepare` and `tuner.trial.run_trial` in-process (no Ray needed), on the micro testbed.
+Runs `tuner.study.trial.prepare` and `tuner.study.trial.run_trial` in-process (no Ray needed), on the micro testbed.
 On a GPU the oversized batch raises torch.OutOfMemoryError; on a CPU the allocator refuses it.
 
     python bench/oom_recovery.py --device cuda
@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from tuner.context import TrialContext
-from tuner.hparams import EPOCHS, LR
-from tuner.settings import RunSettings
-from tuner.spec import StudySpec
-from tuner.trial import prepare, run_trial
+from tuner.core.hparams import EPOCHS, LR
+from tuner.core.settings import RunSettings
+from tuner.study.context import TrialContext
+from tuner.study.spec import StudySpec
+from tuner.study.trial import prepare, run_trial
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from tuner.hparams import EPOCHS, LR
-from tuner.orchestrator import run_study
-from tuner.spec import load_spec
+from tuner.core.hparams import EPOCHS, LR
 from tuner.store import Store
+from tuner.study.orchestrator import run_study
+from tuner.study.spec import load_spec
 
 
 def main() -> None:

@@ -4,11 +4,11 @@ A benchmark, not a test. On a testbed (micro by default; `--testbed small` for t
 no Ray, everything on the same model and data:
 
   trial      one `run_unlearning` as a study runs it (the original model's metrics computed once beforehand,
-             as `tuner.trial.prepare` does): `--method` at its default epochs, `--lr`, the run defaults
+             as `tuner.study.trial.prepare` does): `--method` at its default epochs, `--lr`, the run defaults
              (evaluation ~10 times per run, stop at the target, best checkpoint).
-  relearn    `tuner.robustness.relearn` on the trial's model at `RelearnSettings()` defaults (10 AdamW steps,
+  relearn    `tuner.engine.robustness.relearn` on the trial's model at `RelearnSettings()` defaults (10 AdamW steps,
              batch 8, one half of the forget blocks as attack text, a curve point every 2 steps).
-  quantize   `tuner.robustness.quantized_metrics` at 4 and 8 bits (torchao, round-to-nearest, group 128).
+  quantize   `tuner.engine.robustness.quantized_metrics` at 4 and 8 bits (torchao, round-to-nearest, group 128).
   reference  the same relearning attack on the testbed's exact-retrain model: once per study, not per trial.
 
 Every part runs `--repeats` times, the parts alternating, and the table gives medians: each part's wall time
@@ -30,13 +30,13 @@ import time
 
 import torch
 
-from tuner import testbed
-from tuner.data import build_data
-from tuner.evaluation import full_metrics
-from tuner.models import Workbench
-from tuner.precision import resolve_precision
-from tuner.robustness import QUANT, RELEARN, default_eval_every, load_exact_retrain, quantized_metrics, relearn
-from tuner.unlearn import UnlearnConfig, resolve_device, run_unlearning
+from tuner.core.precision import resolve_precision
+from tuner.engine import testbed
+from tuner.engine.data import build_data
+from tuner.engine.evaluation import full_metrics
+from tuner.engine.models import Workbench
+from tuner.engine.robustness import QUANT, RELEARN, default_eval_every, load_exact_retrain, quantized_metrics, relearn
+from tuner.engine.unlearn import UnlearnConfig, resolve_device, run_unlearning
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

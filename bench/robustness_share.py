@@ -20,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from tuner.orchestrator import run_study
-from tuner.spec import load_spec
 from tuner.store import Store
+from tuner.study.orchestrator import run_study
+from tuner.study.spec import load_spec
 
 
 def run(path: Path, tmp: Path, robustness: dict | None) -> tuple[Store, str, float]:

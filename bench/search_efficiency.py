@@ -1,7 +1,7 @@
 """Search efficiency: Optuna's multi-objective samplers against the paper-style grid and random search.
 
 Every trial is a real unlearning run on the micro testbed through the same trial code the studies use
-(`tuner.trial.run_trial`, here called in-process so Ray's scheduling does not blur the comparison).
+(`tuner.study.trial.run_trial`, here called in-process so Ray's scheduling does not blur the comparison).
 Prints hypervolume (|forget gap|, utility drop; reference point stated) reached after n trials, per sampler,
 averaged over seeds, and the share of the grid's final hypervolume.
 
@@ -18,11 +18,11 @@ import time
 
 import optuna
 
-from tuner.context import TrialContext
-from tuner.hparams import EPOCHS, LR, RETAIN_WEIGHT
-from tuner.settings import RunSettings
-from tuner.spec import StudySpec
-from tuner.trial import prepare, run_trial
+from tuner.core.hparams import EPOCHS, LR, RETAIN_WEIGHT
+from tuner.core.settings import RunSettings
+from tuner.study.context import TrialContext
+from tuner.study.spec import StudySpec
+from tuner.study.trial import prepare, run_trial
 
 
 def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:

@@ -1,8 +1,8 @@
-"""Training-step throughput: the shared loop `tuner.training.run_loop` against a plain PyTorch loop.
+"""Training-step throughput: the shared loop `tuner.engine.training.run_loop` against a plain PyTorch loop.
 
 A benchmark, not a test. Both loops train the same model (one model, reset to the same initial weights
 before every run) on the same pre-generated random token batches (already on the device), with the same
-dtype (fp32 on CPU; bf16 autocast on CUDA, as `tuner.evaluation.autocast_for` does), the same AdamW
+dtype (fp32 on CPU; bf16 autocast on CUDA, as `tuner.engine.evaluation.autocast_for` does), the same AdamW
 (fused on CUDA), constant lr, gradient clipping at 1.0 and one host sync per optimiser step.
 
   shared   run_loop(model, micro_loss, ...) with micro_loss = LossOut(nll_term(model, batch))
@@ -31,9 +31,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tuner.evaluation import autocast_for
-from tuner.methods.base import nll_term
-from tuner.training import LossOut, OptimConfig, run_loop
+from tuner.engine.evaluation import autocast_for
+from tuner.engine.methods.base import nll_term
+from tuner.engine.training import LossOut, OptimConfig, run_loop
 
 PRESETS: dict[str, dict] = {
     # Small enough for a 2-core CPU: ~4M params (token embeddings tied to the output head).
@@ -48,7 +48,7 @@ PRESETS: dict[str, dict] = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Tokens/s of the shared training loop (tuner.training.run_loop) against a plain "
+        description="Tokens/s of the shared training loop (tuner.engine.training.run_loop) against a plain "
                     "nanoGPT-style PyTorch loop on the same model and batches; prints a table and the ratio "
                     "shared/plain (goal >= 0.95). Options left unset come from the preset.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -107,7 +107,7 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """A causal LM from a config, in fp32 weights (autocast does the bf16), the way tuner.testbed builds one.
+    """A causal LM from a config, in fp32 weights (autocast does the bf16), the way tuner.engine.testbed builds one.
 
     Dropout is off (nanoGPT's fine-tuning default), so both loops do bit-for-bit the same work on CPU."""
     import transformers

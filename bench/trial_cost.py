@@ -16,7 +16,7 @@ Two parts, each run for the old and then the new code path on the same model, re
   old     the code before issue 16, copied verbatim into this file (`old_token_nll`, `old_nll_term`) and
           swapped in while the old runs go: full [B, T, V] logits cast to fp32, one host transfer per batch,
           eval batch `eval_batch_old`, retain/general utility at every curve point.
-  new     the library as it is: the chunked head path (`tuner.lossfn`), results kept on the device until a set
+  new     the library as it is: the chunked head path (`tuner.engine.lossfn`), results kept on the device until a set
           is done, eval batch `eval_batch_new`, retain/general utility at every `utility_every`-th curve point
           on `utility_blocks` blocks per set, and on CUDA `torch.compile` of the decoder (`--compile`).
 
@@ -47,13 +47,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-import tuner.methods
-from tuner import evaluation, lossfn
-from tuner.data import UnlearnData
-from tuner.evaluation import autocast_for, full_metrics, token_nll
-from tuner.methods.base import nll_term
-from tuner.training import LossOut, OptimConfig, run_loop
-from tuner.unlearn import UnlearnConfig, run_unlearning
+import tuner.engine.methods
+from tuner.engine import evaluation, lossfn
+from tuner.engine.data import UnlearnData
+from tuner.engine.evaluation import autocast_for, full_metrics, token_nll
+from tuner.engine.methods.base import nll_term
+from tuner.engine.training import LossOut, OptimConfig, run_loop
+from tuner.engine.unlearn import UnlearnConfig, run_unlearning
 
 PRESETS: dict[str, dict] = {
     # ~1.1M params, vocab 4096: the head is half of the matmul work (at 1B with vocab 128k, a fifth); small
@@ -125,8 +125,9 @@ def old_nll_term(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def old_code_path():
-    """Swap the old scoring into `tuner.evaluation` and the old `nll_term` into every method module."""
-    modules = [importlib.import_module(f"tuner.methods.{m.name}") for m in pkgutil.iter_modules(tuner.methods.__path__)]
+    """Swap the old scoring into `tuner.engine.evaluation` and the old `nll_term` into every method module."""
+    package = tuner.engine.methods
+    modules = [importlib.import_module(f"{package.__name__}.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
     saved = [(evaluation, "token_nll", evaluation.token_nll)]
     saved += [(m, "nll_term", m.nll_term) for m in modules if hasattr(m, "nll_term")]
     evaluation.token_nll = old_token_nll

@@ -9,7 +9,7 @@ from flask import Flask, jsonify
 
 from dashboards import queries
 from dashboards.data import load_study, no_recommendation_note
-from tuner.errors import TunerError
+from tuner.core.errors import TunerError
 from tuner.store import Store
 
 PARETO_FIELDS = ("id", "unit", "method", "retain_source", "number", "status", "params", "objectives")

@@ -11,7 +11,7 @@ from typing import Any
 
 from dashboards import figures, queries
 from dashboards.data import StudyData, load_study
-from tuner.errors import TunerError
+from tuner.core.errors import TunerError
 from tuner.store import Store, safe_url
 
 

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 
-from tuner.errors import TunerError
+from tuner.core.errors import TunerError
 
 STORAGE_HELP = "SQLAlchemy URL of the store (default: $TUNER_STORAGE or the user's SQLite file)"
 

@@ -14,7 +14,7 @@ When MIA AUC is one of the study's objectives, a trial in the gap band whose AUC
 A *success* (what the robustness map's success window and the guideline checks count) is a trial in the
 band whose utility drop is within `utility_tolerance`: a model that reached gap 0 by collapsing is no success.
 
-Robustness checks (`tuner.robustness`: the relearning attack, 4/8-bit quantization, the seed spread) are read as
+Robustness checks (`tuner.engine.robustness`: the relearning attack, 4/8-bit quantization, the seed spread) are read as
 stored, per candidate (trial, step), into `StudyData.checks`; a trial row whose kept checkpoint was checked
 carries that check's metrics as `row["checks"]` (an empty dict otherwise).
 """
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from tuner import methods
-from tuner.hparams import LR, RETAIN_WEIGHT, SHARED, Hyperparameter
-from tuner.recommend import OK_STATUSES, outcome, succeeded
-from tuner.spec import Target
+from tuner.core.hparams import LR, RETAIN_WEIGHT, SHARED, Hyperparameter
+from tuner.engine import methods
+from tuner.results.recommend import OK_STATUSES, outcome, succeeded
+from tuner.results.target import Target
 from tuner.store import Store
 
 OUTCOMES = ("remembered", "in_band", "over_unlearned", "diverged", "failed")
@@ -216,7 +216,7 @@ class StudyData:
 
 def load_study(store: Store, name: str, curves: bool = True, recommend: bool = True) -> StudyData:
     """Everything the dashboards show of one study, from the store only (raises TunerError if unknown). The
-    Pareto flags and the recommendation are the ones the study driver derived and stored (`tuner.derived`)."""
+    Pareto flags and the recommendation are the ones the study driver derived and stored (`tuner.results.derived`)."""
     study = store.study(name)
     spec = study.spec or {}
     target = Target.model_validate(spec.get("target") or {}).rule(study.exact_retrain)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dashboards.data import StudyData, Unit
-from tuner.hparams import LR
+from tuner.core.hparams import LR
 
 HOLDS, CONTRADICTED, NOT_ENOUGH = "holds", "contradicted", "not enough data"
 MIN_TRIALS = 3  # finished trials a unit needs before its success rate is compared

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tuner.pareto import dominates, pareto_indices
+from tuner.results.pareto import dominates, pareto_indices
 
 
 def hypervolume(points: Sequence[Sequence[float]], ref: Sequence[float]) -> float:

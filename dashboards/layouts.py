@@ -21,8 +21,8 @@ from dashboards.page import (
     header_facts,
     recommendation_rows,
 )
-from tuner.errors import TunerError
-from tuner.hparams import EPOCHS, LR
+from tuner.core.errors import TunerError
+from tuner.core.hparams import EPOCHS, LR
 from tuner.store import Store
 
 # ---- the study list -------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from typing import Any
 
 from dashboards.data import StudyData, fmt
 from dashboards.guidelines import CONTRADICTED, HOLDS, check_all
-from tuner.hparams import LR
-from tuner.methods import describe
-from tuner.recommend import robustness_line
+from tuner.core.hparams import LR
+from tuner.engine.methods import describe
+from tuner.results.recommend import robustness_line
 
 VERDICT_COLOURS = {HOLDS: "#1a7f37", CONTRADICTED: "#cf222e", "not enough data": "#6e7781"}
 SECTIONS = (
@@ -66,7 +66,7 @@ def header_facts(data: StudyData) -> list[tuple[str, str]]:
 
 def recommendation_rows(data: StudyData) -> list[dict[str, str]]:
     """One line per unit (overall first): status, trial, hyperparameters, gap, utility drop, robustness, what the
-    robustness checks found (`tuner.recommend.robustness_line`), reason. `failing` is the joined
+    robustness checks found (`tuner.results.recommend.robustness_line`), reason. `failing` is the joined
     `check_failures` of a recommendation that fails the study's robustness limits (empty otherwise)."""
     rec = data.recommendation
     if rec is None:

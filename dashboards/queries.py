@@ -38,7 +38,7 @@ def study_list(store: Store) -> list[dict[str, Any]]:
 
 def study_stamp(store: Store, name: str) -> tuple:
     """A cheap fingerprint of a study's state (status, trials, curve points, robustness checks) to know when to
-    redraw. Checks count on their own: the checks re-run after the trials (`tuner.rechecks`) add no trial."""
+    redraw. Checks count on their own: the checks re-run after the trials (`tuner.study.rechecks`) add no trial."""
     with store.sessions() as s:
         row = s.execute(select(Study.id, Study.status, Study.updated_at).where(Study.name == name)).first()
         if row is None:

@@ -24,7 +24,7 @@ from dashboards.page import (
     recommendation_rows,
 )
 from dashboards.trialtable import cell_text
-from tuner.errors import TunerError
+from tuner.core.errors import TunerError
 from tuner.store import Store
 
 CSS = """

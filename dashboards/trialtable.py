@@ -19,7 +19,7 @@ from typing import Any
 from dash import dcc, html
 
 from dashboards.data import Column, table_columns
-from tuner.hparams import Hyperparameter
+from tuner.core.hparams import Hyperparameter
 
 PAGE_SIZE = 15
 # shown with the "all columns" box: fewer columns are easier to read

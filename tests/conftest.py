@@ -31,22 +31,22 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bench(cache_dir):
-    from tuner.models import Workbench
+    from tuner.engine.models import Workbench
 
     return Workbench.open("testbed:micro")
 
 
 @pytest.fixture(scope="session")
 def data(bench):
-    from tuner import testbed
-    from tuner.data import build_data
+    from tuner.engine import testbed
+    from tuner.engine.data import build_data
 
     return build_data(testbed.data_spec(bench.source.testbed_root), bench.tokenizer, bench.reference.config)
 
 
 @pytest.fixture(scope="session")
 def baseline(bench, data):
-    from tuner.evaluation import full_metrics
+    from tuner.engine.evaluation import full_metrics
 
     return full_metrics(bench.reference, data, 32, torch.device("cpu"), torch.float32)
 
@@ -54,8 +54,8 @@ def baseline(bench, data):
 @pytest.fixture
 def unlearn(bench, data, baseline):
     """Run one unlearning from pristine weights: unlearn(method=..., lr=..., **config)."""
-    from tuner.precision import resolve_precision
-    from tuner.unlearn import UnlearnConfig, run_unlearning
+    from tuner.core.precision import resolve_precision
+    from tuner.engine.unlearn import UnlearnConfig, run_unlearning
 
     def run(**fields):
         fields.setdefault("device", "cpu")
@@ -144,11 +144,11 @@ def spec_file() -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def micro_study(bench) -> Callable[..., str]:
     """micro_study(folder, **fields) -> the URL of a SQLite store in `folder` holding that micro study, run to
-    its end in this process by `tuner.orchestrator.run_study`. On the module's `local_ray` when the caller
+    its end in this process by `tuner.study.orchestrator.run_study`. On the module's `local_ray` when the caller
     holds it (a module fixture asks for both); otherwise the study starts and stops its own Ray."""
-    from tuner.orchestrator import run_study
-    from tuner.spec import load_spec
     from tuner.store import Store
+    from tuner.study.orchestrator import run_study
+    from tuner.study.spec import load_spec
 
     def run(folder: Path, run: dict[str, Any] | None = None, **fields: Any) -> str:
         spec, text = load_spec(write_micro_spec(folder, run, **fields))
@@ -162,11 +162,11 @@ def micro_study(bench) -> Callable[..., str]:
 @pytest.fixture(scope="module")
 def local_ray(cache_dir):
     """One local Ray for a test module's in-process studies, started as `tuner study run` starts it
-    (`tuner.cluster.start_ray`): `run_study` leaves a Ray it did not start running, so the module's studies
+    (`tuner.study.cluster.start_ray`): `run_study` leaves a Ray it did not start running, so the module's studies
     share it and it stops once, after the module. After the testbed cache is set: Ray's workers inherit it."""
     import ray
 
-    from tuner.cluster import start_ray
+    from tuner.study.cluster import start_ray
 
     started = start_ray(None)
     yield

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tuner.errors import TunerError
+from tuner.core.errors import TunerError
 from tuner.store import Store
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tuner.data import UnlearnData
+from tuner.engine.data import UnlearnData
 
 
 def small_data(data: UnlearnData, train: int = 16, held: int = 8) -> UnlearnData:
@@ -30,9 +30,9 @@ def run_job(original: torch.nn.Module, data: UnlearnData, baseline: dict[str, fl
             job: dict[str, Any]) -> dict[str, Any]:
     """One run of `job` (UnlearnConfig fields) from a private copy of `original` (FSDP2 shards models in place,
     so no copy is reused), as the trial engine runs it: the policy and its reference come from a Workbench."""
-    from tuner.models import Workbench
-    from tuner.precision import resolve_precision
-    from tuner.unlearn import UnlearnConfig, run_unlearning
+    from tuner.core.precision import resolve_precision
+    from tuner.engine.models import Workbench
+    from tuner.engine.unlearn import UnlearnConfig, run_unlearning
 
     cfg = UnlearnConfig(**job)
     bench = Workbench(copy.deepcopy(original), None, None)

@@ -22,10 +22,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tuner import derived
-from tuner.errors import TunerError
-from tuner.spec import StudySpec, load_spec, validate_spec
+from tuner.core.errors import TunerError
+from tuner.results import derived
 from tuner.store import Store
+from tuner.study.spec import StudySpec, load_spec, validate_spec
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from dashboards import plotlyjs
 from dashboards.headless import CHROMIUM_ARGS
 from dashboards.hypervolume import hypervolume
 from dashboards.server import BackgroundServer
-from tuner.errors import TunerError
+from tuner.core.errors import TunerError
 from tuner.store import Store
 
 CHROMIUM = os.environ.get("TUNER_CHROMIUM", "/usr/bin/chromium")
@@ -133,7 +133,7 @@ def test_study_rows_are_classified_against_the_spec_target(loaded):
 
 
 def test_classification_agrees_with_the_recommender(loaded):
-    recommend = pytest.importorskip("tuner.recommend")
+    recommend = pytest.importorskip("tuner.results.recommend")
     for r in loaded.rows:
         assert D.classify(r, loaded.target, loaded.uses_mia) == recommend.outcome(r, loaded.target, loaded.uses_mia)
     assert loaded.recommendation is not None, loaded.recommendation_note
@@ -640,10 +640,11 @@ def test_nan_free_figures(loaded):
 def own_knobs(tmp_path, monkeypatch):
     """A store written directly (no training): GA, GA+GD (λ) and a method with its own knobs, a log-scale β and a
     whole-numbered layer, registered for this test only (and NPO's β when this version has NPO); the Pareto flags
-    and the recommendation derived and stored as the study driver does (`tuner.derived.refresh`)."""
-    from tuner import derived, methods
-    from tuner.hparams import RETAIN_WEIGHT, Hyperparameter
-    from tuner.methods.base import UnlearningMethod
+    and the recommendation derived and stored as the study driver does (`tuner.results.derived.refresh`)."""
+    from tuner.core.hparams import RETAIN_WEIGHT, Hyperparameter
+    from tuner.engine import methods
+    from tuner.engine.methods.base import UnlearningMethod
+    from tuner.results import derived
 
     beta = Hyperparameter("beta", "toy inverse temperature β", default=0.1, low=0.01, high=1.0, log=True, symbol="β")
     layer = Hyperparameter("layer", "toy steered layer", default=4, low=0, high=7, integer=True, at_least=0)
@@ -687,7 +688,7 @@ def test_a_methods_own_hyperparameters_are_axes_columns_and_hovers(own_knobs):
 
     from dashboards import page, report
     from dashboards import trialtable as T
-    from tuner.hparams import EPOCHS, LR, RETAIN_WEIGHT
+    from tuner.core.hparams import EPOCHS, LR, RETAIN_WEIGHT
 
     store, beta, layer = own_knobs["store"], own_knobs["beta"], own_knobs["layer"]
     data = D.load_study(store, "own")
@@ -811,7 +812,7 @@ def checked(tmp_path):
     trials relearn past the study's relearn_limit (its pick fails the checks), GA+GD in-distribution's stay
     forgotten; one check of a checkpoint before the kept one (as pareto_at_end stores it), one seed-spread-only
     check (nothing to draw), and the exact-retrain model's own attack result; derived as the driver does."""
-    from tuner import derived
+    from tuner.results import derived
 
     store = Store(f"sqlite:///{tmp_path / 'checked.db'}")
     target = {"gap_tolerance": 0.1, "utility_tolerance": 0.5, "mia_tolerance": 0.1, "relearn_limit": 0.3}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuner.data import DataSpec, TextSource, build_data, read_documents, subsample
-from tuner.errors import TunerError
+from tuner.core.errors import TunerError
+from tuner.engine.data import DataSpec, TextSource, build_data, read_documents, subsample
 
 
 def spec(tmp_path, **sources):
@@ -130,16 +130,16 @@ def test_a_forget_set_that_is_the_retain_or_unseen_set_is_refused(tmp_path, benc
 
 
 def test_a_partial_overlap_is_reported_in_one_line_with_its_share(tmp_path, bench, caplog):
-    from tuner.data import forget_overlap
+    from tuner.engine.data import forget_overlap
 
     forget = distinct_lines(tmp_path, "f.txt", "forget")
     mixed = tmp_path / "r.txt"  # the forget text's first half, then text of its own
     mixed.write_text(Path(forget.path).read_text()[:2000] + "".join(f"kept line {i}\n" for i in range(200)))
-    with caplog.at_level("WARNING", logger="tuner.data"):
+    with caplog.at_level("WARNING", logger="tuner.engine.data"):
         data = build_data(spec(tmp_path, forget=forget, retain=TextSource(path=str(mixed))), bench.tokenizer,
                           bench.reference.config)
     share = forget_overlap(data)["retain"]
     assert 0.2 < share < 0.8
-    lines = [r.getMessage() for r in caplog.records if r.name == "tuner.data"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "tuner.engine.data"]
     assert lines == [f"data: forget blocks also appear in other sets: {share:.1%} in retain ({mixed})"]
     assert forget_overlap(build_data(spec(tmp_path), bench.tokenizer, bench.reference.config)) == {}

@@ -27,7 +27,7 @@ def _close(a: float, b: float) -> bool:
 @pytest.mark.parametrize(("method", "sharding"), [("ga_gd", "ddp"), ("ga_kl", "ddp"), ("ga_kl", "fsdp")])
 def test_two_workers_give_the_one_worker_result(method, sharding, local_ray, bench, data, baseline, unlearn):
     """Batch 4 on each of 2 ranks = batch 8 on one process: identical curve and final metrics (within 1e-5)."""
-    from tuner.multiworker import rank_unlearn, torch_trainer
+    from tuner.study.multiworker import rank_unlearn, torch_trainer
 
     one = unlearn(method=method, batch_size=8, **COMMON)
     cfg = {"method": method, "batch_size": 4, "world_size": 2, "sharding": sharding, **COMMON}
@@ -55,8 +55,8 @@ def test_two_workers_give_the_one_worker_result(method, sharding, local_ray, ben
 
 
 def test_the_spec_takes_workers_per_trial_and_refuses_shared_gpus_across_ranks():
-    from tuner.errors import TunerError
-    from tuner.spec import validate_spec
+    from tuner.core.errors import TunerError
+    from tuner.study.spec import validate_spec
 
     base = {"name": "w", "model": "testbed:micro"}
     spec = validate_spec({**base, "resources": {"workers": 4, "gpus": 1, "sharding": "fsdp"}}, "spec")
@@ -73,6 +73,6 @@ def test_the_one_worker_path_imports_no_ray():
     import subprocess
     import sys
 
-    code = ("import sys, tuner.unlearn, tuner.distributed; "
+    code = ("import sys, tuner.engine.unlearn, tuner.engine.distributed; "
             "sys.exit(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -14,7 +14,7 @@ import torch
 from procs import free_port
 from ranks import run_job, run_on_ranks, small_data
 
-from tuner import methods
+from tuner.engine import methods
 
 METHODS = list(methods.available())
 SHARDINGS = ("ddp", "fsdp")
@@ -77,7 +77,7 @@ def original(bench) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def small_baseline(original, small):
-    from tuner.evaluation import full_metrics
+    from tuner.engine.evaluation import full_metrics
 
     return full_metrics(original, small, 8, torch.device("cpu"), torch.float32)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tuner.evaluation import auc, curve_sets, full_metrics, mia_scores, token_nll
+from tuner.engine.evaluation import auc, curve_sets, full_metrics, mia_scores, token_nll
 
 
 def test_auc_matches_its_definition():

@@ -186,7 +186,7 @@ def test_resources_no_node_has_are_refused_in_seconds_with_one_line(tmp_path, ca
 def test_waiting_for_resources_is_said_in_words():
     import ray
 
-    from tuner.recorder import waiting_note
+    from tuner.study.recorder import waiting_note
 
     ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False)
     try:

@@ -1,5 +1,6 @@
 """The layers hold: no other library's private attributes, a torch-free core (the CLI's quick answers load no
-torch), no import cycle among the package's modules, and migrations that never import live code.
+torch), no import cycle among the package's modules, migrations that never import live code, and each layer
+of `tuner/` (core, engine, store, results, study, cli) importing only the layers below it.
 
 Read from the source with `ast` (and, for the core, from a fresh interpreter's own import record), so a
 change that breaks a layer fails here with the file, line and chain to fix."""
@@ -107,7 +108,7 @@ import optuna
 import torch as T
 from ray.tune.search.optuna import OptunaSearch
 from torch.utils import _pytree
-from tuner import methods
+from tuner.engine import methods
 
 class Search(OptunaSearch):
     def on_complete(self, trial_id):
@@ -153,9 +154,9 @@ def heavy_imports(code: str) -> list[str]:
 
 
 CORE = {
-    "import tuner.spec": "import tuner.spec",
-    "import tuner.hparams": "import tuner.hparams",
-    "import tuner.methods (and every method)": "import tuner.methods; tuner.methods.available()",
+    "import tuner.study.spec": "import tuner.study.spec",
+    "import tuner.core.hparams": "import tuner.core.hparams",
+    "import tuner.engine.methods (and every method)": "import tuner.engine.methods; tuner.engine.methods.available()",
     "tuner --help": "import sys; from tuner.cli import main; sys.argv = ['tuner', '--help']; main()",
     "tuner methods": "from tuner.cli import main; main(['methods'])",
     "tuner study validate (testbed)": "from tuner.cli import main; main(['study', 'validate', "
@@ -169,7 +170,7 @@ def test_the_core_loads_no_torch(what):
     if what == "tuner --help":
         code = f"try:\n    {code}\nexcept SystemExit:\n    pass"
     chains = heavy_imports(code)
-    assert not chains, f"{what} loads {', '.join(chains)}: import torch where it is used (see tuner/methods/base.py)"
+    assert not chains, f"{what} loads {', '.join(chains)}: import torch where it is used (see tuner/engine/methods/base.py)"
 
 
 # ---- (c) no import cycle -----------------------------------------------------------------------------------
@@ -259,7 +260,8 @@ def test_no_import_cycle_among_the_packages_modules():
     known = set(MODULES)
     graph = {module: top_level_imports(module, path.name == "__init__.py", parse(path), known)
              for module, path in MODULES.items()}
-    assert graph["tuner.spec"] >= {"tuner.methods", "tuner.settings"}  # the graph sees what a module imports
+    # the graph sees what a module imports
+    assert graph["tuner.study.spec"] >= {"tuner.engine.methods", "tuner.core.settings"}
     cycles = import_cycles(graph)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
@@ -283,3 +285,55 @@ def test_migrations_import_no_package_code(path):
         if isinstance(node, ast.ImportFrom) and node.level:
             found.append(f"line {node.lineno}: a relative import")
     assert not found, f"{path.name} imports the package's code: {'; '.join(found)}"
+
+
+# ---- (e) each layer imports only the layers below it -------------------------------------------------------
+
+# tuner's layers, lowest first; the package's own `__init__` (its version) is below them all, and the
+# dashboards are views beside the CLI (which starts their server)
+LAYERS = ("core", "engine", "store", "results", "study", "cli")
+
+
+def rank(module: str) -> int:
+    parts = module.split(".")
+    if parts[0] == "dashboards":
+        return LAYERS.index("cli")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else -1
+
+
+def upward_imports(module: str, is_package: bool, tree: ast.Module) -> list[str]:
+    """Imports of the package's modules from a higher layer than `module`'s, anywhere in the file (inside
+    functions too: a lazy import is still a dependency)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [resolve_relative(module, is_package, node)]
+        else:
+            continue
+        found += [f"line {node.lineno}: {name}" for name in names
+                  if name.split(".")[0] in PACKAGES and rank(name) > rank(module)]
+    return found
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("tuner.")])
+def test_each_layer_imports_only_the_layers_below(module):
+    path = MODULES[module]
+    found = upward_imports(module, path.name == "__init__.py", parse(path))
+    assert not found, f"{path.relative_to(ROOT)} ({LAYERS[rank(module)]}) imports a higher layer: {'; '.join(found)}"
+
+
+def test_every_module_is_in_a_layer_that_says_what_it_may_import():
+    loose = [m for m in MODULES if m.startswith("tuner.") and rank(m) < 0]
+    assert not loose, f"modules outside the layers {LAYERS}: {loose}"
+    for layer in LAYERS:
+        doc = ast.get_docstring(parse(ROOT / "tuner" / layer / "__init__.py")) or ""
+        assert "import" in doc, f"tuner/{layer}/__init__.py does not say what the layer may import"
+
+
+def test_the_layer_check_finds_an_upward_import():
+    code = ("from tuner.study.spec import StudySpec\n\n"
+            "def f():\n    from tuner.cli import main\n    import tuner.core.errors\n")
+    assert upward_imports("tuner.results.export", False, ast.parse(code)) == [
+        "line 1: tuner.study.spec", "line 4: tuner.cli"]

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from tuner import lossfn
-from tuner.evaluation import next_token_logits, token_nll
-from tuner.methods.base import nll_term, target_ce_term
+from tuner.engine import lossfn
+from tuner.engine.evaluation import next_token_logits, token_nll
+from tuner.engine.methods.base import nll_term, target_ce_term
 
 
 def test_chunked_nll_equals_cross_entropy_on_random_logits():

@@ -7,12 +7,12 @@ import pytest
 import torch
 import transformers
 
-from tuner import methods, testbed
 from tuner.cli import main
-from tuner.lora import LoraSpec
-from tuner.memory import ACTIVATION_COEFFS, ModelShape, RunShape, plan, refusal, run_shape, ways_out
-from tuner.settings import RunSettings
-from tuner.testbed_sizes import SIZES
+from tuner.core.settings import RunSettings
+from tuner.core.testbed_sizes import SIZES
+from tuner.engine import methods, testbed
+from tuner.engine.lora import LoraSpec
+from tuner.engine.memory import ACTIVATION_COEFFS, ModelShape, RunShape, plan, refusal, run_shape, ways_out
 
 GPU80 = 79 * 1024**3  # an "80 GB" H100 as torch counts it: 79.2 GiB
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from tuner.lora import AdaptersOff
-from tuner.precision import resolve_precision
-from tuner.unlearn import UnlearnConfig, run_unlearning
+from tuner.core.precision import resolve_precision
+from tuner.engine.lora import AdaptersOff
+from tuner.engine.unlearn import UnlearnConfig, run_unlearning
 
 
 def test_lora_unlearns_with_adapters_only_and_keeps_the_reference_pristine(bench, data, baseline):

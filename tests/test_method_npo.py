@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from tuner import methods
-from tuner.methods.base import Batch, MethodContext
-from tuner.unlearn import UnlearnConfig
+from tuner.engine import methods
+from tuner.engine.methods.base import Batch, MethodContext
+from tuner.engine.unlearn import UnlearnConfig
 
 FIXED = {"stop_at_target": False, "checkpoint": "last", "device": "cpu"}
 

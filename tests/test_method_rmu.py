@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuner import methods
-from tuner.errors import TunerError
-from tuner.methods.base import Batch, MethodContext
-from tuner.methods.rmu import steering_vector
-from tuner.probe import decoder_layers, layer_output
-from tuner.training import OptimConfig, run_loop
-from tuner.unlearn import UnlearnConfig
+from tuner.core.errors import TunerError
+from tuner.engine import methods
+from tuner.engine.methods.base import Batch, MethodContext
+from tuner.engine.methods.rmu import steering_vector
+from tuner.engine.probe import decoder_layers, layer_output
+from tuner.engine.training import OptimConfig, run_loop
+from tuner.engine.unlearn import UnlearnConfig
 
 FIXED = {"stop_at_target": False, "checkpoint": "last", "device": "cpu"}
 
@@ -46,8 +46,8 @@ def test_rmu_refuses_a_layer_the_model_does_not_have(bench, data):
 
 def test_rmu_default_layer_and_search_range_follow_the_model_s_depth(bench, data):
     """WMDP's layer 7 of 32 is the default on zephyr-sized models; smaller ones get the layer at the same depth."""
-    from tuner.methods.rmu import LAYER
-    from tuner.spec import validate_spec
+    from tuner.engine.methods.rmu import LAYER
+    from tuner.study.spec import validate_spec
 
     assert [LAYER.at_depth(n).default for n in (32, 80, 8, 4, 2)] == [7, 18, 2, 1, 0]
     assert (LAYER.at_depth(32).low, LAYER.at_depth(32).high, LAYER.at_depth(4).high) == (0, 7, 1)

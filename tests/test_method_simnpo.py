@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuner import methods
-from tuner.lossfn import next_token_nll
-from tuner.methods.base import Batch, MethodContext
-from tuner.precision import resolve_precision
-from tuner.unlearn import UnlearnConfig, run_unlearning
+from tuner.core.precision import resolve_precision
+from tuner.engine import methods
+from tuner.engine.lossfn import next_token_nll
+from tuner.engine.methods.base import Batch, MethodContext
+from tuner.engine.unlearn import UnlearnConfig, run_unlearning
 
 FIXED = {"stop_at_target": False, "checkpoint": "last", "device": "cpu"}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuner import methods
-from tuner.methods.base import MethodContext
-from tuner.unlearn import UnlearnConfig
+from tuner.engine import methods
+from tuner.engine.methods.base import MethodContext
+from tuner.engine.unlearn import UnlearnConfig
 
 FIXED = {"stop_at_target": False, "checkpoint": "last", "device": "cpu"}
 

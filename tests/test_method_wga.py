@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuner import methods
-from tuner.methods.base import Batch, MethodContext, token_nll_term
-from tuner.methods.wga import token_weights
-from tuner.unlearn import UnlearnConfig
+from tuner.engine import methods
+from tuner.engine.methods.base import Batch, MethodContext, token_nll_term
+from tuner.engine.methods.wga import token_weights
+from tuner.engine.unlearn import UnlearnConfig
 
 FIXED = {"stop_at_target": False, "checkpoint": "last", "device": "cpu"}
 

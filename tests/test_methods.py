@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from tuner import methods
-from tuner.methods.adversarial import top1_excluding_truth
-from tuner.methods.base import MethodContext, kl_term, nll_term
-from tuner.training import LossOut, OptimConfig, run_loop
+from tuner.engine import methods
+from tuner.engine.methods.adversarial import top1_excluding_truth
+from tuner.engine.methods.base import MethodContext, kl_term, nll_term
+from tuner.engine.training import LossOut, OptimConfig, run_loop
 
 FIXED = {"stop_at_target": False, "checkpoint": "last", "device": "cpu"}
 
@@ -97,7 +97,7 @@ def test_ga_kl_first_step_kl_is_zero_and_grows(bench, data):
     logged = []
 
     def micro(step, _):
-        from tuner.methods.base import Batch
+        from tuner.engine.methods.base import Batch
 
         rows = torch.arange(step * 8, step * 8 + 8)
         return method.loss(model, Batch(forget=data.forget[rows], forget_rows=rows, retain=retain[rows]))

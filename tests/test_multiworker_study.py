@@ -45,7 +45,7 @@ def wait_for_ranks(proc: subprocess.Popen, n: int, timeout: float = 300) -> list
 
 def test_two_worker_study_survives_a_killed_rank_and_records_world_size(tmp_path, cache_dir, bench, spec_file):
     from dashboards.data import load_study, table_rows
-    from tuner.export import build_export
+    from tuner.results.export import build_export
 
     spec = spec_file(tmp_path, name="two-ranks", budget={"trials": 2},
                      search={"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 2}},

@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from tuner.cli import main
-from tuner.models import Workbench
-from tuner.unlearn import UnlearnConfig, run_unlearning
+from tuner.engine.models import Workbench
+from tuner.engine.unlearn import UnlearnConfig, run_unlearning
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def llama_dirs(bench, tmp_path_factory):
 
 def one_step(path, data, precision: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
     """Weights before and after one ga step at the paper's lr, and the optimiser that ran."""
-    from tuner.precision import resolve_precision
+    from tuner.core.precision import resolve_precision
 
     cfg = UnlearnConfig(method="ga", lr=2e-5, max_steps=1, precision=precision, device="cpu",
                         stop_at_target=False, checkpoint="last", warmup_ratio=0.0)
@@ -71,8 +71,8 @@ def test_mixed_keeps_every_update_of_a_bf16_checkpoint(mixed_step):
 
 def test_plain_adamw_on_bf16_weights_loses_most_updates(llama_dirs, data):
     """The path `precision` replaces: torch's AdamW directly on the bf16 weights, as a bf16 checkpoint loads."""
-    from tuner.methods.base import nll_term
-    from tuner.training import LossOut, OptimConfig, run_loop
+    from tuner.engine.methods.base import nll_term
+    from tuner.engine.training import LossOut, OptimConfig, run_loop
 
     model = transformers.AutoModelForCausalLM.from_pretrained(llama_dirs["bf16"])
     assert model.dtype == torch.bfloat16

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuner.recommend import recommend_unit
+from tuner.results.recommend import recommend_unit
 from tuner.store import Store
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
@@ -141,8 +141,8 @@ def test_bad_export_and_apply_inputs(tuned, cache_dir, bench):
 
 
 def test_the_recommendation_is_stored_with_the_study(tuned):
-    from tuner import derived
-    from tuner.recommend import recommend
+    from tuner.results import derived
+    from tuner.results.recommend import recommend
 
     _, url = tuned
     store = Store(url)

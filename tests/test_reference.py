@@ -13,14 +13,14 @@ import torch
 from ranks import small_data
 from transformers import AutoModelForCausalLM
 
-from tuner import methods
-from tuner.evaluation import autocast_for
-from tuner.lossfn import next_token_logits
-from tuner.methods.base import MethodContext
-from tuner.methods.undial import BETA as UNDIAL_BETA
-from tuner.models import Workbench
-from tuner.precision import resolve_precision
-from tuner.unlearn import UnlearnConfig, run_unlearning
+from tuner.core.precision import resolve_precision
+from tuner.engine import methods
+from tuner.engine.evaluation import autocast_for
+from tuner.engine.lossfn import next_token_logits
+from tuner.engine.methods.base import MethodContext
+from tuner.engine.methods.undial import BETA as UNDIAL_BETA
+from tuner.engine.models import Workbench
+from tuner.engine.unlearn import UnlearnConfig, run_unlearning
 
 CPU = torch.device("cpu")
 # fp32: the same weights in the same dtypes, in batches of other rows; mixed: bf16 autocast (8 bits of mantissa)
@@ -51,7 +51,7 @@ def own_bench(bench) -> Workbench:
 
 @pytest.fixture(scope="module")
 def small_baseline(own_bench, small):
-    from tuner.evaluation import full_metrics
+    from tuner.engine.evaluation import full_metrics
 
     return full_metrics(own_bench.original, small, 8, CPU, torch.float32)
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tuner import robustness as rb
+from tuner.engine import robustness as rb
 
 CPU = torch.device("cpu")
 # The micro testbed was pre-trained at lr 3e-3: an attack at the 7B default (1e-5) would not move it in a few steps.
@@ -19,8 +19,8 @@ ATTACK = dict(steps=5, lr=1e-3, batch_size=8, eval_every=5, seed=0, device="cpu"
 def unlearned(bench, data, baseline):
     """(model, result) of a GA run that still remembers (forget gap < 0). A copy: the workbench reuses its
     trainee for the next run."""
-    from tuner.precision import resolve_precision
-    from tuner.unlearn import UnlearnConfig, run_unlearning
+    from tuner.core.precision import resolve_precision
+    from tuner.engine.unlearn import UnlearnConfig, run_unlearning
 
     cfg = UnlearnConfig(method="ga", lr=1e-3, max_steps=6, stop_at_target=False, checkpoint="last", device="cpu",
                         eval_every=6, eval_batch_size=64)

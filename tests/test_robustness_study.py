@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tuner.recommend import recommend_unit
+from tuner.results.recommend import recommend_unit
 from tuner.store import Store
 
 TUNER = str(Path(sys.executable).with_name("tuner"))

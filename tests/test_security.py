@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuner import derived
-from tuner.errors import TunerError
-from tuner.spec import StudySpec
+from tuner.core.errors import TunerError
+from tuner.results import derived
 from tuner.store import Store
+from tuner.study.spec import StudySpec
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_study_names_are_checked_wherever_a_study_is_created(tmp_path):
         with pytest.raises(TunerError, match="use 1-100 letters"):
             store.create_study(bad, "m", 0, {}, "", {})
         with pytest.raises(TunerError, match="name: Value error"):
-            from tuner.spec import validate_spec
+            from tuner.study.spec import validate_spec
 
             validate_spec({"name": bad, "model": "testbed:micro"}, "spec")
     assert store.study_names() == []

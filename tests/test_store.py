@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import inspect
 
-from tuner.errors import TunerError
+from tuner.core.errors import TunerError
 from tuner.store import Store, safe_url
 
 

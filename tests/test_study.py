@@ -12,10 +12,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tuner.errors import TunerError
-from tuner.orchestrator import run_study
-from tuner.spec import load_spec
+from tuner.core.errors import TunerError
 from tuner.store import Store
+from tuner.study.orchestrator import run_study
+from tuner.study.spec import load_spec
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from tuner import testbed
+from tuner.engine import testbed
 
 
 def test_micro_testbed_memorises_its_forget_set_and_the_retrain_does_not(bench):

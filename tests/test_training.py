@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tuner.methods.base import nll_term
-from tuner.training import IndexStream, LossOut, OptimConfig, lr_multiplier, run_loop
+from tuner.engine.methods.base import nll_term
+from tuner.engine.training import IndexStream, LossOut, OptimConfig, lr_multiplier, run_loop
 
 
 def test_gradient_accumulation_matches_one_big_batch(bench, data):

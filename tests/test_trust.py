@@ -8,9 +8,9 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tuner.candidates import CONFIRMATION, candidates
-from tuner.recommend import recommend, recommend_unit
-from tuner.spec import Target
+from tuner.results.candidates import CONFIRMATION, candidates
+from tuner.results.recommend import recommend, recommend_unit
+from tuner.results.target import Target
 
 TARGET = Target(gap_tolerance=0.1, utility_tolerance=0.5, mia_tolerance=0.1, confirmations=3).rule()
 

@@ -28,7 +28,7 @@ from dashboards.figures.style import (
     hover_short,
     method_colour,
 )
-from tuner.hparams import LR
+from tuner.core.hparams import LR
 
 # ---- Pareto front -------------------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from dashboards.figures.style import (
     figure,
     hover_short,
 )
-from tuner.hparams import LR, Hyperparameter
+from tuner.core.hparams import LR, Hyperparameter
 
 # ---- Robustness map ------------------------------------------------------------------------------------------
 

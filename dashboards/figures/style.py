@@ -13,7 +13,7 @@ from dashboards.data import (
     fmt,
     tokens,
 )
-from tuner.methods import describe
+from tuner.engine.methods import describe
 
 METHOD_ORDER = ("ga", "random_label", "random_model_label", "adversarial", "retain_finetune", "ga_gd", "ga_kl")
 PALETTE = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#7f7f7f", "#2ca02c", "#d62728", "#17becf", "#bcbd22",

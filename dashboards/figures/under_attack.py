@@ -18,7 +18,7 @@ from dashboards.figures.style import (
     esc,
     figure,
 )
-from tuner.methods import describe
+from tuner.engine.methods import describe
 
 # ---- Robustness under attack ---------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_testbed_build(args: argparse.Namespace) -> int:
-    from tuner import testbed
+    from tuner.engine import testbed
 
     with progress() as bars:
         root = testbed.build(args.size, seed=args.seed, force=args.force, progress=Bars(bars))
@@ -22,7 +22,7 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
 
 
 def cmd_testbed_show(args: argparse.Namespace) -> int:
-    from tuner import testbed
+    from tuner.engine import testbed
 
     root = testbed.build(args.size, seed=args.seed)
     print_manifest(root)

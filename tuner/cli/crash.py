@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from tuner.cli.render import console
-from tuner.errors import TunerError, one_line
+from tuner.core.errors import TunerError, one_line
 
 
 def run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     except TunerError as err:
         console.print(f"[red]error:[/] {escape(one_line(str(err)))}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt as err:  # Ctrl+C, or SIGINT/SIGTERM to a study (tuner.orchestrator.StudyStopped)
+    except KeyboardInterrupt as err:  # Ctrl+C, or SIGINT/SIGTERM to a study (tuner.study.orchestrator.StudyStopped)
         signum = getattr(err, "signum", 2)
         hint = _resume_hint(args)
         _say(f"stopped ({str(err) or 'SIGINT'})" + (f": trials stopped, study marked interrupted{hint}" if hint else ""))

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tuner import flags
 from tuner.cli.catalogue import cmd_methods, cmd_testbed_build, cmd_testbed_show
 from tuner.cli.crash import run
 from tuner.cli.study import cmd_export, cmd_study_list, cmd_study_resume, cmd_study_run, cmd_study_show, cmd_study_validate
 from tuner.cli.unlearn import NOT_FLAGS, cmd_unlearn
+from tuner.core import flags
 
 
 def build_parser(unlearn_flags: bool = True) -> argparse.ArgumentParser:
@@ -47,8 +47,8 @@ def build_parser(unlearn_flags: bool = True) -> argparse.ArgumentParser:
     u.add_argument("--config", help="YAML/JSON run settings (e.g. an exported recommendation); flags override")
     setting_flags: list[str] = []
     if unlearn_flags:
-        from tuner import methods
-        from tuner.unlearn import UnlearnConfig
+        from tuner.engine import methods
+        from tuner.engine.unlearn import UnlearnConfig
 
         setting_flags = flags.add_model_flags(u, UnlearnConfig, skip=NOT_FLAGS)
         flags.add_hyperparameter_flags(u, methods.declared())

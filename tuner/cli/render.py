@@ -61,7 +61,7 @@ class StudyBars:
 # ---- tuner methods, tuner testbed --------------------------------------------------------------------------
 
 def print_methods() -> None:
-    from tuner import methods
+    from tuner.engine import methods
 
     table = Table(title="unlearning methods")
     for col in ("name", "hyperparameters (default)", "forget term", "retain term", "needs original"):
@@ -76,7 +76,7 @@ def print_methods() -> None:
 
 
 def print_manifest(root: Path) -> None:
-    from tuner import testbed
+    from tuner.engine import testbed
 
     m = testbed.load_manifest(root)
     out.print(f"testbed [bold]{m['size_name']}[/] (seed {m['seed']}) at {root}")
@@ -149,7 +149,7 @@ def print_result(result, report: dict, retrain: dict | None, target: Path) -> No
 # ---- tuner study -------------------------------------------------------------------------------------------
 
 def print_study(store, name: str) -> None:
-    from tuner.methods import describe
+    from tuner.engine.methods import describe
 
     rows = store.trials(name)
     table = Table(title=f"trials of {escape(name)}")
@@ -170,8 +170,8 @@ def print_study(store, name: str) -> None:
 
 
 def print_recommendation(rec: dict[str, Any], target: dict[str, float], exact: dict[str, float] | None) -> None:
-    from tuner.methods import describe
-    from tuner.recommend import robustness_line
+    from tuner.engine.methods import describe
+    from tuner.results.recommend import robustness_line
 
     table = Table(title="recommendation per search unit (target: |forget gap| ≤ "
                   f"{target['gap_tolerance']}; robust = neighbours also succeed)")

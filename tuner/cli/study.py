@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tuner.cli.render import StudyBars, console, out, print_recommendation, print_study, study_progress
-from tuner.errors import TunerError
+from tuner.core.errors import TunerError
 
 
 def _store(args: argparse.Namespace, spec_storage: str | None = None, create: bool = True):
@@ -22,8 +22,8 @@ def _store(args: argparse.Namespace, spec_storage: str | None = None, create: bo
 
 
 def _run_study(spec, text: str, store, resume: bool) -> int:
-    from tuner.orchestrator import run_study
     from tuner.store import default_url, normalise_url, safe_url
+    from tuner.study.orchestrator import run_study
 
     with study_progress() as progress:
         try:
@@ -51,7 +51,7 @@ def _warn_remote_code(spec) -> None:
 def _study_plan(spec):
     """The study's memory plan (None when a hub model's config cannot be read here, e.g. offline: then each
     trial checks the plan against its own GPU before loading)."""
-    from tuner.memory import plan_study
+    from tuner.engine.memory import plan_study
 
     try:
         return plan_study(spec)
@@ -65,7 +65,7 @@ def _study_plan(spec):
 
 
 def cmd_study_run(args: argparse.Namespace) -> int:
-    from tuner.spec import check_inputs, load_spec
+    from tuner.study.spec import check_inputs, load_spec
 
     overrides = {"name": args.name, "storage": args.storage, "ray_address": args.address}
     spec, text = load_spec(args.file, overrides)
@@ -84,7 +84,7 @@ def cmd_study_run(args: argparse.Namespace) -> int:
 
 
 def cmd_study_resume(args: argparse.Namespace) -> int:
-    from tuner.spec import stored_spec
+    from tuner.study.spec import stored_spec
 
     args.study_name = args.name
     store = _store(args, create=False)
@@ -97,8 +97,8 @@ def cmd_study_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_study_validate(args: argparse.Namespace) -> int:
-    from tuner.memory import plan_lines as memory_lines
-    from tuner.spec import check_inputs, load_spec, unit_name
+    from tuner.engine.memory import plan_lines as memory_lines
+    from tuner.study.spec import check_inputs, load_spec, unit_name
 
     spec, _ = load_spec(args.file)
     _warn_remote_code(spec)
@@ -141,7 +141,7 @@ def cmd_study_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tuner.export import build_export, render, write_atomic
+    from tuner.results.export import build_export, render, write_atomic
 
     if args.step is not None and args.trial is None:
         raise TunerError("--step needs --trial: the trial id whose checkpoint to export (`tuner study show`)")

@@ -13,11 +13,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from tuner import flags
 from tuner.cli.render import Bars, console, out, print_result, progress
-from tuner.errors import TunerError, describe_validation_error
+from tuner.core import flags
+from tuner.core.errors import TunerError, describe_validation_error
 
-# UnlearnConfig fields without a flag of their own: the hyperparameters have theirs (`tuner.flags`), LoRA has
+# UnlearnConfig fields without a flag of their own: the hyperparameters have theirs (`tuner.core.flags`), LoRA has
 # --lora-*, and one `tuner unlearn` process is one rank
 NOT_FLAGS = {"params", "lora", "world_size", "sharding"}
 DATA_ROLES = ("forget", "unseen", "retain", "general")
@@ -43,8 +43,8 @@ def read_config_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def apply(config_file: str | None, given: dict[str, Any]):
     """(UnlearnConfig, the file's provenance or {}): the settings of `config_file` with the fields `given` on the
     command line over them; given hyperparameters (`params`) join the file's rather than replace them."""
-    from tuner.hparams import LR
-    from tuner.unlearn import UnlearnConfig
+    from tuner.core.hparams import LR
+    from tuner.engine.unlearn import UnlearnConfig
 
     fields, provenance = read_config_file(config_file) if config_file else ({}, {})
     given = dict(given)
@@ -83,8 +83,8 @@ def own_data(args: argparse.Namespace) -> bool:
 
 
 def data_spec_from_args(args: argparse.Namespace, source):
-    from tuner import testbed
-    from tuner.data import DataSpec, TextSource
+    from tuner.engine import testbed
+    from tuner.engine.data import DataSpec, TextSource
 
     files = {role: getattr(args, role) for role in DATA_ROLES}
     if source.testbed_root is not None:
@@ -107,7 +107,7 @@ def data_spec_from_args(args: argparse.Namespace, source):
 
 def check_tuned_for(provenance: dict[str, Any], bench, path: str) -> None:
     """An exported configuration only transfers to a model of the architecture it was tuned on."""
-    from tuner.models import fingerprint
+    from tuner.engine.models import fingerprint
 
     tuned = (provenance.get("model") or {}).get("fingerprint")
     here = fingerprint(bench.reference.config)
@@ -132,8 +132,8 @@ def _prepare_out(path: str, overwrite: bool) -> Path:
 
 def _unlearn_plan(args: argparse.Namespace, cfg, source, device):
     """The run's memory plan from the model config alone, with the GPU it is checked against."""
-    from tuner import memory, methods, testbed
-    from tuner.precision import planned_precision, resolve_precision
+    from tuner.core.precision import planned_precision, resolve_precision
+    from tuner.engine import memory, methods, testbed
 
     shape = memory.model_shape(args.model, cfg, args.trust_remote_code)
     block_size = args.block_size or (testbed.data_spec(source.testbed_root).block_size
@@ -147,12 +147,12 @@ def _unlearn_plan(args: argparse.Namespace, cfg, source, device):
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    from tuner import memory
-    from tuner.data import build_data
-    from tuner.evaluation import full_metrics
-    from tuner.models import Workbench, load, resolve
-    from tuner.precision import resolve_precision
-    from tuner.unlearn import resolve_device, run_unlearning
+    from tuner.core.precision import resolve_precision
+    from tuner.engine import memory
+    from tuner.engine.data import build_data
+    from tuner.engine.evaluation import full_metrics
+    from tuner.engine.models import Workbench, load, resolve
+    from tuner.engine.unlearn import resolve_device, run_unlearning
 
     cfg, provenance = unlearn_config(args)
     if not args.dry_run and not args.out:

@@ -2,7 +2,8 @@
 
 It is the single source of truth that dashboards, `study show` and exports read. Only the study driver
 writes to it; schema changes arrive as Alembic migrations, run on open. The driver's reads and writes wait
-out a database that is briefly away (tuner/retry.py); each such method is safe to repeat.
+out a database that is briefly away (tuner/core/retry.py); each such method is safe to repeat. The store is a
+layer of its own: it imports the core only, and knows nothing of what the numbers it keeps mean.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import selectinload, sessionmaker
 
-from tuner.errors import TunerError
-from tuner.names import NAME_RULE, is_valid_name
-from tuner.retry import retrying
+from tuner.core.errors import TunerError
+from tuner.core.names import NAME_RULE, is_valid_name
+from tuner.core.retry import retrying
 from tuner.store.engine import (
     default_url,
     engine_for,

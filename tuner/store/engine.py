@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from tuner.errors import TunerError
+from tuner.core.errors import TunerError
 
 # The databases the store runs on: the check of a URL and its error message both come from here.
 DIALECTS = {"sqlite": "sqlite:///PATH (a file)", "postgresql": "postgresql://USER@HOST/DB (psycopg 3)"}

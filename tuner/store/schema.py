@@ -65,7 +65,7 @@ class Trial(Base):
     search_id: Mapped[int] = mapped_column(ForeignKey("tuner_searches.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)  # the Optuna trial number
     status: Mapped[str] = mapped_column(String(30))  # running/completed/stopped_at_target/diverged/failed
-    params: Mapped[dict] = mapped_column(JSON)  # the method's hyperparameters (tuner.hparams), by name
+    params: Mapped[dict] = mapped_column(JSON)  # the method's hyperparameters (tuner.core.hparams), by name
     # on its search unit's Pareto front: derived by the study driver as trials finish, read by every view
     pareto: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     objectives: Mapped[dict | None] = mapped_column(JSON, nullable=True)
@@ -114,7 +114,7 @@ class CurvePoint(Base):
     retain_nll: Mapped[float | None] = mapped_column(Float, nullable=True)
     general_nll: Mapped[float | None] = mapped_column(Float, nullable=True)
     forget_gap: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # this evaluated checkpoint (a candidate) is on its search unit's Pareto front (tuner.derived)
+    # this evaluated checkpoint (a candidate) is on its search unit's Pareto front (tuner.results.derived)
     pareto: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 
     trial: Mapped[Trial] = relationship(back_populates="curve")

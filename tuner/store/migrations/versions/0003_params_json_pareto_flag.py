@@ -47,7 +47,7 @@ def _flag_existing_fronts(conn) -> None:
                          {"flag": row["id"] in front, "id": row["id"]})
 
 
-# A frozen copy of tuner.pareto as it was when this revision was written: a migration means the same thing on
+# A frozen copy of tuner.results.pareto as it was when this revision was written: a migration means the same thing on
 # every store it ever upgrades, so it never imports the package's live code.
 def _dominates(a, b) -> bool:
     return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))

@@ -1,0 +1,128 @@
+"""How an unlearned model is measured: NLL per set, forget gap, utility drop, membership inference.
+
+All scoring is batched under `torch.inference_mode`; per-token work stays inside tensor ops. A set's
+blocks go to the device once, per-token NLL is computed through the output head a chunk of tokens at a time
+(`tuner.engine.lossfn`: no fp32 copy of a batch's full logits) and stays on the device until the set is done, so
+the host waits for the accelerator once per set, not once per batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from tuner.engine.data import UnlearnData
+from tuner.engine.distributed import eval_share, gather_rows
+from tuner.engine.lossfn import next_token_logits as next_token_logits  # re-exported for the methods' full-logit terms
+from tuner.engine.lossfn import next_token_nll
+
+MINK_FRACTION = 0.3  # the paper's Min-K% Prob sweep starts at k = 30%
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast on accelerators; a no-op context in fp32 so CPU runs stay exact."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def token_nll(model, blocks: torch.Tensor, batch_size: int, device: torch.device,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-token NLL `[n_blocks, block_size - 1]` (float32, on CPU), one device-to-host transfer.
+
+    In a run sharded over ranks (`tuner.engine.distributed`), each rank scores its contiguous share of the blocks and
+    the shares are gathered, so every rank returns the NLL of all blocks, in order."""
+    was_training = model.training
+    model.eval()
+    share = eval_share(blocks)
+    on_device = share.to(device)  # one copy: a pageable host-to-device copy per batch would sync each time
+    out = torch.empty(share.shape[0], share.shape[1] - 1, dtype=torch.float32, device=device)
+    for start in range(0, share.shape[0], batch_size):
+        with autocast_for(device, dtype):
+            out[start:start + batch_size] = next_token_nll(model, on_device[start:start + batch_size])
+    model.train(was_training)
+    return gather_rows(out, blocks.shape[0]).cpu()
+
+
+def auc(members: torch.Tensor, nonmembers: torch.Tensor) -> float:
+    """P(score(member) > score(non-member)), ties counting half: 0.5 means indistinguishable."""
+    if members.numel() == 0 or nonmembers.numel() == 0:
+        return float("nan")
+    diff = members.double()[:, None] - nonmembers.double()[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def mia_scores(nll: torch.Tensor, zlib_len: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Membership scores per block, higher = more likely seen in training."""
+    k = max(1, math.ceil(nll.shape[1] * MINK_FRACTION))
+    scores = {
+        "loss": -nll.mean(dim=1),
+        # Min-K% Prob: mean log-prob of the k% least likely tokens.
+        "mink": -nll.topk(k, dim=1).values.mean(dim=1),
+    }
+    if zlib_len is not None:
+        scores["zlib"] = -nll.sum(dim=1) / zlib_len.clamp(min=1.0)
+    return scores
+
+
+def set_nll(model, sets: dict[str, torch.Tensor], batch_size: int, device: torch.device,
+            dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {name: token_nll(model, blocks, batch_size, device, dtype) for name, blocks in sets.items()}
+
+
+def utility_subsample(blocks: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
+    """A fixed subsample of `n` blocks (seeded, so every curve point of a run scores the same blocks)."""
+    if n is None or n >= blocks.shape[0]:
+        return blocks
+    rows = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return blocks[rows.sort().values]
+
+
+def curve_sets(data: UnlearnData, utility: bool = True, utility_blocks: int | None = None,
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    """The sets a curve point scores: forget and unseen always (the stopping rule and the selected checkpoint
+    need only them); retain and general when `utility`, on a fixed subsample of `utility_blocks` each."""
+    sets = data.eval_sets()
+    if not utility:
+        return {name: sets[name] for name in ("forget", "unseen")}
+    return {name: blocks if name in ("forget", "unseen") else utility_subsample(blocks, utility_blocks, seed)
+            for name, blocks in sets.items()}
+
+
+def curve_point(model, sets: dict[str, torch.Tensor], batch_size: int, device: torch.device,
+                dtype: torch.dtype) -> dict[str, float]:
+    """The cheap in-run evaluation: mean NLL of each of `sets` (see `curve_sets`) and the forget gap."""
+    nll = set_nll(model, sets, batch_size, device, dtype)
+    point = {f"{name}_nll": float(v.mean()) for name, v in nll.items()}
+    if "forget_nll" in point and "unseen_nll" in point:
+        point["forget_gap"] = point["forget_nll"] - point["unseen_nll"]
+    return point
+
+
+def full_metrics(model, data: UnlearnData, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 baseline: dict[str, float] | None = None) -> dict[str, float]:
+    """Every metric of the brief for one model; `baseline` (the original model's) gives utility drops."""
+    nll = set_nll(model, data.eval_sets(), batch_size, device, dtype)
+    metrics = {f"{name}_nll": float(v.mean()) for name, v in nll.items()}
+    metrics.update({f"{name}_ppl": _safe_exp(metrics[f"{name}_nll"]) for name in nll})
+    metrics["forget_gap"] = metrics["forget_nll"] - metrics["unseen_nll"]
+    members = mia_scores(nll["forget"], data.forget_zlib)
+    nonmembers = mia_scores(nll["unseen"], data.unseen_zlib)
+    for kind in members:
+        metrics[f"mia_auc_{kind}"] = auc(members[kind], nonmembers[kind])
+    metrics["mia_auc"] = metrics["mia_auc_mink"]
+    if baseline is not None:
+        for name in ("retain", "general"):
+            if f"{name}_nll" in metrics and f"{name}_nll" in baseline:
+                key = "utility_drop" if name == "retain" else "general_utility_drop"
+                metrics[key] = metrics[f"{name}_nll"] - baseline[f"{name}_nll"]
+        if "utility_drop" not in metrics and "general_utility_drop" in metrics:
+            metrics["utility_drop"] = metrics["general_utility_drop"]
+    return metrics
+
+
+def _safe_exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")

@@ -1,0 +1,157 @@
+"""Every evaluated checkpoint of a trial is a candidate: the trial's hyperparameters stopped at that step.
+
+A trial evaluates a curve of points as it runs; each point with a forget gap is a setting a model owner can
+ship (`tuner export --trial N --step S`, applied with `end_step`). The Pareto front and the recommender take
+these candidates, not only each trial's selected checkpoint.
+
+How a candidate's figures were measured (`measured`) travels with it, because a recommendation may only show
+full measurements:
+- "full": the trial's selected checkpoint, scored on every block of every set (MIA included);
+- "confirmed": a mid-run checkpoint whose setting was re-run to its step and scored in full
+  (`tuner.study.rechecks`); the curve point's figures it replaced are kept under `estimate`;
+- "estimate": a curve point as the trial measured it: forget and unseen in full, retain and general only at
+  some points and possibly on a subsample (`estimated` names those), no MIA;
+- "unconfirmed": a confirmation re-run that produced no metrics (it diverged or failed).
+A missing figure stays missing: it is never read as 0 or as within a tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+OK_STATUSES = ("completed", "stopped_at_target")
+CURVE_METRICS = ("forget_gap", "forget_nll", "unseen_nll", "retain_nll", "general_nll")
+
+
+def objective(name: str, value: float) -> float:
+    """What the sampler minimises for a metric: the distance to the approximate-retraining point (|forget
+    gap|), the utility drop, the MIA AUC's distance from 0.5."""
+    return float(abs(value) if name == "forget_gap" else abs(value - 0.5) if name == "mia_auc" else value)
+
+
+def objective_values(metrics: dict[str, float] | None, objectives: Iterable[str]) -> dict[str, float]:
+    """A trial's objectives as it reports them to Tune (`obj_` keys); a trial without metrics (diverged) gets
+    +inf on every objective. An objective the metrics do not hold is left out, never given a neutral value:
+    the searcher then tells the trial as failed rather than as a measurement."""
+    if not metrics:
+        return {f"obj_{name}": math.inf for name in objectives}
+    return {f"obj_{name}": objective(name, metrics[name]) for name in objectives if metrics.get(name) is not None}
+
+
+def _measured_objectives(metrics: dict[str, float | None], objectives: Iterable[str]) -> dict[str, float]:
+    """A mid-run checkpoint's objective values, only for what its curve point measured (no MIA there)."""
+    return {name: objective(name, metrics[name]) for name in objectives
+            if metrics.get(name) is not None and math.isfinite(metrics[name])}
+
+
+CONFIRMATION = "confirmation"  # a check's `details` key: the re-run that scored a mid-run candidate in full
+UTILITY_ESTIMATES = ("retain_nll", "general_nll", "utility_drop")  # what a subsampled curve point estimates
+
+
+def confirmation(check: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The confirmation record of a candidate's checks ({"status", "estimate", ...}), or None."""
+    return ((check or {}).get("details") or {}).get(CONFIRMATION)
+
+
+def curve_estimate(point: dict[str, Any], start: dict[str, Any] | None, subsampled: bool) -> dict[str, Any]:
+    """A curve point's figures as the trial measured them, and which of them are estimates: the utility drop
+    is taken against the step-0 point, which scored the same (possibly subsampled) retain blocks."""
+    metrics = {k: point.get(k) for k in CURVE_METRICS if point.get(k) is not None}
+    if start is not None and point.get("retain_nll") is not None and start.get("retain_nll") is not None:
+        metrics["utility_drop"] = point["retain_nll"] - start["retain_nll"]
+    estimated = [k for k in UTILITY_ESTIMATES if k in metrics] if subsampled else []
+    return {"metrics": metrics, "estimated": estimated}
+
+
+def candidates(rows: list[dict[str, Any]], curves: dict[int, list[dict[str, Any]]], objectives: list[str],
+               checks: dict[tuple[int, int], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The study's candidates as rows like `Store.trials` gives (plus `step`, `selected`, `measured`): per
+    finished trial its selected checkpoint (with the trial's own metrics) and every other evaluated step
+    after 0, each with the metrics of its checks (`Store.study_checks`: robustness checks, and a
+    confirmation's full measurement, which replaces the curve's figures). Trials that failed or diverged
+    appear once, as themselves, so the recommender can say so."""
+    checks = checks or {}
+    out = []
+    for row in rows:
+        selected = (row.get("result") or {}).get("selected_step")
+        checked = (checks.get((row["id"], selected)) or {}).get("metrics") or {}
+        out.append({**row, "step": selected, "selected": True, "measured": "full",
+                    "metrics": {**row["metrics"], **checked}})
+        if row["status"] not in OK_STATUSES:
+            continue
+        points = curves.get(row["id"], [])
+        start = next((p for p in points if p["step"] == 0), None)
+        subsampled = ((row.get("result") or {}).get("config") or {}).get("eval_utility_blocks") is not None
+        for point in points:
+            if point["step"] in (0, selected) or point.get("forget_gap") is None:
+                continue
+            curve = curve_estimate(point, start, subsampled)
+            check = checks.get((row["id"], point["step"])) or {}
+            confirmed = confirmation(check)
+            candidate = {**row, "step": point["step"], "selected": False}
+            if confirmed is None:
+                metrics = {**curve["metrics"], **(check.get("metrics") or {})}
+                candidate.update(measured="estimate", estimated=curve["estimated"])
+            elif confirmed.get("status") in OK_STATUSES:
+                metrics = dict(check.get("metrics") or {})
+                candidate.update(measured="confirmed", estimate=curve["metrics"])
+            else:
+                metrics = curve["metrics"]
+                candidate.update(measured="unconfirmed", estimate=curve["metrics"],
+                                 reason=confirmed.get("reason") or f"confirmation {confirmed.get('status')}")
+            out.append({**candidate, "metrics": metrics, "objectives": _measured_objectives(metrics, objectives)})
+    return out
+
+
+def key(candidate: dict[str, Any]) -> tuple[int, int | None]:
+    return candidate["id"], candidate.get("step")
+
+
+# A robustness limit of the spec's `target`, the checked metric it bounds from below and what failing it means.
+# The bound is the exact-retrain model's value after the same check when the study has one (the testbed's
+# `yardstick`: a model that never saw the forget set still learns some of it from the attack's half), else 0:
+# the metric must stay >= yardstick - limit.
+LIMITS = (("relearn_limit", "relearn_gap", "relearning brings the forget set back"),
+          ("quant_limit", "quant4_gap", "4-bit quantization brings the forget set back"))
+YARDSTICK = "yardstick"  # target key: {metric: the exact-retrain model's value after the same check}
+
+
+def yardstick(exact_retrain: dict[str, Any] | None) -> dict[str, float]:
+    """The exact-retrain model's values the limits are measured from (its relearning attack, stored once)."""
+    relearn = (exact_retrain or {}).get("relearn") or {}
+    return {"relearn_gap": relearn["relearn_gap"]} if relearn.get("relearn_gap") is not None else {}
+
+
+def _bound(target: dict[str, Any], limit: str, metric: str) -> float:
+    return float((target.get(YARDSTICK) or {}).get(metric, 0.0)) - float(target[limit])
+
+
+def check_failures(metrics: dict[str, Any], target: dict[str, Any]) -> list[str]:
+    """Why a candidate fails the study's robustness limits (empty: it passes, or was not checked)."""
+    out = []
+    for limit, metric, meaning in LIMITS:
+        value = metrics.get(metric)
+        if target.get(limit) is not None and value is not None and value < _bound(target, limit, metric):
+            base = (target.get(YARDSTICK) or {}).get(metric)
+            where = f"{base:+.3f} (exact-retrain) - {target[limit]:g}" if base is not None else f"-{target[limit]:g}"
+            out.append(f"{meaning}: {metric} {value:+.3f} < {where}")
+    return out
+
+
+CONSTRAINT_PREFIX = "constraint_"  # a trial's result carries each constraint under this prefix
+
+
+def constraint_values(metrics: dict[str, Any], target: dict[str, Any]) -> dict[str, float]:
+    """Optuna's constraints by name (<= 0 is feasible): the utility drop within its tolerance (left out when
+    it was not measured), and each robustness limit the target sets. An unchecked robustness value counts as
+    feasible for the sampler (checks run only where they matter); the recommender never reads it so."""
+    values = {}
+    if metrics.get("utility_drop") is not None:
+        values["utility_drop"] = float(metrics["utility_drop"]) - float(target["utility_tolerance"])
+    for limit, metric, _ in LIMITS:
+        if target.get(limit) is not None:
+            value = metrics.get(metric)
+            values[metric] = 0.0 if value is None else _bound(target, limit, metric) - float(value)
+    return values

@@ -1,0 +1,211 @@
+"""Runs a study: per search unit (method, retain source) one Optuna multi-objective study, driven by Ray Tune.
+
+The search is `tuner.study.search`, the recording to the store `tuner.study.recorder`, Ray and its resources
+`tuner.study.cluster`; this module prepares the study and runs its trials. Resuming is a new Tuner on the same
+Optuna studies, with the budget reduced by the trials already finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from tuner import __version__
+from tuner.core.errors import TunerError
+from tuner.results import derived
+from tuner.store import Store
+from tuner.study import rechecks
+from tuner.study.cluster import (
+    StudyStopped,
+    check_resources,
+    restore_signals,
+    signals_received,
+    start_ray,
+    stop_on_signals,
+    trial_concurrency,
+    trial_resources,
+    worker_death,
+)
+from tuner.study.context import TrialContext
+from tuner.study.recorder import Event, StoreCallback
+from tuner.study.search import UnitRun, UnitsSearcher, UnitTally, close_open_trials, optuna_storage, unit_search
+from tuner.study.spec import StudySpec, unit_name
+from tuner.study.trainable import trainable
+from tuner.study.trial import prepare
+
+__all__ = ["StudyOutcome", "StudyStopped", "run_study"]
+
+
+@dataclass
+class StudyOutcome:
+    name: str
+    storage: str
+    units: dict[str, UnitTally] = field(default_factory=dict)
+    pareto_sizes: dict[str, int] = field(default_factory=dict)
+    recommendation: dict[str, Any] | None = None  # as stored by `tuner.results.derived.refresh`
+
+
+def package_versions() -> dict[str, str]:
+    import ray
+    import torch
+    import transformers
+
+    return {"unlearn-tuner": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "optuna": optuna.__version__, "ray": ray.__version__}
+
+
+def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = False,
+              on_event: Event | None = None) -> StudyOutcome:
+    """Run (or resume) every search unit of the study until its trial budget is spent.
+
+    The data is prepared before the study row is written, so a study that cannot start leaves nothing
+    behind. All units then share one Tune run (continued by a new one if a worker's death ends it).
+    """
+    import ray
+    from ray import tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    outcome = StudyOutcome(name=spec.name, storage=store.url)
+    ray_dir = tempfile.mkdtemp(prefix="tuner-ray-")
+    study_id: int | None = None
+    previous = None
+    started_ray = False
+    signals_received.clear()
+    try:
+        started_ray = start_ray(spec.ray_address)
+        previous = stop_on_signals()  # after ray.init: Ray's native handler would print a crash dump on SIGTERM
+        check_resources(spec)
+        concurrency = trial_concurrency(spec)  # refuses a local Ray that cannot hold one multi-worker trial
+        context = TrialContext.of(spec)
+        prepared = _prepare(spec, context)
+        if resume:
+            _check_same_data(store, spec.name, prepared["data_summary"])
+            study_id = store.study(spec.name).id
+            store.interrupt_running(study_id, "driver stopped before the trial finished; re-run on resume")
+        else:
+            study_id = store.create_study(spec.name, spec.model, spec.seed, spec.model_dump(mode="json"), spec_text,
+                                          package_versions())
+        store.update_study(study_id, status="running", baseline=prepared["baseline"],
+                           exact_retrain=prepared["exact_retrain"], data_summary=prepared["data_summary"])
+        storage = optuna_storage(store)
+        depth = (prepared["data_summary"].get("model") or {}).get("layers")
+        units = _unit_runs(spec, store, study_id, storage, outcome, on_event, depth)
+        if resume:
+            derived.refresh(store, spec.name)  # trials of an older version or a killed driver
+        _run_trials(spec, units, store, on_event, tune.with_parameters(trainable, ctx=context, prepared=prepared),
+                    ray_dir, concurrency)
+        derived.refresh(store, spec.name)
+        rechecks.run(spec, store, context, prepared)  # derives again after each round of re-runs
+        outcome.recommendation = store.recommendation(spec.name)
+        store.update_study(study_id, status="finished")
+    except BaseException as err:
+        if study_id is not None:
+            store.interrupt_running(study_id, "study stopped before the trial finished")
+            with contextlib.suppress(Exception):  # the stop's own error is the one to report
+                derived.refresh(store, spec.name)
+            store.update_study(study_id, status="interrupted")
+        if isinstance(err, KeyboardInterrupt) and not isinstance(err, StudyStopped) and signals_received:
+            raise StudyStopped(signals_received[-1]) from None
+        raise
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+        if started_ray and not spec.ray_address and ray.is_initialized():
+            ray.shutdown()  # a Ray the caller started (a test's, a notebook's) is theirs to keep
+        restore_signals(previous)
+    outcome.pareto_sizes = pareto_sizes(store, spec.name)
+    return outcome
+
+
+def _run_trials(spec: StudySpec, units: list[UnitRun], store: Store, on_event: Event | None, runnable: Any,
+                ray_dir: str, concurrency: int) -> None:
+    """Every unit's remaining trials in one Tune run. A worker that dies mid-task (Ray's memory monitor, a
+    crash) can end Tune's run with an error it does not expect; the trials it lost are then closed (failed
+    and retried, or interrupted and run again) and a new run continues with the same searchers."""
+    from ray import tune
+
+    request = {"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}
+    callback = StoreCallback(store, {u.name: u for u in units}, on_event, request, study=spec.name)
+    searcher = UnitsSearcher([u for u in units if u.remaining > 0], [f"obj_{o}" for o in spec.objectives])
+    deadline = time.monotonic() + spec.budget.wall_time_min * 60 if spec.budget.wall_time_min else None
+    for attempt in itertools.count(1):
+        remaining = sum(u.remaining for u in units)
+        left_s = deadline - time.monotonic() if deadline is not None else None
+        if remaining <= 0 or (left_s is not None and left_s <= 0):
+            return
+        tuner = tune.Tuner(
+            tune.with_resources(runnable, trial_resources(spec)),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining,
+                                        max_concurrent_trials=concurrency, reuse_actors=True,
+                                        time_budget_s=left_s),
+            run_config=tune.RunConfig(name=f"study-{attempt}", storage_path=ray_dir, verbose=0, callbacks=[callback],
+                                      failure_config=tune.FailureConfig(max_failures=spec.retries)),
+        )
+        try:
+            tuner.fit()
+            return
+        except RuntimeError as err:
+            death = worker_death(err)
+            if death is None:
+                raise
+            callback.lost(death, searcher)
+
+
+def _prepare(spec: StudySpec, context: TrialContext) -> Any:
+    """Tokenise and evaluate the original model once, on a worker with a trial's resources (the driver
+    may have neither the data files nor a GPU). A user error there (a missing data file on the workers,
+    say) comes back as the TunerError it is."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    task = ray.remote(max_calls=1)(prepare).options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
+    try:
+        return ray.get(task.remote(context))
+    except RayTaskError as err:
+        if isinstance(err.cause, TunerError):
+            raise TunerError(str(err.cause)) from None
+        raise
+
+
+def _check_same_data(store: Store, name: str, summary: dict[str, Any]) -> None:
+    """Resuming on other data would mix incomparable trials in one study: refuse."""
+    stored = (store.study(name).data_summary or {}).get("sha256")
+    if stored and stored != summary["sha256"]:
+        changed = sorted(k for k in set(stored) | set(summary["sha256"]) if stored.get(k) != summary["sha256"].get(k))
+        raise TunerError(f"study '{name}': the data changed since the study started ({', '.join(changed)} "
+                         "differ); start a new study instead of resuming")
+
+
+def _unit_runs(spec: StudySpec, store: Store, study_id: int, storage: optuna.storages.RDBStorage,
+               outcome: StudyOutcome, on_event: Event | None, depth: int | None) -> list[UnitRun]:
+    """Each unit's search row, Optuna study (runs a killed driver left open closed as failed) and the part
+    of its budget still to run; `depth` (the model's decoder layers) resolves depth-relative ranges."""
+    units = []
+    for method, source in spec.units():
+        unit = unit_name(method, source)
+        optuna_name = f"{spec.name}/{unit}"
+        search_id = store.ensure_search(study_id, unit, method, source, optuna_name, spec.sampler.name,
+                                        spec.budget.trials,
+                                        {k: r.model_dump() for k, r in spec.space_for(method, depth).items()})
+        close_open_trials(storage, optuna_name)
+        done = store.finished_count(search_id)
+        tally = outcome.units[unit] = UnitTally(budget=spec.budget.trials, finished=done)
+        units.append(UnitRun(unit, search_id, tally, unit_search(spec, method, optuna_name, storage, depth),
+                             spec.budget.trials - done))
+        if on_event is not None:
+            on_event(unit, {"budget": tally.budget, "finished": done, "running": 0, "failed": 0, "best": None})
+    return units
+
+
+def pareto_sizes(store: Store, name: str) -> dict[str, int]:
+    """Trials on each unit's stored Pareto front."""
+    sizes: dict[str, int] = {}
+    for row in store.trials(name):
+        sizes[row["unit"]] = sizes.get(row["unit"], 0) + int(row["pareto"])
+    return sizes
