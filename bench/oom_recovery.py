@@ -41,12 +41,12 @@ def main() -> None:
     big = dataclasses.replace(study, run=study.run.model_copy(update={"batch_size": oversized}))
     started = time.perf_counter()
     failed = run_trial({"unit": unit, LR.name: 5e-4, EPOCHS.name: 1}, big, prepared, lambda _r: None)
-    print(f"oversized batch {oversized}: status {failed['status']} in {time.perf_counter() - started:.1f} s; "
-          f"{allocated()}\n  reason: {failed['payload']['reason']}")
+    print(f"oversized batch {oversized}: status {failed.status} in {time.perf_counter() - started:.1f} s; "
+          f"{allocated()}\n  reason: {failed.payload['reason']}")
     started = time.perf_counter()
     ok = run_trial({"unit": unit, LR.name: 5e-4, EPOCHS.name: 2}, study, prepared, lambda _r: None)
-    m = ok["payload"]["metrics"] or {}
-    print(f"next trial, same process, batch {study.run.batch_size}: status {ok['status']} in "
+    m = ok.metrics or {}
+    print(f"next trial, same process, batch {study.run.batch_size}: status {ok.status} in "
           f"{time.perf_counter() - started:.1f} s; forget gap {m.get('forget_gap', float('nan')):+.3f}; {allocated()}")
 
 

@@ -42,9 +42,9 @@ def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float]) 
 
 def evaluate(params: dict, study: TrialContext, prepared: dict) -> tuple[float, float]:
     final = run_trial({**params, "unit": next(iter(study.units))}, study, prepared, lambda _result: None)
-    if final["status"] == "diverged":
+    if final.broken:
         return math.inf, math.inf
-    return final["obj_forget_gap"], final["obj_utility_drop"]
+    return final.objectives["forget_gap"], final.objectives["utility_drop"]
 
 
 def main() -> None:

@@ -28,12 +28,13 @@ from datetime import datetime
 from typing import Any
 
 from tuner.core.hparams import LR, RETAIN_WEIGHT, SHARED, Hyperparameter
+from tuner.core.status import BROKEN, UNFINISHED
 from tuner.engine import methods
 from tuner.results.recommend import OK_STATUSES, outcome, succeeded
 from tuner.results.target import Target
 from tuner.store import Store
 
-OUTCOMES = ("remembered", "in_band", "over_unlearned", "diverged", "failed")
+OUTCOMES = ("remembered", "in_band", "over_unlearned", *BROKEN)
 OUTCOME_LABELS = {"remembered": "still remembered", "in_band": "in the target band", "over_unlearned": "over-unlearned",
                   "diverged": "diverged", "failed": "failed", "running": "running", "interrupted": "interrupted",
                   "in_band_damaged": "in the band, utility drop over tolerance"}
@@ -82,7 +83,7 @@ class Unit:
 
     @property
     def finished(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r["outcome"] not in ("running", "interrupted")]
+        return [r for r in self.rows if r["outcome"] not in UNFINISHED]
 
     @property
     def in_band(self) -> list[dict[str, Any]]:
@@ -258,7 +259,7 @@ def load_study(store: Store, name: str, curves: bool = True, recommend: bool = T
 
 def no_recommendation_note(rows: list[dict[str, Any]]) -> str:
     """Why a study has no stored recommendation."""
-    if not any(r["status"] not in ("running", "interrupted") for r in rows):
+    if not any(r["status"] not in UNFINISHED for r in rows):
         return NO_RECOMMENDATION
     return "no recommendation stored yet: the study driver stores one as trials finish (resume the study to derive it)"
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from dashboards.data import StudyData, Unit
 from tuner.core.hparams import LR
+from tuner.core.status import DIVERGED
 
 HOLDS, CONTRADICTED, NOT_ENOUGH = "holds", "contradicted", "not enough data"
 MIN_TRIALS = 3  # finished trials a unit needs before its success rate is compared
@@ -110,14 +111,16 @@ def ga_is_brittle(data: StudyData) -> Check:
     if ga_rate == 0 and max(rates) == 0:
         return Check(2, title, rule, NOT_ENOUGH, f"no method succeeded (in the band within the utility tolerance) in "
                      f"{len(ga.finished) + sum(len(u.finished) for u in others)} trials: no windows to compare", fig, name)
-    collapsed = sum(r["outcome"] == "diverged" or (r["metrics"].get("utility_drop") or 0.0)
-                    > data.target["utility_tolerance"] for r in ga.finished)
+    ran = [r["metrics"].get("utility_drop") for r in ga.finished if r["outcome"] != DIVERGED]
+    collapsed = len(ga.finished) - len(ran) + sum(d > data.target["utility_tolerance"] for d in ran if d is not None)
+    unmeasured = sum(d is None for d in ran)
     narrow = ga_rate < ref or (ga_rate == ref and ga.window_decades < statistics.median(u.window_decades for u in others))
     kind = "GA+descent/KL" if _retain_units(data) else "other"
     facts = (f"GA succeeds in {len(ga.successes)}/{len(ga.finished)} trials ({ga_rate:.0%}, window "
              f"{ga.window_decades:.2f} decades of {LR.short}) against a median {ref:.0%} over {len(others)} {kind} "
              "methods; "
-             f"{collapsed} GA trials diverged or exceeded the utility tolerance")
+             f"{collapsed} GA trials diverged or exceeded the utility tolerance"
+             + (f" ({unmeasured} more have no measured utility drop)" if unmeasured else ""))
     return Check(2, title, rule, HOLDS if narrow else CONTRADICTED, facts, fig, name)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from tuner.core.status import UNFINISHED
 from tuner.store import Store
 from tuner.store.schema import Check, CurvePoint, Search, Study, Trial
 
@@ -30,7 +31,7 @@ def study_list(store: Store) -> list[dict[str, Any]]:
             c = counts.get(st.id, Counter())
             out.append({"name": st.name, "model": st.model, "status": st.status, "notes": spec.get("notes") or "",
                         "units": units.get(st.id, 0), "trials": sum(c.values()), "by_status": dict(c),
-                        "finished": sum(n for k, n in c.items() if k not in ("running", "interrupted")),
+                        "finished": sum(n for k, n in c.items() if k not in UNFINISHED),
                         "budget": (spec.get("budget") or {}).get("trials"), "created_at": st.created_at,
                         "updated_at": st.updated_at})
     return out

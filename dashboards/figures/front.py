@@ -29,6 +29,7 @@ from dashboards.figures.style import (
     method_colour,
 )
 from tuner.core.hparams import LR
+from tuner.core.status import UNFINISHED
 
 # ---- Pareto front -------------------------------------------------------------------------------------------
 
@@ -147,7 +148,7 @@ def hypervolume_history(data: StudyData) -> go.Figure:
     title = f"Hypervolume history per method (minimised objectives; reference point: {esc(ref_text)})"
     traces = []
     for unit in data.units.values():
-        rows = sorted((r for r in unit.rows if r["status"] not in ("running", "interrupted")), key=lambda r: r["number"])
+        rows = sorted((r for r in unit.rows if r["status"] not in UNFINISHED), key=lambda r: r["number"])
         if not rows:
             continue
         hv = hypervolume.history([objective_point(r, data.objectives) for r in rows], ref)

@@ -26,6 +26,7 @@ from dashboards.figures.style import (
     hover_short,
 )
 from tuner.core.hparams import LR, Hyperparameter
+from tuner.core.status import BROKEN
 
 # ---- Robustness map ------------------------------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ def robustness(data: StudyData, columns: int = 5) -> go.Figure:
             type="scatter", x=[r["params"][LR.name] for r in rs], y=[0 if hp is None else u.value(r, hp) for r in rs],
             mode="markers", showlegend=False, xaxis=xa, yaxis=ya,
             marker=dict(color=[OUTCOME_COLOURS[r["map_class"]] for r in rs], size=9,
-                        symbol=["x" if r["map_class"] in ("diverged", "failed") else "circle" for r in rs],
+                        symbol=["x" if r["map_class"] in BROKEN else "circle" for r in rs],
                         line=dict(color=["#d62728" if d else "white" for d in damaged],
                                   width=[1.5 if d else 0.5 for d in damaged])),
             hovertext=[hover_short(r) for r in rs], hovertemplate="%{hovertext}<extra></extra>",
@@ -124,7 +125,7 @@ def robustness(data: StudyData, columns: int = 5) -> go.Figure:
         if cls in shown:
             traces.append(dict(type="scatter", x=[None], y=[None], mode="markers", name=OUTCOME_LABELS[cls],
                                marker=dict(color=OUTCOME_COLOURS[cls], size=9,
-                                           symbol="x" if cls in ("diverged", "failed") else "circle",
+                                           symbol="x" if cls in BROKEN else "circle",
                                            line=dict(color="#d62728" if cls == "in_band_damaged" else "white",
                                                      width=1.5 if cls == "in_band_damaged" else 0.5)),
                                hoverinfo="skip", meta={"role": "legend", "class": cls}))

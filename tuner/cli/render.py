@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tuner.core.status import DIVERGED
+
 # Piped output (logs, CI) gets wide tables instead of rich's 80-column fallback.
 console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
 out = Console() if sys.stdout.isatty() else Console(width=160)
@@ -132,7 +134,7 @@ def print_result(result, report: dict, retrain: dict | None, target: Path) -> No
     out.print(f"precision {env['precision']} (weights {env['weights_dtype']}, compute {env['compute_dtype']}), "
               f"optimizer {env['optimizer']}" + (f", LoRA r={env['lora']['r']}" if env.get("lora") else "")
               + memory_text(env.get("memory") or {}))
-    if result.status == "diverged":
+    if result.status == DIVERGED:
         out.print(f"[red]diverged[/]: {result.reason}; no model saved")
     elif result.metrics is not None:
         m = result.metrics

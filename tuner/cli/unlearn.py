@@ -142,8 +142,8 @@ def _unlearn_plan(args: argparse.Namespace, cfg, source, device):
     # planning here for a GPU named by --gpu-memory-gib: `auto` is what it becomes there
     precision = (resolve_precision(cfg.precision, device).name if device.type == "cuda"
                  else planned_precision(cfg.precision, on_gpu=capacity is not None))
-    run = memory.run_shape([methods.get(cfg.method)], cfg, precision, block_size, gpu=capacity is not None)
-    return shape, run, memory.plan(shape, run, capacity)
+    return memory.RunPlan.assemble(shape, [methods.get(cfg.method)], cfg, precision, block_size, capacity,
+                                   gpu=capacity is not None)
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
@@ -165,12 +165,12 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     with progress() as bars_progress:
         bars = Bars(bars_progress)
         source = resolve(args.model, build_progress=bars)
-        shape, run, plan = _unlearn_plan(args, cfg, source, device)
+        planned = _unlearn_plan(args, cfg, source, device)
     if args.dry_run:
-        for line in memory.plan_lines(plan):
+        for line in memory.plan_lines(planned.plan):
             out.print(line, highlight=False)
-    if not plan.fits:
-        raise TunerError(memory.refusal(shape, run, plan.capacity))
+    if (refused := planned.refusal(max_workers=1)) is not None:
+        raise TunerError(refused)
     if args.dry_run:
         return 0
     with progress() as bars_progress:

@@ -331,15 +331,27 @@ def _shape(model: str, trust_remote_code: bool, loras: tuple[str, ...], offline:
 
 
 @dataclass(frozen=True)
-class StudyPlan:
-    """A study's plan: its most demanding method under the study's run settings, on the GPUs it names."""
+class RunPlan:
+    """A run's memory plan with what it was made from. Every plan the code makes (a study's before it runs,
+    a trial's on its worker, `tuner unlearn`'s, the one stored with a result) is assembled by `assemble`."""
 
     shape: ModelShape
     run: RunShape
     plan: MemoryPlan
 
-    def refusal(self) -> str | None:
-        return None if self.plan.fits else refusal(self.shape, self.run, self.plan.capacity, STUDY_MAX_WORKERS)
+    @classmethod
+    def assemble(cls, shape: ModelShape, method_classes: list, settings, precision: str, block_size: int,
+                 capacity: int | None, *, shards: int = 1, ranks: int = 1, gpu: bool = True) -> RunPlan:
+        """`settings`: a study's `run:` section or an UnlearnConfig; `precision` the name planned or resolved;
+        `shards` the ranks FSDP splits the state over, `ranks` the world size; `capacity` the device's bytes
+        (None: no limit known, the plan is only reported)."""
+        run = run_shape(method_classes, settings, precision, block_size, workers=shards, gpu=gpu, ranks=ranks)
+        return cls(shape, run, plan(shape, run, capacity))
+
+    def refusal(self, max_workers: int = STUDY_MAX_WORKERS) -> str | None:
+        """The one-line refusal when the plan does not fit, naming settings that would (up to `max_workers`
+        ranks); None when it fits."""
+        return None if self.plan.fits else refusal(self.shape, self.run, self.plan.capacity, max_workers)
 
 
 def gpu_share(gpus: float) -> float:
@@ -347,7 +359,7 @@ def gpu_share(gpus: float) -> float:
     return min(1.0, gpus) if gpus > 0 else 1.0
 
 
-def plan_study(spec) -> StudyPlan:
+def plan_study(spec) -> RunPlan:
     """The memory plan of one trial of `spec` (a StudySpec), for `study validate` and before `study run`.
     A hub model's config is read from the local HF cache only: these commands do not contact the hub.
 
@@ -361,11 +373,11 @@ def plan_study(spec) -> StudyPlan:
     block_size = testbed_size(parse_testbed(spec.model)[0]).block_size if testbed else spec.data.block_size
     on_gpu = spec.resources.gpus > 0 or spec.resources.gpu_memory_gib is not None
     shards = spec.resources.workers if spec.resources.sharding == "fsdp" else 1
-    run = run_shape([methods.get(m) for m in spec.methods], settings, planned_precision(settings.precision, on_gpu),
-                    block_size, workers=shards, gpu=on_gpu, ranks=spec.resources.workers)
     share = gpu_share(spec.resources.gpus)
     capacity = int(spec.resources.gpu_memory_gib * GIB * share) if spec.resources.gpu_memory_gib else None
-    return StudyPlan(shape, run, plan(shape, run, capacity))
+    return RunPlan.assemble(shape, [methods.get(m) for m in spec.methods], settings,
+                            planned_precision(settings.precision, on_gpu), block_size, capacity, shards=shards,
+                            ranks=spec.resources.workers, gpu=on_gpu)
 
 
 def plan_lines(memory: MemoryPlan) -> list[str]:

@@ -12,7 +12,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -21,6 +21,7 @@ from tuner.core.errors import TunerError
 from tuner.core.hparams import EPOCHS, LR, RETAIN_WEIGHT
 from tuner.core.precision import PrecisionPlan, resolve_precision
 from tuner.core.settings import RunSettings
+from tuner.core.status import COMPLETED, DIVERGED, STOPPED_AT_TARGET, RunStatus
 from tuner.engine import methods
 from tuner.engine.data import RetainSource, UnlearnData
 from tuner.engine.distributed import (
@@ -35,12 +36,9 @@ from tuner.engine.distributed import (
 )
 from tuner.engine.evaluation import autocast_for, curve_point, curve_sets, full_metrics
 from tuner.engine.lossfn import compile_decoder
-from tuner.engine.memory import GIB, ModelShape, device_capacity, measured_peak, run_shape
-from tuner.engine.memory import plan as memory_plan
+from tuner.engine.memory import GIB, ModelShape, RunPlan, device_capacity, measured_peak
 from tuner.engine.methods.base import Batch, MethodContext
 from tuner.engine.training import IndexStream, make_optimizer, optimizer_name, run_loop
-
-Status = Literal["completed", "stopped_at_target", "diverged"]
 
 
 class UnlearnConfig(RunSettings):
@@ -112,7 +110,7 @@ class UnlearnConfig(RunSettings):
 
 @dataclass
 class UnlearnResult:
-    status: Status
+    status: RunStatus
     planned_steps: int
     steps_done: int
     selected_step: int
@@ -175,9 +173,8 @@ def memory_record(model: torch.nn.Module, cfg: UnlearnConfig, method_cls, precis
     """The memory plan of this run next to the measured peak, stored with every result."""
     shape = ModelShape.from_config(model.config, loras=[cfg.lora] if cfg.lora is not None else None)
     shards = cfg.world_size if cfg.sharding == "fsdp" else 1
-    run = run_shape([method_cls], cfg, precision.name, block_size, workers=shards, gpu=device.type == "cuda",
-                    ranks=cfg.world_size)
-    planned = memory_plan(shape, run, device_capacity(device))
+    planned = RunPlan.assemble(shape, [method_cls], cfg, precision.name, block_size, device_capacity(device),
+                               shards=shards, ranks=cfg.world_size, gpu=device.type == "cuda").plan
     peak = measured_peak(device)
     return {"plan_gib": planned.gib(), "peak_gib": round(peak / GIB, 3) if peak is not None else None,
             # above 1: the plan under-estimated this run (the allocator's peak, without the CUDA context)
@@ -333,8 +330,8 @@ def run_unlearning(
         metrics = full_metrics(model, data, cfg.eval_batch_size, device, dtype, baseline)
         eval_time += time.perf_counter() - t
         eval_tokens += evaluated_tokens()
-    status: Status = ("diverged" if diverged_step is not None
-                      else "stopped_at_target" if state["stop_step"] is not None else "completed")
+    status: RunStatus = (DIVERGED if diverged_step is not None
+                         else STOPPED_AT_TARGET if state["stop_step"] is not None else COMPLETED)
     wall = time.perf_counter() - started
     return UnlearnResult(
         status=status, planned_steps=total_steps, steps_done=outcome.steps_done, selected_step=selected,

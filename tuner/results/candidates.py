@@ -21,7 +21,9 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-OK_STATUSES = ("completed", "stopped_at_target")
+from tuner.core.status import SCORED
+
+OK_STATUSES = SCORED  # a trial whose metrics may be ranked
 CURVE_METRICS = ("forget_gap", "forget_nll", "unseen_nll", "retain_nll", "general_nll")
 
 
@@ -32,12 +34,12 @@ def objective(name: str, value: float) -> float:
 
 
 def objective_values(metrics: dict[str, float] | None, objectives: Iterable[str]) -> dict[str, float]:
-    """A trial's objectives as it reports them to Tune (`obj_` keys); a trial without metrics (diverged) gets
-    +inf on every objective. An objective the metrics do not hold is left out, never given a neutral value:
+    """A trial's objectives by name, as its report tells them to the searcher; a trial without metrics
+    (diverged) gets +inf on every objective. An objective the metrics do not hold is left out, never given a neutral value:
     the searcher then tells the trial as failed rather than as a measurement."""
     if not metrics:
-        return {f"obj_{name}": math.inf for name in objectives}
-    return {f"obj_{name}": objective(name, metrics[name]) for name in objectives if metrics.get(name) is not None}
+        return {name: math.inf for name in objectives}
+    return {name: objective(name, metrics[name]) for name in objectives if metrics.get(name) is not None}
 
 
 def _measured_objectives(metrics: dict[str, float | None], objectives: Iterable[str]) -> dict[str, float]:
@@ -138,9 +140,6 @@ def check_failures(metrics: dict[str, Any], target: dict[str, Any]) -> list[str]
             where = f"{base:+.3f} (exact-retrain) - {target[limit]:g}" if base is not None else f"-{target[limit]:g}"
             out.append(f"{meaning}: {metric} {value:+.3f} < {where}")
     return out
-
-
-CONSTRAINT_PREFIX = "constraint_"  # a trial's result carries each constraint under this prefix
 
 
 def constraint_values(metrics: dict[str, Any], target: dict[str, Any]) -> dict[str, float]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tuner.core.status import SCORED
+
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
     return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
@@ -20,7 +22,7 @@ def front_members(rows: Sequence[dict], objectives: Sequence[str]) -> dict[str, 
     by_unit: dict[str, list[dict]] = {}
     for row in rows:
         values = [row["objectives"].get(o) for o in objectives]
-        scored = row["status"] in ("completed", "stopped_at_target") and all(v is not None for v in values)
+        scored = row["status"] in SCORED and all(v is not None for v in values)
         by_unit.setdefault(row["unit"], []).extend([row] if scored else [])
     return {unit: [members[i] for i in pareto_indices([[r["objectives"][o] for o in objectives] for r in members])]
             for unit, members in by_unit.items()}

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from tuner.core.hparams import LR, Hyperparameter
+from tuner.core.status import DIVERGED, FAILED, UNFINISHED
 from tuner.engine import methods
 from tuner.results.candidates import LIMITS, OK_STATUSES, check_failures
 
@@ -31,13 +32,13 @@ from tuner.results.candidates import LIMITS, OK_STATUSES, check_failures
 def outcome(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> str:
     """remembered / in_band / over_unlearned / diverged / failed (and running / interrupted): the classes
     the dashboards colour. In the band says nothing of utility; `succeeded` adds that."""
-    if row["status"] in ("running", "interrupted"):
+    if row["status"] in UNFINISHED:
         return row["status"]
-    if row["status"] == "diverged":
-        return "diverged"
+    if row["status"] == DIVERGED:
+        return DIVERGED
     gap = row["metrics"].get("forget_gap")
     if row["status"] not in OK_STATUSES or gap is None:
-        return "failed"
+        return FAILED
     if gap < -target["gap_tolerance"]:
         return "remembered"
     if gap > target["gap_tolerance"]:
@@ -145,7 +146,7 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, Any], use_mia: 
     the best full one is listed under `confirm`, best first, one at a time while the unit's confirmation
     budget (`target.confirmations`) lasts: the study driver re-runs it to its step, scores it in full and
     derives again (`tuner.study.rechecks`). Once the budget is spent, estimates are left out, and the reason says so."""
-    finished = selectable([r for r in rows if r["status"] not in ("running", "interrupted")], target)
+    finished = selectable([r for r in rows if r["status"] not in UNFINISHED], target)
     if not finished:
         return {"trial_id": None, "status": "none", "reason": "no finished trials", "robustness": None,
                 "window_width": 0.0, "success_rate": 0.0, "n_trials": 0, "confirm": []}

@@ -23,6 +23,7 @@ from sqlalchemy.orm import selectinload, sessionmaker
 from tuner.core.errors import TunerError
 from tuner.core.names import NAME_RULE, is_valid_name
 from tuner.core.retry import retrying
+from tuner.core.status import FINISHED, INTERRUPTED, RUNNING
 from tuner.store.engine import (
     default_url,
     engine_for,
@@ -39,7 +40,6 @@ from tuner.store.schema import Check, CurvePoint, Metric, Recommendation, Search
 
 __all__ = ["Store", "default_url", "mask_password", "migrate", "normalise_url", "safe_url"]
 
-FINISHED = ("completed", "stopped_at_target", "diverged", "failed")
 CURVE_KEYS = ("loss", "forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap")
 
 
@@ -165,7 +165,7 @@ class Store:
             if found is not None:
                 return found
             number = (s.scalar(select(func.max(Trial.number)).where(Trial.search_id == search_id)) or 0) + 1
-            trial = Trial(search_id=search_id, number=number, status="running", params=params, host=host,
+            trial = Trial(search_id=search_id, number=number, status=RUNNING, params=params, host=host,
                           start_key=key)
             s.add(trial)
             s.flush()
@@ -230,8 +230,8 @@ class Store:
         """Trials left 'running' by a driver that died: marked interrupted (not counted, not lost)."""
         with self.sessions.begin() as s:
             ids = select(Search.id).where(Search.study_id == study_id)
-            res = s.execute(update(Trial).where(Trial.search_id.in_(ids), Trial.status == "running")
-                            .values(status="interrupted", error=reason, finished_at=datetime.now(timezone.utc)))
+            res = s.execute(update(Trial).where(Trial.search_id.in_(ids), Trial.status == RUNNING)
+                            .values(status=INTERRUPTED, error=reason, finished_at=datetime.now(timezone.utc)))
             return res.rowcount or 0
 
     @retrying

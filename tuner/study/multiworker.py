@@ -14,6 +14,7 @@ Only imported when a trial has more than one worker: the one-worker path never i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import tempfile
@@ -22,13 +23,14 @@ from typing import Any
 import torch
 
 from tuner.study.context import TrialContext
-from tuner.study.trial import failed, run_trial
+from tuner.study.report import CurveReport, Report, TrialReport
+from tuner.study.trial import run_trial
 
 ENGINE = "ray.train.torch.TorchTrainer"
 
 
 def run_sharded_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any],
-                      report) -> dict[str, Any] | None:
+                      report: Report) -> TrialReport | None:
     """Run one trial over `ctx.workers` ranks; a failed rank becomes a failed trial with its reason
     (reported here, since no rank got to report it)."""
     from ray.train import TrainingFailedError
@@ -45,7 +47,8 @@ def run_sharded_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[
         return None
     except TrainingFailedError as err:
         ranks = _drain(placement)
-        final = failed(rank_failure_reason(err, ranks), ctx.objectives, environment=sharded_environment(ctx, ranks))
+        final = TrialReport.failed(rank_failure_reason(err, ranks), ctx.objectives,
+                                   environment=sharded_environment(ctx, ranks))
         report(final)
         return final
     finally:
@@ -86,11 +89,12 @@ def _rank_main(config: dict[str, Any]) -> None:
     everyone: list[dict[str, Any] | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, where)
 
-    def report(result: dict[str, Any]) -> None:
-        if result.get("kind") == "final" and "payload" in result:
-            result["payload"].setdefault("environment", {}).update(
-                engine=ENGINE, ranks=[{k: r[k] for k in ("rank", "host", "node")} for r in everyone])
-        ray.train.report(result if rank == 0 else {})
+    def report(result: CurveReport | TrialReport) -> None:
+        if isinstance(result, TrialReport):
+            environment = {**result.payload.get("environment", {}), "engine": ENGINE,
+                           "ranks": [{k: r[k] for k in ("rank", "host", "node")} for r in everyone]}
+            result = dataclasses.replace(result, payload={**result.payload, "environment": environment})
+        ray.train.report(result.to_tune() if rank == 0 else {})
 
     run_trial(config["params"], config["ctx"], config["prepared"], report)
 

@@ -132,7 +132,7 @@ def _run_trials(spec: StudySpec, units: list[UnitRun], store: Store, on_event: E
 
     request = {"CPU": spec.resources.cpus, "GPU": spec.resources.gpus}
     callback = StoreCallback(store, {u.name: u for u in units}, on_event, request, study=spec.name)
-    searcher = UnitsSearcher([u for u in units if u.remaining > 0], [f"obj_{o}" for o in spec.objectives])
+    searcher = UnitsSearcher([u for u in units if u.remaining > 0], list(spec.objectives))
     deadline = time.monotonic() + spec.budget.wall_time_min * 60 if spec.budget.wall_time_min else None
     for attempt in itertools.count(1):
         remaining = sum(u.remaining for u in units)

@@ -14,8 +14,10 @@ from typing import Any
 
 from ray.tune import Callback
 
+from tuner.core.status import FAILED, INTERRUPTED
 from tuner.results import derived
 from tuner.store import Store
+from tuner.study.report import CurveReport, TrialReport
 from tuner.study.search import UnitRun, UnitsSearcher
 from tuner.study.trial import hyperparameters_of
 
@@ -119,28 +121,27 @@ class StoreCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "pid" in result:
             self.pids[trial.trial_id] = result["pid"]
-        if trial.trial_id in self.rows and result.get("kind") == "curve":
-            self.store.add_curve_point(self.rows[trial.trial_id][0], result["curve_point"])
+        curve = CurveReport.from_tune(result)
+        if trial.trial_id in self.rows and curve is not None:
+            self.store.add_curve_point(self.rows[trial.trial_id][0], curve.point)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if trial.trial_id not in self.rows:
             return
         row, unit = self.rows.pop(trial.trial_id)
-        result = trial.last_result or {}
+        final = TrialReport.from_tune(trial.last_result)
         t = unit.tally
         t.running -= 1
         t.finished += 1
-        if result.get("kind") != "final":
-            self.store.finish_trial(row, "failed", None, None, error="trial ended without a final result")
+        if final is None:
+            self.store.finish_trial(row, FAILED, None, None, error="trial ended without a final result")
             t.failed += 1
         else:
-            payload = result["payload"]
-            objectives = {k[4:]: v for k, v in result.items() if k.startswith("obj_")}
-            self.store.finish_trial(row, result["status"], objectives, payload)
-            if result["status"] in ("diverged", "failed"):
+            self.store.finish_trial(row, final.status, final.objectives, final.payload)
+            if final.broken:
                 t.failed += 1
-            elif payload.get("metrics"):
-                m = payload["metrics"]
+            elif final.metrics:
+                m = final.metrics
                 if t.best is None or abs(m["forget_gap"]) < abs(t.best["forget_gap"]):
                     t.best = {"forget_gap": m["forget_gap"], "utility_drop": m.get("utility_drop", math.nan)}
         self._derive()
@@ -151,7 +152,7 @@ class StoreCallback(Callback):
         unit.tally.running -= 1
         unit.tally.finished += 1
         unit.tally.failed += 1
-        self.store.finish_trial(row, "failed", None, None, error=reason)
+        self.store.finish_trial(row, FAILED, None, None, error=reason)
         self._derive()
         self._emit(unit)
 
@@ -176,12 +177,12 @@ class StoreCallback(Callback):
             if self.pids.get(trial_id) in killed_pids or len(running) == 1:
                 retried = searcher.requeue(trial_id, failed=True)
                 reason = describe_failure(text) + (" (retrying this setting)" if retried else "")
-                self.store.finish_trial(row, "failed", None, None, error=reason)
+                self.store.finish_trial(row, FAILED, None, None, error=reason)
                 unit.tally.finished += 1
                 unit.tally.failed += 1
             else:
                 searcher.requeue(trial_id, failed=False)
-                self.store.finish_trial(row, "interrupted", None, None,
+                self.store.finish_trial(row, INTERRUPTED, None, None,
                                         error="stopped when another trial's worker died; run again")
             self._emit(unit)
         for trial_id in list(searcher.owner):  # suggested, but its worker never started

@@ -19,8 +19,8 @@ from ray.tune.search import Searcher
 
 from tuner.core.retry import TRANSIENT, with_retry
 from tuner.engine import methods
-from tuner.results.candidates import CONSTRAINT_PREFIX
 from tuner.store import Store
+from tuner.study.report import TrialReport, objective_key
 from tuner.study.spec import SamplerSpec, StudySpec
 
 OPTUNA_TRANSIENT = (*TRANSIENT, optuna.exceptions.StorageInternalError)
@@ -112,7 +112,7 @@ class UnitSearch:
 
     def __init__(self, study: optuna.Study, space: SearchSpaceFn, objectives: list[str], retries: int) -> None:
         self.study, self.space, self.retries = study, space, retries
-        self.metrics = [f"obj_{o}" for o in objectives]  # the result keys told as the study's values
+        self.objectives = objectives  # told as the study's values, in this order
         self.running: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial, until told
         self.again: list[optuna.Trial] = []
         self.failures: dict[int, int] = {}  # Optuna trial number -> lost attempts
@@ -137,22 +137,19 @@ class UnitSearch:
         self.again.append(trial)
         return True
 
-    def complete(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
+    def complete(self, trial_id: str, report: TrialReport | None, error: bool) -> None:
         """Tell Optuna the trial's objectives, with its constraints (Optuna 5: <= 0 is feasible, so the
         samplers learn where the feasible region is); FAIL for an error, a diverged or failed trial, or a
         missing or non-finite objective."""
         trial = self.running.pop(trial_id, None)
         if trial is None:
             return
-        values = [result.get(m) for m in self.metrics] if result else None
-        failed = (error or values is None or (result or {}).get("status") in ("diverged", "failed")
+        values = [report.objectives.get(o) for o in self.objectives] if report else None
+        failed = (error or report is None or report.broken
                   or any(v is None or not math.isfinite(v) for v in values))
         if not failed:
-            for key, value in (result or {}).items():
-                if key.startswith(CONSTRAINT_PREFIX) and value is not None:
-                    name = key[len(CONSTRAINT_PREFIX):]
-                    with_retry(lambda n=name, v=value: trial.set_constraint(n, v), "telling Optuna",
-                               OPTUNA_TRANSIENT)
+            for name, value in report.constraints.items():
+                with_retry(lambda n=name, v=value: trial.set_constraint(n, v), "telling Optuna", OPTUNA_TRANSIENT)
         self._tell(trial, None if failed else values, TrialState.FAIL if failed else TrialState.COMPLETE)
 
     def _tell(self, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:
@@ -194,8 +191,8 @@ class UnitsSearcher(Searcher):
     units, and makes a wall-time budget fair to every method instead of spending it on the first ones.
     """
 
-    def __init__(self, units: list[UnitRun], metric: list[str]) -> None:
-        super().__init__(metric=metric, mode=["min"] * len(metric))
+    def __init__(self, units: list[UnitRun], objectives: list[str]) -> None:
+        super().__init__(metric=[objective_key(o) for o in objectives], mode=["min"] * len(objectives))
         self.units = units
         self.owner: dict[str, UnitRun] = {}
         self.turn = 0
@@ -215,7 +212,7 @@ class UnitsSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         unit = self.owner.pop(trial_id, None)
         if unit is not None:
-            unit.searcher.complete(trial_id, result, error)
+            unit.searcher.complete(trial_id, TrialReport.from_tune(result), error)
 
     def requeue(self, trial_id: str, failed: bool) -> bool:
         """A trial lost with the Tune run: its unit runs the setting again (one more trial) or gives up."""

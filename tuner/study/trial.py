@@ -21,14 +21,14 @@ import torch
 from tuner.engine import methods
 from tuner.engine.data import UnlearnData, build_data
 from tuner.engine.evaluation import full_metrics
-from tuner.engine.memory import STUDY_MAX_WORKERS, device_capacity, model_shape, refusal, run_shape
-from tuner.engine.memory import plan as memory_plan
+from tuner.engine.memory import RunPlan, device_capacity, model_shape
 from tuner.engine.models import Workbench, fingerprint, load, resolve
 from tuner.engine.robustness import check_candidate, retrain_relearning
 from tuner.engine.testbed import data_spec as testbed_data_spec
 from tuner.engine.unlearn import UnlearnConfig, run_unlearning
-from tuner.results.candidates import CONSTRAINT_PREFIX, constraint_values, objective_values
+from tuner.results.candidates import constraint_values, objective_values
 from tuner.study.context import TrialContext
+from tuner.study.report import CurveReport, Report, TrialReport
 
 _WORKER: dict[str, Any] = {}
 
@@ -55,12 +55,8 @@ def memory_refusal(ctx: TrialContext, method: str, block_size: int) -> str | Non
     if capacity is None:
         return None
     capacity = int(capacity * ctx.gpu_share)  # trials sharing a GPU share its memory
-    shape = model_shape(ctx.model, ctx.run, ctx.trust_remote_code)
-    run = run_shape([methods.get(method)], ctx.run, ctx.precision.name, block_size, workers=ctx.shards,
-                    ranks=ctx.workers)
-    if memory_plan(shape, run, capacity).fits:
-        return None
-    return refusal(shape, run, capacity, STUDY_MAX_WORKERS)
+    return RunPlan.assemble(model_shape(ctx.model, ctx.run, ctx.trust_remote_code), [methods.get(method)], ctx.run,
+                            ctx.precision.name, block_size, capacity, shards=ctx.shards, ranks=ctx.workers).refusal()
 
 
 def prepare(ctx: TrialContext) -> dict[str, Any]:
@@ -89,26 +85,20 @@ def prepare(ctx: TrialContext) -> dict[str, Any]:
     return {"data": data, "baseline": baseline, "exact_retrain": exact, "data_summary": summary}
 
 
-def failed(reason: str, objectives: tuple[str, ...], **payload: Any) -> dict[str, Any]:
-    """The final report of a trial that produced no metrics, with its reason."""
-    return {"kind": "final", "status": "failed", "payload": {"reason": reason, **payload},
-            **objective_values(None, objectives)}
-
-
-def run_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any], report) -> dict[str, Any]:
-    """Run one trial of the search unit named in `params["unit"]` and hand every curve point and the final
-    result to `report` (tune.report in Ray)."""
+def run_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any], report: Report) -> TrialReport:
+    """Run one trial of the search unit named in `params["unit"]`, hand every curve point and the final
+    report to `report` (to Tune, by `tuner.study.trainable`), and return the final report."""
     torch.set_num_threads(ctx.threads)
     data: UnlearnData = prepared["data"]
     cfg = ctx.config(params["unit"], hyperparameters_of(params))
     refused = memory_refusal(ctx, cfg.method, data.block_size)
     if refused is not None:
-        report(final := failed(refused, ctx.objectives))
+        report(final := TrialReport.failed(refused, ctx.objectives))
         return final
 
     def on_eval(point: dict[str, float]) -> None:
         # a curve point is stored, not told to the searcher: only the final result carries objectives
-        report({"kind": "curve", "curve_point": point})
+        report(CurveReport(point))
 
     try:
         model, reference = workbench(ctx).trainee(cfg, ctx.precision)
@@ -118,7 +108,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any
         if not _out_of_memory(err) or cfg.world_size > 1:  # a rank out of memory fails the whole trial (multiworker)
             raise
         _release_memory()
-        report(final := failed(_oom_reason(err, cfg), ctx.objectives))
+        report(final := TrialReport.failed(_oom_reason(err, cfg), ctx.objectives))
         return final
     payload = result.to_dict()
     payload.setdefault("environment", {}).update(host=socket.gethostname(), ray_node=_ray_node())
@@ -127,11 +117,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any
         payload["checks"] = {"step": result.selected_step, **robustness_checks(model, ctx, prepared, cfg,
                                                                                    result.metrics)}
         checked.update(payload["checks"]["metrics"])
-    # flat keys, like the objectives: Tune flattens nested results before the searcher sees them
     constraints = constraint_values(checked, ctx.rule(prepared.get("exact_retrain"))) if result.metrics else {}
-    final = {"kind": "final", "status": result.status, "payload": payload,
-             **objective_values(result.metrics, ctx.objectives),
-             **{f"{CONSTRAINT_PREFIX}{k}": v for k, v in constraints.items()}}
+    final = TrialReport(result.status, payload, objective_values(result.metrics, ctx.objectives), constraints)
     report(final)
     return final
 
