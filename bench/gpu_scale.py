@@ -67,14 +67,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_checkpoint(size: dict, tokenizer, root: Path) -> Path:
-    """A hub-like checkpoint: a Llama built from a config, saved in bf16 with the testbed's tokenizer."""
+def build_checkpoint(size: dict, tokenizer, root: Path, device: str = "cpu") -> Path:
+    """A hub-like checkpoint: a Llama built from a config (initialised on `device`: a 1B init on the host takes a
+    while), saved in bf16 with the testbed's tokenizer."""
     config = transformers.LlamaConfig(
         vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["intermediate"],
         num_hidden_layers=size["layers"], num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
         max_position_embeddings=max(2048, size["block"]), tie_word_embeddings=True, rope_theta=500000.0)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     return root / "model"
@@ -134,6 +136,7 @@ def run_tuner_path(name: str, args, source: Path, data) -> dict:
     mem = result.environment["memory"]
     row = {"path": name, "weights": result.environment["weights_dtype"], "optimizer": result.environment["optimizer"],
            **first, "forget_nll_moved": result.metrics["forget_nll"] - start_nll,
+           "forget_gap": result.metrics["forget_gap"],
            "tokens_per_s": result.train_tokens / max(result.train_time_s, 1e-9),
            "peak_gib": mem["peak_gib"], "plan_gib": mem["plan_gib"]["total"]}
     return row

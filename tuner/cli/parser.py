@@ -11,9 +11,27 @@ import sys
 
 from tuner.cli.catalogue import cmd_methods, cmd_testbed_build, cmd_testbed_show
 from tuner.cli.crash import run
+from tuner.cli.logprogress import PROGRESS_EVERY_S
 from tuner.cli.study import cmd_export, cmd_study_list, cmd_study_resume, cmd_study_run, cmd_study_show, cmd_study_validate
 from tuner.cli.unlearn import NOT_FLAGS, cmd_unlearn
 from tuner.core import flags
+
+
+def seconds(text: str) -> float:
+    """A positive number of seconds (an argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress-every", type=seconds, default=PROGRESS_EVERY_S, metavar="SECONDS",
+                        help="when standard output is not a terminal (nohup, Slurm, CI logs): print a plain progress "
+                        f"line at least this often (default {PROGRESS_EVERY_S:g})")
 
 
 def build_parser(unlearn_flags: bool = True) -> argparse.ArgumentParser:
@@ -66,6 +84,7 @@ def build_parser(unlearn_flags: bool = True) -> argparse.ArgumentParser:
     u.add_argument("--text-field", default="text", help="text field of JSONL rows (default: text)")
     u.add_argument("--block-size", type=int, help="tokens per block (default: testbed's, else 128)")
     u.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (runs it!)")
+    add_progress_flag(u)
     u.set_defaults(func=cmd_unlearn, setting_flags=setting_flags)
 
     st = sub.add_parser("study", help="run, resume and inspect hyperparameter studies")
@@ -78,11 +97,13 @@ def build_parser(unlearn_flags: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--storage", help=storage_help)
     r.add_argument("--address", help="Ray cluster address (default: a local Ray; also $RAY_ADDRESS)")
     r.add_argument("--trials", type=int, help="trials per search unit (overrides budget.trials)")
+    add_progress_flag(r)
     r.set_defaults(func=cmd_study_run)
     q = sts.add_parser("resume", help="continue an interrupted study without repeating finished trials")
     q.add_argument("name")
     q.add_argument("--storage", help=storage_help)
     q.add_argument("--address", help="Ray cluster address")
+    add_progress_flag(q)
     q.set_defaults(func=cmd_study_resume)
     v = sts.add_parser("validate", help="check a study spec without running it")
     v.add_argument("file")

@@ -54,7 +54,9 @@ class StudyBars:
         if info.get("waiting"):
             text += f"; {info['waiting']}"
         if best:
-            text += f"; closest |gap| {abs(best['forget_gap']):.3f} (utility drop {best['utility_drop']:+.3f})"
+            drop = best.get("utility_drop")
+            text += (f"; closest |gap| {abs(best['forget_gap']):.3f} (utility drop "
+                     + (f"{drop:+.3f})" if drop is not None else "not measured)"))
         if unit not in self.tasks:
             self.tasks[unit] = self.progress.add_task(unit, total=info["budget"], info="")
         self.progress.update(self.tasks[unit], completed=info["finished"], info=text)

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from tuner.cli.logprogress import StudyLog, log_lines
 from tuner.cli.render import StudyBars, console, out, print_recommendation, print_study, study_progress
 from tuner.core.errors import TunerError
 
@@ -21,13 +22,20 @@ def _store(args: argparse.Namespace, spec_storage: str | None = None, create: bo
     return Store(args.storage or spec_storage, create=create)
 
 
-def _run_study(spec, text: str, store, resume: bool) -> int:
+def _run_study(spec, text: str, store, resume: bool, progress_every: float) -> int:
     from tuner.store import default_url, normalise_url, safe_url
     from tuner.study.orchestrator import run_study
 
-    with study_progress() as progress:
+    with study_progress() as progress, log_lines(f"[study {spec.name}]", progress_every) as lines:
+        bars, log = StudyBars(progress), StudyLog(lines) if lines else None
+
+        def on_event(unit: str, info: dict) -> None:
+            bars(unit, info)
+            if log is not None:
+                log(unit, info)
+
         try:
-            outcome = run_study(spec, text, store, resume=resume, on_event=StudyBars(progress))
+            outcome = run_study(spec, text, store, resume=resume, on_event=on_event)
         except BaseException:
             progress.live.transient = True  # a stopped or failed study ends in its one line, not the bars
             raise
@@ -80,7 +88,7 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     if plan is not None and plan.refusal():
         raise TunerError(f"{args.file}: {plan.refusal()}")
     store = _store(args, spec.storage)
-    return _run_study(spec, text, store, resume=False)
+    return _run_study(spec, text, store, resume=False, progress_every=args.progress_every)
 
 
 def cmd_study_resume(args: argparse.Namespace) -> int:
@@ -93,7 +101,7 @@ def cmd_study_resume(args: argparse.Namespace) -> int:
     _warn_remote_code(spec)
     if args.address:
         spec.ray_address = args.address
-    return _run_study(spec, study.spec_text, store, resume=True)
+    return _run_study(spec, study.spec_text, store, resume=True, progress_every=args.progress_every)
 
 
 def cmd_study_validate(args: argparse.Namespace) -> int:

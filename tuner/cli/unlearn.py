@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from tuner.cli.logprogress import UnlearnLog, log_lines
 from tuner.cli.render import Bars, console, out, print_result, progress
 from tuner.core import flags
 from tuner.core.errors import TunerError, describe_validation_error
@@ -148,11 +149,7 @@ def _unlearn_plan(args: argparse.Namespace, cfg, source, device):
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from tuner.core.precision import resolve_precision
-    from tuner.engine import memory
-    from tuner.engine.data import build_data
-    from tuner.engine.evaluation import full_metrics
-    from tuner.engine.models import Workbench, load, resolve
-    from tuner.engine.unlearn import resolve_device, run_unlearning
+    from tuner.engine.unlearn import resolve_device
 
     cfg, provenance = unlearn_config(args)
     if not args.dry_run and not args.out:
@@ -162,6 +159,20 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         console.print("[yellow]warning:[/] --trust-remote-code runs Python code shipped with the model")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    with log_lines(f"[unlearn {cfg.method}]", args.progress_every, enabled=not args.dry_run) as lines:
+        return _unlearn(args, cfg, provenance, target, device, precision, UnlearnLog(lines) if lines else None)
+
+
+def _unlearn(args: argparse.Namespace, cfg, provenance: dict[str, Any], target: Path | None, device, precision,
+             log: UnlearnLog | None) -> int:
+    """The run behind `cmd_unlearn`: plan, load, unlearn, measure, save; `log` (None on a terminal) gets the
+    progress that the bars show."""
+    from tuner.engine import memory
+    from tuner.engine.data import build_data
+    from tuner.engine.evaluation import full_metrics
+    from tuner.engine.models import Workbench, load, resolve
+    from tuner.engine.unlearn import run_unlearning
+
     with progress() as bars_progress:
         bars = Bars(bars_progress)
         source = resolve(args.model, build_progress=bars)
@@ -183,14 +194,23 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
         def on_progress(step: int, total: int, logs: dict[str, float]) -> None:
             bars(f"unlearn {cfg.method}", step, total, f"loss {logs['loss']:.3f}")
+            if log is not None:
+                log.on_progress(step, total, logs)
 
-        result = run_unlearning(model, data, cfg, reference=reference, on_progress=on_progress)
+        if log is not None:
+            log.phase("original metrics")
+        result = run_unlearning(model, data, cfg, reference=reference, on_progress=on_progress,
+                                on_eval=log.on_eval if log else None, on_start=log.on_start if log else None)
         retrain = None
         # the testbed's retrain model never saw the testbed's forget set; with the user's own data it is no
         # exact retrain of anything the run forgot
         if bench.source.retrain_path is not None and not own_data(args):
+            if log is not None:
+                log.phase("exact-retrain metrics")
             retrain_model, _ = load(resolve(str(bench.source.retrain_path)), torch_dtype=precision.compute)
             retrain = full_metrics(retrain_model.to(device), data, cfg.eval_batch_size, device, precision.compute)
+    if log is not None:
+        log.finish()
 
     report = result.to_dict()
     report.update({"model": args.model, "data": data.sources, "blocks": data.summary(), "exact_retrain": retrain})

@@ -190,9 +190,12 @@ def run_unlearning(
     baseline: dict[str, float] | None = None,
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
     on_eval: Callable[[dict[str, float]], None] | None = None,
+    on_start: Callable[[int, dict[str, float]], None] | None = None,
 ) -> UnlearnResult:
     """Unlearn `model` in place. `reference` is the frozen original (needed by ga_kl and adversarial);
-    `baseline` is the original model's metrics, computed here when not given (a study computes it once)."""
+    `baseline` is the original model's metrics, computed here when not given (a study computes it once).
+    `on_start` gets the planned steps and the step-0 curve point (what the later points' utility drops are
+    taken against) before the first step; `on_eval` gets every later curve point."""
     started = time.perf_counter()
     method_cls = methods.get(cfg.method)
     method = method_cls()
@@ -277,6 +280,8 @@ def run_unlearning(
         eval_time += time.perf_counter() - t
         eval_tokens += sum(int(b.numel()) for b in utility_sets.values())
     curve: list[dict[str, float]] = [{"step": 0, **start_point}]
+    if on_start is not None:
+        on_start(total_steps, curve[0])
     state = {"best_gap": math.inf, "best_step": 0, "best_weights": None, "stop_step": None,
              "eval_diverged": None}
 

@@ -5,7 +5,6 @@ waits for. Only the driver writes to the store; trials report curve points and a
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable
@@ -143,7 +142,7 @@ class StoreCallback(Callback):
             elif final.metrics:
                 m = final.metrics
                 if t.best is None or abs(m["forget_gap"]) < abs(t.best["forget_gap"]):
-                    t.best = {"forget_gap": m["forget_gap"], "utility_drop": m.get("utility_drop", math.nan)}
+                    t.best = {"forget_gap": m["forget_gap"], "utility_drop": m.get("utility_drop")}
         self._derive()
         self._emit(unit)
 

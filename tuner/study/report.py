@@ -70,10 +70,25 @@ class TrialReport:
         ended without reporting)."""
         if not result or result.get("kind") != "final":
             return None
-        return cls(result["status"], result["payload"],
+        return cls(result["status"], _payload(result),
                    {k[len(OBJECTIVE_PREFIX):]: v for k, v in result.items() if k.startswith(OBJECTIVE_PREFIX)},
                    {k[len(CONSTRAINT_PREFIX):]: v for k, v in result.items()
                     if k.startswith(CONSTRAINT_PREFIX) and v is not None})
+
+
+def _payload(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A Tune result's payload: Tune hands searchers their results flattened ("payload/metrics/forget_gap")."""
+    if "payload" in result:
+        return result["payload"]
+    payload: dict[str, Any] = {}
+    for key, value in result.items():
+        if key.startswith("payload/"):
+            *path, last = key.split("/")[1:]
+            node = payload
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = value
+    return payload
 
 
 Report = Callable[[CurveReport | TrialReport], None]  # where a running trial hands its reports
