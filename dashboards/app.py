@@ -150,7 +150,8 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
     @app.callback(
         Output("study-header", "children"), Output("fig-pareto", "figure"), Output("fig-robustness", "figure"),
         Output("fig-attacks", "figure"), Output("fig-hypervolume", "figure"), Output("fig-parallel", "figure"),
-        Output("fig-efficiency", "figure"), Output("curve-trials", "options"), Output("study-refresh", "disabled"),
+        Output("fig-efficiency", "figure"), Output("fig-calibration", "figure"), Output("curve-trials", "options"),
+        Output("study-refresh", "disabled"),
         Output("study-stamp", "data"),
         Input("study-refresh", "n_intervals"), Input("gap-mode", "value"),
         State("study-name", "data"), State("study-stamp", "data"), State("curve-trials", "value"),
@@ -160,7 +161,8 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
         if ctx.triggered_id == "study-refresh" and list(stamp) == list(last_stamp or []):
             raise PreventUpdate
         return (study_header(data), figs["fig-pareto"], figs["fig-robustness"], figs["fig-attacks"],
-                figs["fig-hypervolume"], figs["fig-parallel"], figs["fig-efficiency"], curve_options(data, curve_ids),
+                figs["fig-hypervolume"], figs["fig-parallel"], figs["fig-efficiency"], figs["fig-calibration"],
+                curve_options(data, curve_ids),
                 not data.running, list(stamp))
 
     @app.callback(Output("trial-tbody", "children"), Output("trial-page-label", "children"),

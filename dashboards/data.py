@@ -143,6 +143,8 @@ class StudyData:
     recommendation_note: str | None
     # {(trial id, step): {"metrics", "details", "time_s"}}: every checked candidate, as `Store.study_checks` gives
     checks: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    # {unit: record}: each unit's lr calibration as stored with its search (`tuner.study.calibration`)
+    calibrations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def uses_mia(self) -> bool:
@@ -249,7 +251,9 @@ def load_study(store: Store, name: str, curves: bool = True, recommend: bool = T
                      exact_retrain=study.exact_retrain, data_summary=study.data_summary, versions=study.versions,
                      created_at=study.created_at, updated_at=study.updated_at, rows=rows, units=units,
                      curves=store.study_curves(study.id) if curves else {},
-                     recommendation=recommendation, recommendation_note=note, checks=checks)
+                     recommendation=recommendation, recommendation_note=note, checks=checks,
+                     calibrations={s.unit: s.calibration for s in sorted(study.searches, key=lambda s: s.id)
+                                   if s.calibration is not None})
     for tid in data.recommended_ids().values():
         row = data.row(tid)
         if row is not None:

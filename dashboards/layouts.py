@@ -91,6 +91,7 @@ def study_page(cache: StudyCache, name: str, refresh_ms: int) -> html.Div:
                                                           value=curve_ids, multi=True, style={"minWidth": "640px"})],
                      className="controls"),
             graph["fig-curves"]]),
+        _section("fig-calibration", sections, [graph["fig-calibration"]]),
         _section("fig-hypervolume", sections, [graph["fig-hypervolume"]]),
         _section("fig-parallel", sections, [graph["fig-parallel"]]),
         html.Section([html.H2("4c. Trials"), html.P("Sort by clicking a column header (again to reverse); filter "

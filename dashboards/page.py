@@ -28,6 +28,11 @@ SECTIONS = (
     ("fig-curves", "3. Unlearning curves",
      "Forget, unseen and retain NLL against step for the chosen trials, the forget gap against the target band, "
      "stop points and (testbed) the exact-retrain model's forget NLL."),
+    ("fig-calibration", "3b. Learning-rate calibration",
+     "Each unit's lr range test before its search: one run with the lr rising step by step over the declared "
+     "range; the forget gap (top, green band: the target) and the utility drop (bottom, red dashed line: the "
+     "tolerance) against the lr. ▲ the gap moved, ★ it reached the band, × the utility collapsed; shaded: the lr "
+     "window the unit's trials drew from."),
     ("fig-hypervolume", "4a. Hypervolume history", "Dominated hypervolume of each method's search after each trial."),
     ("fig-parallel", "4b. Parallel coordinates",
      "Hyperparameters to objectives, one line per trial; hover the points on the forget-gap axis for the trial. "

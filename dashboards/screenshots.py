@@ -16,8 +16,8 @@ from urllib.parse import quote
 from dashboards.headless import CHROMIUM_ARGS
 from dashboards.server import BackgroundServer
 
-FIGURE_IDS = ("fig-pareto", "fig-robustness", "fig-attacks", "fig-curves", "fig-hypervolume", "fig-parallel",
-              "fig-efficiency")
+FIGURE_IDS = ("fig-pareto", "fig-robustness", "fig-attacks", "fig-curves", "fig-calibration", "fig-hypervolume",
+              "fig-parallel", "fig-efficiency")
 
 
 def take(storage: str, study: str, out: Path, chromium: str = "/usr/bin/chromium", width: int = 1400) -> list[Path]:

@@ -104,11 +104,12 @@ def store_url(request, tmp_path):
 
 # ---- micro studies ---------------------------------------------------------------------------------------------
 
-# The smallest study that trains: one unit, one trial, no robustness checks. Tests name what they need beyond it.
+# The smallest study that trains: one unit, one trial, no robustness checks, no lr calibration. Tests name what
+# they need beyond it.
 MICRO_SPEC: dict[str, Any] = {
     "name": "micro", "model": "testbed:micro", "methods": ["ga_gd"], "retain_sources": ["in_distribution"],
     "budget": {"trials": 1}, "concurrency": 1, "sampler": {"name": "random"},
-    "robustness": {"when": "off", "seeds": 1},
+    "robustness": {"when": "off", "seeds": 1}, "calibration": {"enabled": False},
     "search": {"lr": {"low": 3e-4, "high": 2e-3}, "epochs": {"low": 1, "high": 2}},
     "run": {"device": "cpu"},
 }

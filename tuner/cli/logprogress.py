@@ -69,6 +69,13 @@ class LogLines:
             if now:
                 self._print(row)
 
+    def note(self, fields: dict[str, str]) -> None:
+        """A line printed once (an event, not a row kept up to date)."""
+        with self.lock:
+            text = " ".join(f"{k}={v}" for k, v in fields.items())
+            self.stream.write(f"{self.prefix} {text} elapsed={time.monotonic() - self.started:.0f}s\n")
+            self.stream.flush()
+
     def _beat(self) -> None:
         wait = self.every
         while not self.stopped.wait(wait):
@@ -130,7 +137,8 @@ class UnlearnLog:
 
 class StudyLog:
     """`tuner study run|resume`'s lines, one per search unit: trials finished of its budget, running, failed,
-    and the closest forget gap so far (with that trial's utility drop); fed by the study's `on_event`."""
+    and the closest forget gap so far (with that trial's utility drop); fed by the study's `on_event`. A unit's
+    note (its calibration) is printed once, in a line of its own with the unit's fields."""
 
     def __init__(self, lines: LogLines) -> None:
         self.lines = lines
@@ -143,4 +151,6 @@ class StudyLog:
                   "best_utility_drop": figure(best.get("utility_drop")) if best else '"none yet"'}
         if info.get("waiting"):
             fields["waiting"] = quoted(info["waiting"])
-        self.lines.set(unit, fields, now=True)
+        if info.get("note"):  # once, with the unit's fields (the row itself is printed again later)
+            self.lines.note({**fields, "note": quoted(info["note"])})
+        self.lines.set(unit, fields, now=not info.get("note"))

@@ -49,6 +49,8 @@ class StudyBars:
         self.progress, self.tasks = progress, {}
 
     def __call__(self, unit: str, info: dict[str, Any]) -> None:
+        if info.get("note"):  # a line of its own above the bars (a unit's calibration)
+            self.progress.console.print(f"{escape(unit)}: {escape(info['note'])}", highlight=False, soft_wrap=True)
         best = info.get("best")
         text = f"running {info['running']}, failed {info['failed']}"
         if info.get("waiting"):
@@ -171,6 +173,31 @@ def print_study(store, name: str) -> None:
                       f"{res.get('steps_done', '-')} ({res.get('selected_step', '-')})", fmt("wall_time_s", ".1f", r),
                       "*" if r["pareto"] else "")
     out.print(table)
+
+
+def print_calibrations(store, name: str) -> None:
+    """Each unit's lr calibration: where the forget gap moved and reached the band, where the utility
+    collapsed, the lr window its search drew from, or why it has none."""
+    from tuner.results.calibration import lr_text
+
+    found = store.calibrations(name)
+    if not found:
+        return
+    table = Table(title="learning-rate calibration per search unit (lr rising step by step over the declared range)")
+    for col in ("unit", "status", "steps", "declared lr", "gap moved at", "reached band at", "utility collapsed at",
+                "searched lr", "time s"):
+        table.add_column(col)
+    for unit, c in found.items():
+        f, rng, window = c.get("finding") or {}, c.get("range") or {}, c.get("window")
+        table.add_row(escape(unit), c["status"], str(c.get("steps", "-")),
+                      f"{lr_text(rng['low'])}..{lr_text(rng['high'])}" if rng else "-",
+                      *(lr_text(f.get(k)) if f else "-" for k in ("move_lr", "cross_lr", "collapse_lr")),
+                      f"{lr_text(window['low'])}..{lr_text(window['high'])}" if window else "declared" if
+                      c["status"] != "no_window" else "not searched",
+                      f"{c['time_s']:.1f}" if c.get("time_s") is not None else "-")
+    out.print(table)
+    for unit, c in found.items():
+        out.print(f"calibration of {escape(unit)}: {escape(c['summary'])}", highlight=False, soft_wrap=True)
 
 
 def print_recommendation(rec: dict[str, Any], target: dict[str, float], exact: dict[str, float] | None) -> None:

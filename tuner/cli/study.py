@@ -10,7 +10,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from tuner.cli.logprogress import StudyLog, log_lines
-from tuner.cli.render import StudyBars, console, out, print_recommendation, print_study, study_progress
+from tuner.cli.render import (
+    StudyBars,
+    console,
+    out,
+    print_calibrations,
+    print_recommendation,
+    print_study,
+    study_progress,
+)
 from tuner.core.errors import TunerError
 
 
@@ -39,6 +47,7 @@ def _run_study(spec, text: str, store, resume: bool, progress_every: float) -> i
         except BaseException:
             progress.live.transient = True  # a stopped or failed study ends in its one line, not the bars
             raise
+    print_calibrations(store, spec.name)
     print_study(store, spec.name)
     recommendation = outcome.recommendation
     out.print(f"study [bold]{escape(outcome.name)}[/] finished; store: {safe_url(store.url)}")
@@ -141,6 +150,7 @@ def cmd_study_show(args: argparse.Namespace) -> int:
     store = _store(args, create=False)
     study = store.study(args.name)
     out.print(f"study [bold]{escape(study.name)}[/] on {escape(study.model)}: {study.status}")
+    print_calibrations(store, args.name)
     print_study(store, args.name)
     recommendation = store.recommendation(args.name)
     if recommendation is not None:

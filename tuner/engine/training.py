@@ -119,13 +119,15 @@ def run_loop(
     after_step: Callable[[int, dict[str, float]], bool] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     sync: StepSync | None = None,
+    lr_at: Callable[[int], float] | None = None,
 ) -> LoopOutcome:
     """Run `total_steps` optimiser steps; `micro_loss(step, micro)` builds each micro-batch's loss.
 
     `after_step(step_number, logs)` is called after every optimiser step (1-based) and may return True to
     stop (the approximate-retraining point was reached). `optimizer` defaults to `make_optimizer(cfg)`. `sync`
     is given when the run is sharded over ranks (`tuner.engine.distributed`): gradients are then all-reduced once per
-    step and the logged loss is the global mean.
+    step and the logged loss is the global mean. `lr_at(step)` (0-based), when given, is the lr of each step in
+    place of the schedule (the lr range test of `tuner.study.calibration`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or make_optimizer(params, cfg, device)
@@ -134,7 +136,7 @@ def run_loop(
     outcome = LoopOutcome(steps_done=0)
     model.train()
     for step in range(total_steps):
-        lr = cfg.lr * factor(step)
+        lr = lr_at(step) if lr_at is not None else cfg.lr * factor(step)
         set_lr(optimizer, lr)
         total = torch.zeros((), device=device)
         parts: dict[str, torch.Tensor] = {}  # named loss parts, averaged over micro-batches

@@ -191,11 +191,13 @@ def run_unlearning(
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
     on_eval: Callable[[dict[str, float]], None] | None = None,
     on_start: Callable[[int, dict[str, float]], None] | None = None,
+    lr_at: Callable[[int], float] | None = None,
 ) -> UnlearnResult:
     """Unlearn `model` in place. `reference` is the frozen original (needed by ga_kl and adversarial);
     `baseline` is the original model's metrics, computed here when not given (a study computes it once).
     `on_start` gets the planned steps and the step-0 curve point (what the later points' utility drops are
-    taken against) before the first step; `on_eval` gets every later curve point."""
+    taken against) before the first step; `on_eval` gets every later curve point. `lr_at` replaces the lr
+    schedule (`training.run_loop`)."""
     started = time.perf_counter()
     method_cls = methods.get(cfg.method)
     method = method_cls()
@@ -319,7 +321,7 @@ def run_unlearning(
     optim = cfg.optim(cfg.lr)
     optimizer = make_optimizer([p for p in train_model.parameters() if p.requires_grad], optim, device)
     outcome = run_loop(train_model, micro_loss, total_steps, cfg.grad_accum, optim, device, dtype, after_step,
-                       optimizer=optimizer, sync=sync)
+                       optimizer=optimizer, sync=sync, lr_at=lr_at)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
 

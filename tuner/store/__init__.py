@@ -146,6 +146,24 @@ class Store:
             return search.id
 
     @retrying
+    def set_calibration(self, search_id: int, calibration: dict[str, Any], space: dict | None = None) -> None:
+        """A search's calibration record, and the ranges its search draws from once calibrated."""
+        with self.sessions.begin() as s:
+            values: dict[str, Any] = {"calibration": _finite_json(calibration)}
+            if space is not None:
+                values["space"] = space
+            s.execute(update(Search).where(Search.id == search_id).values(**values))
+
+    @retrying
+    def calibrations(self, study_name: str) -> dict[str, dict[str, Any]]:
+        """{unit: calibration record} of the study's searches that have one."""
+        study = self.study(study_name)
+        with self.sessions() as s:
+            rows = s.execute(select(Search.unit, Search.calibration).where(Search.study_id == study.id)
+                             .order_by(Search.id)).all()
+        return {unit: record for unit, record in rows if record is not None}
+
+    @retrying
     def finished_count(self, search_id: int) -> int:
         with self.sessions() as s:
             return s.scalar(select(func.count(Trial.id)).where(Trial.search_id == search_id,
@@ -339,6 +357,17 @@ def _without_password(spec: dict, spec_text: str) -> tuple[dict, str]:
         return spec, spec_text
     password = str(password)
     return {**spec, "storage": safe_url(url)}, spec_text.replace(password, "***")
+
+
+def _finite_json(value: Any) -> Any:
+    """`value` with every non-finite float made None, at any depth (JSON columns refuse NaN and infinity)."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 def _finite(value: Any) -> float | None:

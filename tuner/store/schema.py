@@ -51,7 +51,10 @@ class Search(Base):
     optuna_study: Mapped[str] = mapped_column(String(300))
     sampler: Mapped[str] = mapped_column(String(100))
     budget: Mapped[int] = mapped_column(Integer)
-    space: Mapped[dict] = mapped_column(JSON)
+    space: Mapped[dict] = mapped_column(JSON)  # the ranges searched (the lr window, once calibrated)
+    # the lr range test before the search (tuner.study.calibration): its curve, finding and window; NULL when
+    # the study ran none
+    calibration: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="searches")
     trials: Mapped[list[Trial]] = relationship(back_populates="search", cascade="all, delete-orphan")

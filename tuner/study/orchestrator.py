@@ -1,7 +1,8 @@
 """Runs a study: per search unit (method, retain source) one Optuna multi-objective study, driven by Ray Tune.
 
 The search is `tuner.study.search`, the recording to the store `tuner.study.recorder`, Ray and its resources
-`tuner.study.cluster`; this module prepares the study and runs its trials. Resuming is a new Tuner on the same
+`tuner.study.cluster`, the lr range test before each unit's search `tuner.study.calibration`; this module
+prepares the study and runs its trials. Resuming is a new Tuner on the same
 Optuna studies, with the budget reduced by the trials already finished.
 """
 
@@ -12,6 +13,7 @@ import itertools
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,7 @@ from tuner import __version__
 from tuner.core.errors import TunerError
 from tuner.results import derived
 from tuner.store import Store
-from tuner.study import rechecks
+from tuner.study import calibration, rechecks
 from tuner.study.cluster import (
     StudyStopped,
     check_resources,
@@ -50,6 +52,7 @@ class StudyOutcome:
     units: dict[str, UnitTally] = field(default_factory=dict)
     pareto_sizes: dict[str, int] = field(default_factory=dict)
     recommendation: dict[str, Any] | None = None  # as stored by `tuner.results.derived.refresh`
+    calibrations: dict[str, dict[str, Any]] = field(default_factory=dict)  # unit -> its stored calibration
 
 
 def package_versions() -> dict[str, str]:
@@ -96,7 +99,10 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
                            exact_retrain=prepared["exact_retrain"], data_summary=prepared["data_summary"])
         storage = optuna_storage(store)
         depth = (prepared["data_summary"].get("model") or {}).get("layers")
-        units = _unit_runs(spec, store, study_id, storage, outcome, on_event, depth)
+        searches = _searches(spec, store, study_id, storage, depth)
+        outcome.calibrations = calibration.ensure(spec, store, searches, storage, context, prepared, depth,
+                                                  _calibrating(spec, store, searches, on_event))
+        units = _unit_runs(spec, store, searches, storage, outcome, on_event, depth)
         if resume:
             derived.refresh(store, spec.name)  # trials of an older version or a killed driver
         _run_trials(spec, units, store, on_event, tune.with_parameters(trainable, ctx=context, prepared=prepared),
@@ -182,11 +188,11 @@ def _check_same_data(store: Store, name: str, summary: dict[str, Any]) -> None:
                          "differ); start a new study instead of resuming")
 
 
-def _unit_runs(spec: StudySpec, store: Store, study_id: int, storage: optuna.storages.RDBStorage,
-               outcome: StudyOutcome, on_event: Event | None, depth: int | None) -> list[UnitRun]:
-    """Each unit's search row, Optuna study (runs a killed driver left open closed as failed) and the part
-    of its budget still to run; `depth` (the model's decoder layers) resolves depth-relative ranges."""
-    units = []
+def _searches(spec: StudySpec, store: Store, study_id: int, storage: optuna.storages.RDBStorage,
+              depth: int | None) -> list[calibration.PlannedSearch]:
+    """Each unit's search row (its declared ranges) and Optuna study name; runs a killed driver left open in
+    the Optuna study are closed as failed."""
+    searches = []
     for method, source in spec.units():
         unit = unit_name(method, source)
         optuna_name = f"{spec.name}/{unit}"
@@ -194,12 +200,42 @@ def _unit_runs(spec: StudySpec, store: Store, study_id: int, storage: optuna.sto
                                         spec.budget.trials,
                                         {k: r.model_dump() for k, r in spec.space_for(method, depth).items()})
         close_open_trials(storage, optuna_name)
-        done = store.finished_count(search_id)
-        tally = outcome.units[unit] = UnitTally(budget=spec.budget.trials, finished=done)
-        units.append(UnitRun(unit, search_id, tally, unit_search(spec, method, optuna_name, storage, depth),
-                             spec.budget.trials - done))
+        searches.append(calibration.PlannedSearch(unit, method, search_id, optuna_name))
+    return searches
+
+
+def _calibrating(spec: StudySpec, store: Store, searches: list[calibration.PlannedSearch],
+                 on_event: Event | None) -> Callable[[str], None] | None:
+    """The progress event of a unit whose calibration starts."""
+    if on_event is None:
+        return None
+    ids = {s.unit: s.search_id for s in searches}
+
+    def started(unit: str) -> None:
+        on_event(unit, {"budget": spec.budget.trials, "finished": store.finished_count(ids[unit]), "running": 0,
+                        "failed": 0, "best": None, "waiting": "calibrating the learning rate"})
+
+    return started
+
+
+def _unit_runs(spec: StudySpec, store: Store, searches: list[calibration.PlannedSearch],
+               storage: optuna.storages.RDBStorage, outcome: StudyOutcome, on_event: Event | None,
+               depth: int | None) -> list[UnitRun]:
+    """Each unit's Optuna study over its ranges (the lr window of its calibration, if it has one) and the part
+    of its budget still to run (none when its calibration found no window); `depth` (the model's decoder
+    layers) resolves depth-relative ranges. The event of each unit carries its calibration's line."""
+    units = []
+    for s in searches:
+        stored = outcome.calibrations.get(s.unit)
+        done = store.finished_count(s.search_id)
+        tally = outcome.units[s.unit] = UnitTally(budget=spec.budget.trials, finished=done)
+        remaining = 0 if calibration.refused(stored) else spec.budget.trials - done
+        units.append(UnitRun(s.unit, s.search_id, tally,
+                             unit_search(spec, s.method, s.optuna_name, storage, depth, calibration.narrowed(stored)),
+                             remaining))
         if on_event is not None:
-            on_event(unit, {"budget": tally.budget, "finished": done, "running": 0, "failed": 0, "best": None})
+            on_event(s.unit, {"budget": tally.budget, "finished": done, "running": 0, "failed": 0, "best": None,
+                              **({"note": f"calibration: {stored['summary']}"} if stored else {})})
     return units
 
 

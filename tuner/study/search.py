@@ -21,7 +21,7 @@ from tuner.core.retry import TRANSIENT, with_retry
 from tuner.engine import methods
 from tuner.store import Store
 from tuner.study.report import TrialReport, objective_key
-from tuner.study.spec import SamplerSpec, StudySpec
+from tuner.study.spec import Range, SamplerSpec, StudySpec
 
 OPTUNA_TRANSIENT = (*TRANSIENT, optuna.exceptions.StorageInternalError)
 
@@ -43,10 +43,12 @@ def make_sampler(spec: SamplerSpec, budget: int, seed: int) -> optuna.samplers.B
 class SearchSpaceFn:
     """Optuna define-by-run space, one suggestion per hyperparameter the method declares; a class (not a
     closure) so Tune can pickle the searcher's state. `depth`: the model's decoder layers, against which a
-    depth-relative knob's default range is resolved (RMU's layer)."""
+    depth-relative knob's default range is resolved (RMU's layer); `narrowed`: ranges that replace the spec's
+    (the lr window of the unit's calibration, `tuner.study.calibration`)."""
 
-    def __init__(self, spec: StudySpec, method: str, depth: int | None = None) -> None:
-        self.ranges = spec.space_for(method, depth)
+    def __init__(self, spec: StudySpec, method: str, depth: int | None = None,
+                 narrowed: dict[str, Range] | None = None) -> None:
+        self.ranges = {**spec.space_for(method, depth), **(narrowed or {})}
         self.declared = methods.get(method).space()
 
     def __call__(self, trial: optuna.Trial) -> dict[str, float | int]:
@@ -157,11 +159,12 @@ class UnitSearch:
 
 
 def unit_search(spec: StudySpec, method: str, optuna_name: str, storage: optuna.storages.BaseStorage,
-                depth: int | None = None) -> UnitSearch:
-    """The unit's search: its Optuna study with the spec's sampler, over the method's space."""
+                depth: int | None = None, narrowed: dict[str, Range] | None = None) -> UnitSearch:
+    """The unit's search: its Optuna study with the spec's sampler, over the method's space (with `narrowed`
+    ranges in place of the spec's)."""
     objectives = list(spec.objectives)
     study = open_study(storage, optuna_name, make_sampler(spec.sampler, spec.budget.trials, spec.seed), objectives)
-    return UnitSearch(study, SearchSpaceFn(spec, method, depth), objectives, spec.retries)
+    return UnitSearch(study, SearchSpaceFn(spec, method, depth, narrowed), objectives, spec.retries)
 
 
 @dataclass

@@ -128,6 +128,27 @@ class Robustness(_Strict):
         return self.when != "off" and check in self.checks
 
 
+class Calibration(_Strict):
+    """The learning-rate range test run before each search unit's trials (`tuner.study.calibration`): one run
+    with the lr rising geometrically step by step over the unit's declared lr range (Smith's LR range test),
+    evaluated as it goes. Where the forget gap starts to move and where the utility collapses bound the lr the
+    unit's search then draws from (`tuner.results.calibration.analyse`). A section of its own, not a key of
+    `search`: `search` maps hyperparameter names to ranges, and a switch there would read as one."""
+
+    enabled: bool = Field(True, description="calibrate each unit's lr range before its trials (false: search the "
+                                             "declared range as it is)")
+    steps: int | None = Field(None, ge=3, description="optimiser steps of the calibration run (default: the steps of "
+                                                      "the unit's longest trial, its top epochs)")
+    points: int = Field(16, ge=3, le=200, description="evaluations along the ramp (the forget gap at each; the "
+                                                      "utility as run.eval_utility_every says)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        """`calibration: false` is the short form of `calibration: {enabled: false}`."""
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
 def ray_address_problem(address: str | None) -> str | None:
     """Ray Client (ray://) would run Ray Tune's loop, and with it the store writes, on the head node, away
     from this process's progress display: the driver must be on a node of the cluster instead."""
@@ -164,6 +185,9 @@ class StudySpec(_Strict):
     ray_address: str | None = Field(None, description="an existing Ray cluster, HOST:PORT of its head (or auto)")
     target: Target = Target()
     robustness: Robustness = Robustness()
+    calibration: Calibration = Field(
+        Calibration(), description="the lr range test before each unit's search, on by default; "
+                                   "`calibration: false` turns it off")
 
     @field_validator("ray_address")
     @classmethod

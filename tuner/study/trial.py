@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tuner.core.settings import RunSettings
 from tuner.engine import methods
 from tuner.engine.data import UnlearnData, build_data
 from tuner.engine.evaluation import full_metrics
@@ -49,14 +50,18 @@ def workbench(ctx: TrialContext) -> Workbench:
     return _WORKER["bench"]
 
 
-def memory_refusal(ctx: TrialContext, method: str, block_size: int) -> str | None:
-    """Before a trial loads anything: the one-line refusal when its memory plan cannot fit this worker's GPU."""
+def memory_refusal(ctx: TrialContext, method: str, block_size: int, run: RunSettings | None = None,
+                   ranks: int | None = None) -> str | None:
+    """Before a trial loads anything: the one-line refusal when its memory plan cannot fit this worker's GPU.
+    `run` and `ranks` plan another run on the same worker (a one-process calibration of a sharded study)."""
     capacity = device_capacity(ctx.device)
     if capacity is None:
         return None
     capacity = int(capacity * ctx.gpu_share)  # trials sharing a GPU share its memory
-    return RunPlan.assemble(model_shape(ctx.model, ctx.run, ctx.trust_remote_code), [methods.get(method)], ctx.run,
-                            ctx.precision.name, block_size, capacity, shards=ctx.shards, ranks=ctx.workers).refusal()
+    run, ranks = run or ctx.run, ctx.workers if ranks is None else ranks
+    shards = ctx.shards if ranks == ctx.workers else 1
+    return RunPlan.assemble(model_shape(ctx.model, run, ctx.trust_remote_code), [methods.get(method)], run,
+                            ctx.precision.name, block_size, capacity, shards=shards, ranks=ranks).refusal()
 
 
 def prepare(ctx: TrialContext) -> dict[str, Any]:
