@@ -23,14 +23,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import torch
 
 from tuner.core.hparams import EPOCHS, LR, at_depth
 from tuner.engine import methods
+from tuner.engine.unlearn import UnlearnConfig, run_unlearning
 from tuner.results.calibration import analyse, lr_text
 from tuner.results.candidates import curve_estimate
 from tuner.store import Store
 from tuner.study.context import TrialContext
 from tuner.study.spec import Calibration, Range, StudySpec
+from tuner.study.trial import memory_refusal, out_of_memory, release_memory, workbench
 
 WINDOW, NO_WINDOW, SKIPPED, FAILED = "window", "no_window", "skipped", "failed"  # a record's `status`
 POINT_KEYS = ("step", "lr", "loss", "forget_nll", "unseen_nll", "forget_gap", "retain_nll", "utility_drop")
@@ -83,11 +86,6 @@ def calibrate(unit: str, params: dict[str, Any], low: float, high: float, settin
     """On a worker: the unit's lr range test. Returns the record's measured part: {"status", "reason", "steps",
     "points", "diverged_lr", "time_s", "environment"}; "skipped" with the reason when one process cannot
     hold the run."""
-    import torch
-
-    from tuner.engine.unlearn import UnlearnConfig, run_unlearning
-    from tuner.study.trial import _out_of_memory, _release_memory, memory_refusal, workbench
-
     started = time.perf_counter()
     torch.set_num_threads(ctx.threads)
     data = prepared["data"]
@@ -106,11 +104,11 @@ def calibrate(unit: str, params: dict[str, Any], low: float, high: float, settin
         model, reference = workbench(ctx).trainee(cfg, ctx.precision)
         result = run_unlearning(model, data, cfg, reference=reference, baseline=prepared["baseline"], lr_at=lr_at)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
-        if not _out_of_memory(err):
+        if not out_of_memory(err):
             raise
-        _release_memory()
-        return {"status": SKIPPED, "reason": f"out of memory in one process at the trial's effective batch "
-                                             f"({str(err).strip().splitlines()[0][:160] if str(err).strip() else err})"}
+        release_memory()
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        return {"status": SKIPPED, "reason": f"out of memory in one process at the trial's effective batch ({first})"}
     start = result.curve[0]
     subsampled = cfg.eval_utility_blocks is not None
     points = []
@@ -137,8 +135,8 @@ def record(measured: dict[str, Any], low: float, high: float, ctx: TrialContext,
     found = analyse(measured["points"], low, high, ctx.target.gap_tolerance, ctx.target.utility_tolerance,
                     measured.get("diverged_lr"))
     window = {"low": found.low, "high": found.high} if found.found else None
-    summary = found.summary() if found.found else (f"{found.refusal}; not searched (widen search.lr, or set "
-                                                   "calibration: false)")
+    summary = found.summary() if found.found else (f"{found.refusal}; not searched (change search.lr or search.epochs, "
+                                                   "or set calibration: false)")
     return {**base, "status": WINDOW if found.found else NO_WINDOW, "finding": found.to_dict(), "window": window,
             "summary": summary}
 

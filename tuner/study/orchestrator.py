@@ -235,7 +235,8 @@ def _unit_runs(spec: StudySpec, store: Store, searches: list[calibration.Planned
                              remaining))
         if on_event is not None:
             on_event(s.unit, {"budget": tally.budget, "finished": done, "running": 0, "failed": 0, "best": None,
-                              **({"note": f"calibration: {stored['summary']}"} if stored else {})})
+                              **({"note": f"calibration: {stored['summary']}"} if stored else {}),
+                              **({"waiting": "not searched: no lr window"} if calibration.refused(stored) else {})})
     return units
 
 

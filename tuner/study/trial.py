@@ -110,9 +110,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any
         result = run_unlearning(model, data, cfg, reference=reference, baseline=prepared["baseline"],
                                 on_eval=on_eval)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
-        if not _out_of_memory(err) or cfg.world_size > 1:  # a rank out of memory fails the whole trial (multiworker)
+        if not out_of_memory(err) or cfg.world_size > 1:  # a rank out of memory fails the whole trial (multiworker)
             raise
-        _release_memory()
+        release_memory()
         report(final := TrialReport.failed(_oom_reason(err, cfg), ctx.objectives))
         return final
     payload = result.to_dict()
@@ -162,7 +162,7 @@ def robustness_checks(model: torch.nn.Module, ctx: TrialContext, prepared: dict[
                            metrics, cfg.seed, ctx.device, ctx.precision.compute, cfg.eval_batch_size)
 
 
-def _out_of_memory(err: BaseException) -> bool:
+def out_of_memory(err: BaseException) -> bool:
     text = str(err)
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text \
         or "out of memory" in text.lower()
@@ -175,7 +175,7 @@ def _oom_reason(err: BaseException, cfg: UnlearnConfig) -> str:
             f"halve run.batch_size and double run.grad_accum: the same effective batch gives the same result")
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     """Let the worker run its next trial after an OOM: drop the failed run's tensors and cached blocks."""
     import gc
 
