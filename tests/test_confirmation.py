@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tuner.core.status import SCORED
 from tuner.store import Store
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
@@ -45,7 +46,7 @@ def test_a_mid_run_pick_is_confirmed_and_export_matches_the_applied_run(screened
     assert not overall["selected"] and overall["measured"] == "confirmed", overall
     assert "re-running" in overall["reason"]
     check = store.study_checks("screened")[(overall["trial_id"], overall["step"])]
-    assert check["details"]["confirmation"]["status"] in ("completed", "stopped_at_target")
+    assert check["details"]["confirmation"]["status"] in SCORED
     assert {"retain_nll", "general_nll", "mia_auc", "utility_drop"} <= set(check["metrics"])
     exported = tmp / "rec.yaml"
     proc = cli("export", "screened", "--storage", url, "-o", str(exported), cache_dir=cache_dir)

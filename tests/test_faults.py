@@ -19,6 +19,7 @@ import psutil
 import pytest
 from procs import wait_for_step
 
+from tuner.core.status import SCORED
 from tuner.store import Store
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
@@ -72,7 +73,7 @@ def test_a_trial_killed_mid_run_is_failed_with_a_reason_and_the_study_goes_on(tm
     assert len(failed) == 1 and failed[0]["number"] == 1, rows
     assert "worker process died" in failed[0]["error"] and "retrying" in failed[0]["error"], failed[0]["error"]
     assert rows[1]["params"] == rows[0]["params"]
-    assert all(r["status"] in ("completed", "stopped_at_target") and r["metrics"] for r in rows[1:])
+    assert all(r["status"] in SCORED and r["metrics"] for r in rows[1:])
     # Optuna saw two settings, each once, both completed: the retry's result stands for the killed one
     states = [t.state for t in optuna.load_study(study_name="killed-trial/ga_gd@in_distribution", storage=url).trials]
     assert states == [optuna.trial.TrialState.COMPLETE] * 2
@@ -114,7 +115,7 @@ def test_a_trial_killed_by_rays_memory_monitor_is_failed_for_host_memory_retried
     assert "concurrency" in first["error"] and "RAY_memory_usage_threshold" in first["error"], first["error"]
     assert "retrying" in first["error"], first["error"]
     assert rows[1]["params"] == first["params"]  # the retry runs the same setting
-    assert all(r["status"] in ("completed", "stopped_at_target") and r["metrics"] for r in rows[1:]), \
+    assert all(r["status"] in SCORED and r["metrics"] for r in rows[1:]), \
         [(r["status"], r["error"]) for r in rows]
     assert store.study("memory-monitor").status == "finished"
     trials = optuna.load_study(study_name="memory-monitor/ga_gd@in_distribution", storage=url).trials
@@ -139,7 +140,7 @@ def test_sigterm_stops_the_study_in_one_line_and_it_resumes(tmp_path, cache_dir,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert store.study("sigterm").status == "finished"
     assert [r["status"] for r in store.trials("sigterm")][0] == "interrupted"
-    assert store.trials("sigterm")[1]["status"] in ("completed", "stopped_at_target")
+    assert store.trials("sigterm")[1]["status"] in SCORED
 
 
 def test_a_trial_out_of_memory_is_failed_with_advice_and_the_study_completes(tmp_path, cache_dir, bench, spec_file):

@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from tuner.core.status import SCORED
 from tuner.results.recommend import recommend_unit
 from tuner.store import Store
 
@@ -47,7 +48,7 @@ def test_every_trial_is_checked_and_quantization_moves_the_gap_by_a_stored_amoun
     store = Store(url)
     checks = store.study_checks("robust")
     for row in store.trials("robust"):
-        if row["status"] in ("completed", "stopped_at_target"):
+        if row["status"] in SCORED:
             m = checks[(row["id"], row["result"]["selected_step"])]["metrics"]
             assert {"relearn_gap", "quant4_gap", "quant8_gap"} <= set(m)
             assert m["quant4_gap_shift"] != 0 and m["quant4_gap"] == pytest.approx(

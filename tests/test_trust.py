@@ -101,7 +101,8 @@ def studies(draw):
     for i in range(draw(st.integers(1, 6))):
         lr = draw(st.floats(1e-5, 1e-2))
         selected = draw(metrics.filter(lambda m: m["forget_gap"] is not None))
-        status = draw(st.sampled_from(["completed", "stopped_at_target", "diverged"]))
+        status = draw(st.sampled_from(["completed", "stopped_at_target", "stopped_hopeless", "stopped_collapsed",
+                                       "diverged"]))
         base = {"id": i, "number": i, "unit": draw(st.sampled_from(["a", "b"])), "params": {"lr": lr, "epochs": 1}}
         rows.append({**base, "status": status, "step": 10, "selected": True, "measured": "full",
                      "metrics": selected if status != "diverged" else {}})
@@ -140,3 +141,27 @@ def test_a_recommendation_is_measured_in_full_and_within_every_tolerance(rows, u
             assert picked[(job["trial_id"], job["step"])]["measured"] == "estimate"
     if rec["overall"]["status"] == "none":
         assert all(p["status"] != "recommended" for p in rec["units"].values())
+
+
+def test_an_early_stopped_trials_checkpoints_are_candidates_like_a_completed_ones():
+    """A trial stopped as hopeless kept a checkpoint measured in full: it and its curve points are candidates,
+    ranked and named like any other; one stopped for collapsed utility is not recommended for its utility."""
+    from tuner.results.pareto import front_members
+    from tuner.results.recommend import outcome
+
+    def trial(i, status, gap, drop, lr):
+        return {"id": i, "number": i, "unit": "ga_gd", "status": status, "params": {"lr": lr, "epochs": 2},
+                "metrics": {"forget_gap": gap, "utility_drop": drop, "mia_auc": 0.5},
+                "objectives": {"forget_gap": abs(gap), "utility_drop": drop}, "result": {"selected_step": 8}}
+
+    hopeless = trial(1, "stopped_hopeless", -0.6, 0.05, 1e-5)
+    collapsed = trial(2, "stopped_collapsed", 0.02, 0.9, 1e-2)
+    curves = {1: [{"step": 0, "forget_gap": -1.0, "retain_nll": 2.0},
+                  {"step": 4, "forget_gap": -0.8, "retain_nll": 2.01}, {"step": 8, "forget_gap": -0.6}]}
+    cands = candidates([hopeless, collapsed], curves, ["forget_gap", "utility_drop"])
+    assert [(c["id"], c["step"], c["measured"]) for c in cands] == [(1, 8, "full"), (1, 4, "estimate"), (2, 8, "full")]
+    assert outcome(cands[0], TARGET, use_mia=False) == "remembered"
+    assert outcome(cands[2], TARGET, use_mia=False) == "in_band"
+    assert {c["id"] for c in front_members(cands, ["forget_gap", "utility_drop"])["ga_gd"]} == {1, 2}
+    rec = recommend_unit(cands, TARGET, use_mia=False)
+    assert rec["status"] == "closest" and rec["trial_id"] in (1, 2), rec

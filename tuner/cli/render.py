@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tuner.core.status import DIVERGED
+from tuner.core.status import DIVERGED, STOPPED_COLLAPSED, STOPPED_HOPELESS
 
 # Piped output (logs, CI) gets wide tables instead of rich's 80-column fallback.
 console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
@@ -141,6 +141,8 @@ def print_result(result, report: dict, retrain: dict | None, target: Path) -> No
     if result.status == DIVERGED:
         out.print(f"[red]diverged[/]: {result.reason}; no model saved")
     elif result.metrics is not None:
+        if result.status in (STOPPED_HOPELESS, STOPPED_COLLAPSED):
+            out.print(f"[yellow]{result.status}[/]: {result.reason}")
         m = result.metrics
         out.print(f"utility drop (retain NLL vs original): {m.get('utility_drop', float('nan')):+.4f}")
         if "targets" in report:

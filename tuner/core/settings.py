@@ -12,7 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tuner.core.precision import OPTIMIZER_HELP, PRECISION_HELP, Optimizer, Precision, legacy_dtype
 
-Schedule = Literal["linear", "cosine", "constant"]
+Schedule = Literal["linear", "cosine", "constant", "wsd"]
+SCHEDULE_HELP = ("lr schedule after the warmup: linear or cosine decay to 0 over the whole horizon; constant; wsd "
+                 "(warmup-stable-decay: constant, then a linear decay over the last decay_ratio of the horizon). "
+                 "With constant and the warmup in steps (warmup_steps, or warmup_ratio 0) the lr at step S does not "
+                 "depend on the horizon, so a long trial's checkpoint at step S is what a run ending at S gives; "
+                 "wsd keeps that only for the steps before its decay, which starts at a share of the horizon")
 
 
 class OptimConfig(BaseModel):
@@ -23,7 +28,9 @@ class OptimConfig(BaseModel):
     lr: float = Field(gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0)
     schedule: Schedule = "linear"
+    decay_ratio: float = Field(0.2, gt=0, le=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     optimizer: Optimizer = "adamw"
@@ -50,7 +57,11 @@ class RunSettings(BaseModel):
     batch_size: int = Field(8, gt=0, description="blocks per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of the steps spent warming up the lr")
-    schedule: Schedule = Field("linear", description="lr schedule after the warmup")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="warm the lr up over this many optimiser steps instead of warmup_ratio's share: "
+                                "a fixed count does not depend on the horizon")
+    schedule: Schedule = Field("linear", description=SCHEDULE_HELP)
+    decay_ratio: float = Field(0.2, gt=0, le=1, description="wsd: share of the horizon the lr decays over, at its end")
     weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (null: no clipping)")
     precision: Precision = Field("auto", description=PRECISION_HELP)
@@ -61,6 +72,12 @@ class RunSettings(BaseModel):
                                                             "memory, about a third more compute")
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations (default: ~10 per run)")
     stop_at_target: bool = Field(True, description="stop once the forget gap reaches 0 (guideline 1)")
+    prune_hopeless: bool = Field(
+        True, description="stop a trial that cannot reach the target band by its horizon at its pace "
+                          "(stopped_hopeless; tuner.engine.stopping.hopeless states the rule)")
+    stop_on_collapse: bool = Field(
+        True, description="stop a trial whose utility drop exceeds the target's utility_tolerance at two "
+                          "utility-measuring evaluations in a row (stopped_collapsed)")
     checkpoint: Literal["best", "last"] = Field(
         "best", description="best: keep the evaluated step closest to the target; last: the final weights")
     eval_batch_size: int = Field(16, gt=0, description="blocks per evaluation batch")
@@ -79,7 +96,8 @@ class RunSettings(BaseModel):
 
     def optim(self, lr: float) -> OptimConfig:
         return OptimConfig(lr=lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
-                           schedule=self.schedule, max_grad_norm=self.max_grad_norm, optimizer=self.optimizer)
+                           warmup_steps=self.warmup_steps, schedule=self.schedule, decay_ratio=self.decay_ratio,
+                           max_grad_norm=self.max_grad_norm, optimizer=self.optimizer)
 
 
 # ---- data -------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The one training loop every method (and the testbed's pre-training) runs on.
 
-Written like nanoGPT's: AdamW, a warmup + decay schedule, gradient accumulation, clipping, optional bf16
-autocast, and nothing else in the way. The loss is a callable, so methods only say what to minimise.
-A non-finite loss is an outcome (`diverged_at`), never an exception.
+Written like nanoGPT's: AdamW, a warmup + decay (or constant, or warmup-stable-decay) schedule, gradient
+accumulation, clipping, optional bf16 autocast, and nothing else in the way. The loss is a callable, so methods
+only say what to minimise. A non-finite loss is an outcome (`diverged_at`), never an exception.
 """
 
 from __future__ import annotations
@@ -47,20 +47,34 @@ class IndexStream:
         return out
 
 
-def lr_multiplier(schedule: Schedule, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak lr at optimiser step `s` (0-based)."""
+def lr_multiplier(schedule: Schedule, warmup_steps: int, total_steps: int,
+                  decay_ratio: float = 0.2) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimiser step `s` (0-based).
+
+    Which steps depend on the horizon `total_steps`: under `constant` none (given a warmup in steps), so a
+    trial's checkpoint at step S is what a run of S steps gives; under `wsd` the steps before its decay
+    (the last `decay_ratio` of the horizon); under `linear` and `cosine` every step after the warmup."""
+
+    decay_steps = max(1, math.ceil(decay_ratio * total_steps))
 
     def factor(s: int) -> float:
         if s < warmup_steps:
             return (s + 1) / (warmup_steps + 1)
         if schedule == "constant":
             return 1.0
+        if schedule == "wsd":
+            return min(1.0, (total_steps - s) / decay_steps)
         progress = (s - warmup_steps) / max(1, total_steps - warmup_steps)
         if schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return max(0.0, 1.0 - progress)
 
     return factor
+
+
+def warmup_of(cfg: OptimConfig, total_steps: int) -> int:
+    """The warmup's length in steps: `warmup_steps` when given (fixed), else `warmup_ratio` of the horizon."""
+    return cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -131,8 +145,7 @@ def run_loop(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or make_optimizer(params, cfg, device)
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    factor = lr_multiplier(cfg.schedule, warmup, total_steps)
+    factor = lr_multiplier(cfg.schedule, warmup_of(cfg, total_steps), total_steps, cfg.decay_ratio)
     outcome = LoopOutcome(steps_done=0)
     model.train()
     for step in range(total_steps):

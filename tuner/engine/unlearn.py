@@ -1,7 +1,8 @@
 """One unlearning run (a trial): unlearn a model with one method at one setting, then measure it.
 
 The run evaluates as it goes and, by default, stops once the forget gap reaches 0 (the approximate-retraining
-point, guideline 1) and hands back the evaluated checkpoint closest to that point. Batch size, accumulation,
+point, guideline 1) and hands back the evaluated checkpoint closest to that point. Given the target's tolerances
+it also stops early when the band is out of reach or utility collapsed (`tuner.engine.stopping`). Batch size, accumulation,
 world size and device are recorded with every result, so numbers can be compared honestly.
 """
 
@@ -38,6 +39,7 @@ from tuner.engine.evaluation import autocast_for, curve_point, curve_sets, full_
 from tuner.engine.lossfn import compile_decoder
 from tuner.engine.memory import GIB, ModelShape, RunPlan, device_capacity, measured_peak
 from tuner.engine.methods.base import Batch, MethodContext
+from tuner.engine.stopping import StopRules
 from tuner.engine.training import IndexStream, make_optimizer, optimizer_name, run_loop
 
 
@@ -52,7 +54,14 @@ class UnlearnConfig(RunSettings):
     max_steps: int | None = Field(None, gt=0, description="optimiser steps; overrides epochs when given")
     end_step: int | None = Field(
         None, gt=0, description="end the run after this step while the lr schedule still spans the planned steps: "
-                                "reproduces a trial's checkpoint at that step (an exported candidate)")
+                                "reproduces a trial's checkpoint at that step (an exported candidate); the "
+                                "hopeless and collapse stops do not apply")
+    gap_tolerance: float | None = Field(
+        None, gt=0, description="the target band |forget gap| <= this (a study passes its target's): prune_hopeless "
+                                "stops a trial that cannot reach it; unset: no such stop")
+    utility_tolerance: float | None = Field(
+        None, gt=0, description="the acceptable utility drop (a study passes its target's): stop_on_collapse stops "
+                                "a trial past it twice in a row; unset: no such stop")
     retain_source: RetainSource = Field("in_distribution", description="retain data of methods that train on it")
     seed: int = Field(0, description="seeds the batch order and every random draw of the method")
     world_size: int = Field(1, ge=1, description="ranks the run is sharded over; batch_size is per rank")
@@ -99,6 +108,13 @@ class UnlearnConfig(RunSettings):
 
     def effective_batch(self) -> int:
         return self.batch_size * self.grad_accum * self.world_size
+
+    def stop_rules(self, horizon: int) -> StopRules:
+        """The run's early stops (`tuner.engine.stopping`); a run that reproduces a checkpoint (`end_step`) runs
+        to it."""
+        search = self.end_step is None
+        return StopRules(horizon, self.gap_tolerance if self.prune_hopeless and search else None,
+                         self.utility_tolerance if self.stop_on_collapse and search else None)
 
     def total_steps(self, n_forget: int) -> int:
         """An epoch is one pass over the forget set; retain-only methods take as many steps for the same
@@ -285,7 +301,8 @@ def run_unlearning(
     if on_start is not None:
         on_start(total_steps, curve[0])
     state = {"best_gap": math.inf, "best_step": 0, "best_weights": None, "stop_step": None,
-             "eval_diverged": None}
+             "eval_diverged": None, "early": None}
+    rules = cfg.stop_rules(total_steps)
 
     def after_step(step: int, logs: dict[str, float]) -> bool:
         nonlocal eval_time, eval_tokens
@@ -312,7 +329,8 @@ def run_unlearning(
         if cfg.stop_at_target and point["forget_gap"] >= 0:
             state["stop_step"] = step
             return True
-        return cfg.end_step is not None and step >= cfg.end_step
+        state["early"] = rules.check(curve)
+        return state["early"] is not None or (cfg.end_step is not None and step >= cfg.end_step)
 
     sync = StepSync(synced, ranks) if ranks.world > 1 else None
     # after sharding, and with the shards registered again after the forward passes above: FSDP2 replaces the
@@ -326,7 +344,9 @@ def run_unlearning(
         model.gradient_checkpointing_disable()
 
     diverged_step = outcome.diverged_at or state["eval_diverged"]
-    reason = outcome.reason or (f"non-finite evaluation NLL at step {diverged_step}" if diverged_step else None)
+    early = state["early"]
+    reason = outcome.reason or (f"non-finite evaluation NLL at step {diverged_step}" if diverged_step
+                                else early.reason if early is not None else None)
     metrics = None
     selected = outcome.steps_done
     if diverged_step is None:
@@ -338,7 +358,8 @@ def run_unlearning(
         eval_time += time.perf_counter() - t
         eval_tokens += evaluated_tokens()
     status: RunStatus = (DIVERGED if diverged_step is not None
-                         else STOPPED_AT_TARGET if state["stop_step"] is not None else COMPLETED)
+                         else STOPPED_AT_TARGET if state["stop_step"] is not None
+                         else early.status if early is not None else COMPLETED)
     wall = time.perf_counter() - started
     return UnlearnResult(
         status=status, planned_steps=total_steps, steps_done=outcome.steps_done, selected_step=selected,

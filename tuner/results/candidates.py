@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from tuner.core.status import SCORED
+from tuner.engine.stopping import utility_drop
 
 OK_STATUSES = SCORED  # a trial whose metrics may be ranked
 CURVE_METRICS = ("forget_gap", "forget_nll", "unseen_nll", "retain_nll", "general_nll")
@@ -61,8 +62,9 @@ def curve_estimate(point: dict[str, Any], start: dict[str, Any] | None, subsampl
     """A curve point's figures as the trial measured them, and which of them are estimates: the utility drop
     is taken against the step-0 point, which scored the same (possibly subsampled) retain blocks."""
     metrics = {k: point.get(k) for k in CURVE_METRICS if point.get(k) is not None}
-    if start is not None and point.get("retain_nll") is not None and start.get("retain_nll") is not None:
-        metrics["utility_drop"] = point["retain_nll"] - start["retain_nll"]
+    drop = utility_drop(point, start) if start is not None else None
+    if drop is not None:
+        metrics["utility_drop"] = drop
     estimated = [k for k in UTILITY_ESTIMATES if k in metrics] if subsampled else []
     return {"metrics": metrics, "estimated": estimated}
 

@@ -67,7 +67,7 @@ class Trial(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     search_id: Mapped[int] = mapped_column(ForeignKey("tuner_searches.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)  # the Optuna trial number
-    status: Mapped[str] = mapped_column(String(30))  # running/completed/stopped_at_target/diverged/failed
+    status: Mapped[str] = mapped_column(String(30))  # a TrialStatus of tuner.core.status (no check constraint)
     params: Mapped[dict] = mapped_column(JSON)  # the method's hyperparameters (tuner.core.hparams), by name
     # on its search unit's Pareto front: derived by the study driver as trials finish, read by every view
     pareto: Mapped[bool | None] = mapped_column(Boolean, nullable=True)

@@ -85,13 +85,15 @@ class TrialContext:
         return self.workers if self.sharding == "fsdp" else 1
 
     def config(self, unit: str, params: dict[str, Any]) -> UnlearnConfig:
-        """The run settings of one trial of `unit` at the searcher's `params`."""
+        """The run settings of one trial of `unit` at the searcher's `params`, with the target's tolerances its
+        early stops measure against."""
         from tuner.engine.unlearn import UnlearnConfig
 
         u = self.units[unit]
         return UnlearnConfig(method=u.method, retain_source=u.retain_source or "in_distribution", seed=self.seed,
                              params=params, world_size=self.workers, sharding=self.sharding,
-                             **self.run.model_dump())
+                             gap_tolerance=self.target.gap_tolerance,
+                             utility_tolerance=self.target.utility_tolerance, **self.run.model_dump())
 
     def rule(self, exact_retrain: dict[str, Any] | None) -> dict[str, Any]:
         """The recommender's target, measured from the exact-retrain model's values where there are some."""
