@@ -110,7 +110,7 @@ CALIBRATED = {"methods": ["ga", "ga_gd"], "budget": {"trials": 2}, "run": {"eval
               "search": {"lr": {"low": LOW, "high": HIGH}, "epochs": {"low": 1, "high": 2}},
               # ga's range lies far below anything that moves the forget gap: it has no window
               "per_method": {"ga": {"lr": {"low": 1e-9, "high": 1e-8}}},
-              "calibration": {"steps": 16, "points": 8}}
+              "calibration": {"enabled": True, "steps": 16, "points": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def test_calibration_settings_are_their_own_section(micro_spec):
     from tuner.study.spec import validate_spec
 
     assert validate_spec(micro_spec(calibration=False), "s").calibration.enabled is False
-    assert validate_spec({"name": "d", "model": "testbed:micro"}, "s").calibration.enabled is True  # on by default
+    assert validate_spec({"name": "d", "model": "testbed:micro"}, "s").calibration.enabled is False  # opt-in
     with pytest.raises(TunerError, match="search.calibrate"):
         validate_spec(micro_spec(search={"calibrate": False}), "s")
 

@@ -95,6 +95,9 @@ def calibrate(unit: str, params: dict[str, Any], low: float, high: float, settin
     cfg = UnlearnConfig.model_validate({
         **cfg.model_dump(), "batch_size": cfg.batch_size * cfg.world_size, "world_size": 1, "sharding": "ddp",
         "max_steps": steps, "eval_every": max(1, math.ceil(steps / settings.points)), "stop_at_target": False,
+        # the ramp runs to its top lr: a trial's early stops (hopeless, collapsed) would cut it where it is
+        # meant to look, and the analysis reads the collapse from the curve itself
+        "prune_hopeless": False, "stop_on_collapse": False,
         "checkpoint": "last", "end_step": None, "device": ctx.run.device})
     refused = memory_refusal(ctx, cfg.method, data.block_size, run=cfg, ranks=1)
     if refused is not None:

@@ -135,8 +135,10 @@ class Calibration(_Strict):
     unit's search then draws from (`tuner.results.calibration.analyse`). A section of its own, not a key of
     `search`: `search` maps hyperparameter names to ranges, and a switch there would read as one."""
 
-    enabled: bool = Field(True, description="calibrate each unit's lr range before its trials (false: search the "
-                                             "declared range as it is)")
+    # Off by default until the ramp is validated beyond the micro testbed: on the quickstart study it left three
+    # of the seven methods unsearched (before trials' early stops were kept out of the ramp; not measured since).
+    enabled: bool = Field(False, description="calibrate each unit's lr range before its trials (false: search the "
+                                              "declared range as it is)")
     steps: int | None = Field(None, ge=3, description="optimiser steps of the calibration run (default: the steps of "
                                                       "the unit's longest trial, its top epochs)")
     points: int = Field(16, ge=3, le=200, description="evaluations along the ramp (the forget gap at each; the "
@@ -186,8 +188,8 @@ class StudySpec(_Strict):
     target: Target = Target()
     robustness: Robustness = Robustness()
     calibration: Calibration = Field(
-        Calibration(), description="the lr range test before each unit's search, on by default; "
-                                   "`calibration: false` turns it off")
+        Calibration(), description="the lr range test before each unit's search, off by default; "
+                                   "`calibration: true` turns it on")
 
     @field_validator("ray_address")
     @classmethod
