@@ -24,6 +24,7 @@ from tuner.core.status import STOPPED_COLLAPSED, STOPPED_HOPELESS
 MIN_EVALUATIONS = 3  # k: the pace is fitted over the last k evaluations after step 0, and never on fewer
 MIN_SHARE = 0.3  # no trial is judged hopeless before this share of its horizon
 PACE_SAFETY = 2.0  # the projection assumes the trial speeds up to this multiple of its fitted pace
+MARGIN = 1.0  # ... and must still miss the band by this many gap_tolerances
 
 
 def pace(steps: Sequence[float], gaps: Sequence[float]) -> tuple[float, float]:
@@ -44,10 +45,11 @@ def hopeless(steps: Sequence[int], gaps: Sequence[float], horizon: int, gap_tole
     - the pace is the least-squares slope of the gap per step over the last MIN_EVALUATIONS evaluations;
     - the projection starts from the larger of the last gap and the fitted line's value at the last step, and
       goes on to the horizon at PACE_SAFETY times the pace (a falling pace counts as flat);
-    - hopeless when that projection stays below -gap_tolerance.
+    - hopeless when that projection stays below -gap_tolerance by MARGIN gap_tolerances more.
     A curve that rises at a steady or slowing pace and reaches the band by the horizon is never hopeless:
     the fitted slope is then at least every later step's rise. A curve that speeds up by more than
-    PACE_SAFETY times can be stopped short of the band; its kept checkpoint is still a candidate."""
+    PACE_SAFETY times (after a plateau, say) can be stopped short of the band; its kept checkpoint is still a
+    candidate. `bench/hopeless_replay.py` replays the rule on curves run to their horizon."""
     points = [(s, g) for s, g in zip(steps, gaps, strict=True) if s > 0 and math.isfinite(g)]
     if any(g >= -gap_tolerance for _, g in points):
         return None
@@ -58,11 +60,11 @@ def hopeless(steps: Sequence[int], gaps: Sequence[float], horizon: int, gap_tole
     slope, intercept = pace([s for s, _ in window], [g for _, g in window])
     start = max(window[-1][1], intercept + slope * last)
     projected = start + PACE_SAFETY * max(slope, 0.0) * (horizon - last)
-    if projected >= -gap_tolerance:
+    if projected >= -gap_tolerance * (1.0 + MARGIN):
         return None
     return (f"hopeless at step {last}: the forget gap moved {slope:+.2e} per step over steps "
             f"{window[0][0]}-{last}; even at {PACE_SAFETY:g}x that pace it would be {projected:+.3f} at the "
-            f"horizon (step {horizon}), short of the band's {-gap_tolerance:+g}")
+            f"horizon (step {horizon}), short of the band's {-gap_tolerance:+g} by over {MARGIN * gap_tolerance:g}")
 
 
 def utility_drop(point: Mapping[str, Any], start: Mapping[str, Any]) -> float | None:
