@@ -27,10 +27,11 @@ TUNER = str(Path(sys.executable).with_name("tuner"))
 
 def start_study(spec_file: Callable[..., Path], tmp_path: Path, name: str, trials: int,
                 env: dict[str, str] | None = None, merge: bool = True, **run) -> tuple[subprocess.Popen, str]:
-    """`tuner study run` of a micro study whose trials last long enough (2-3 epochs) for a fault to land."""
+    """`tuner study run` of a micro study whose trials last long enough (2-3 epochs, no early stop) for a fault
+    to land."""
     spec = spec_file(tmp_path, name=name, budget={"trials": trials},
                             search={"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 3}},
-                            run={"eval_every": 4, **run})
+                            run={"eval_every": 4, "prune_hopeless": False, "stop_on_collapse": False, **run})
     url = f"sqlite:///{tmp_path / 'faults.db'}"
     env = {**os.environ, "RAY_ADDRESS": "", **(env or {})}
     proc = subprocess.Popen([TUNER, "study", "run", str(spec), "--storage", url], env=env, stdout=subprocess.PIPE,
