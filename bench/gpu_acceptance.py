@@ -49,8 +49,10 @@ import trial_cost
 from tuner.core.precision import PrecisionPlan, resolve_precision
 from tuner.core.settings import LoraSpec
 from tuner.core.status import FAILED, SCORED
+from tuner.engine import methods
 from tuner.engine.evaluation import full_metrics, token_nll
 from tuner.engine.lossfn import compile_decoder
+from tuner.engine.memory import resolve_eval_batch
 from tuner.engine.methods.base import nll_term
 from tuner.engine.models import ModelSource, Workbench
 from tuner.engine.unlearn import UnlearnConfig, run_unlearning
@@ -153,7 +155,8 @@ def trial_section(b: Bench) -> list[Row]:
     model = trial_cost.build_model(b.args)
     data = trial_cost.synthetic_data(b.args)
     cfg = UnlearnConfig(method="ga_gd", lr=1e-5, stop_at_target=False, device=str(b.device))
-    baseline = full_metrics(model, data, cfg.eval_batch_size, b.device, b.dtype)  # once per study, as a study does
+    batch = resolve_eval_batch(cfg, model.config, [methods.get(cfg.method)], b.precision.name, data.block_size)
+    baseline = full_metrics(model, data, batch, b.device, b.dtype)  # once per study, as a study does
     t = trial_cost.trial(model, data, baseline, cfg)
     share = t["eval_s"] / (t["train_s"] + t["eval_s"])
     return [Row("trial", f"ga_gd, run defaults, {t['steps']} steps, {b.args.forget} forget blocks, eval sets of "
@@ -211,7 +214,8 @@ def memory_section(b: Bench, setting: str) -> list[Row]:
     cfg = UnlearnConfig(method="ga_gd", lr=1e-5, max_steps=2, stop_at_target=False, device=str(b.device),
                         batch_size=b.args.batch, lora=LoraSpec() if setting == "lora" else None,
                         optimizer="adamw8bit" if setting == "adamw8bit" else "adamw")
-    baseline = full_metrics(original, data, cfg.eval_batch_size, b.device, b.dtype)
+    batch = resolve_eval_batch(cfg, original.config, [methods.get(cfg.method)], b.precision.name, data.block_size)
+    baseline = full_metrics(original, data, batch, b.device, b.dtype)
     bench = Workbench(original, None, ModelSource(name="llama from a config", path=""))
     model, reference = bench.trainee(cfg, b.precision)
     result = run_unlearning(model, data, cfg, reference=reference, baseline=baseline)

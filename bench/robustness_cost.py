@@ -31,9 +31,10 @@ import time
 import torch
 
 from tuner.core.precision import resolve_precision
-from tuner.engine import testbed
+from tuner.engine import methods, testbed
 from tuner.engine.data import build_data
 from tuner.engine.evaluation import full_metrics
+from tuner.engine.memory import resolve_eval_batch
 from tuner.engine.models import Workbench
 from tuner.engine.robustness import QUANT, RELEARN, default_eval_every, load_exact_retrain, quantized_metrics, relearn
 from tuner.engine.unlearn import UnlearnConfig, resolve_device, run_unlearning
@@ -78,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
           f"device {device} ({torch.get_num_threads()} threads) | precision {precision.name} | "
           f"blocks {data.summary()} x {data.block_size} tokens")
 
-    baseline = full_metrics(bench.reference, data, cfg.eval_batch_size, device, dtype)  # once per study
+    batch = resolve_eval_batch(cfg, bench.reference.config, [methods.get(cfg.method)], precision.name, data.block_size)
+    baseline = full_metrics(bench.reference, data, batch, device, dtype)  # once per study
     retrain = load_exact_retrain(bench.source.retrain_path, dtype).to(device)
-    evaluation = dict(device=device, dtype=dtype, eval_batch_size=cfg.eval_batch_size)
+    evaluation = dict(device=device, dtype=dtype, eval_batch_size=batch)
     times: dict[str, list[float]] = {k: [] for k in ("trial", "train", "eval", "relearn", "quant", "reference")}
     for _ in range(args.repeats):  # the parts alternate, so a shared machine's load hits each of them
         model, reference = bench.trainee(cfg, precision)

@@ -68,13 +68,22 @@ def empty(title: str, message: str, height: int = 320) -> go.Figure:
                   title, height)
 
 
+def estimate_note(row: dict[str, Any], metric: str) -> str:
+    """' ± SE (subsample estimate)' after a figure the trial estimated on a subsample, else nothing."""
+    if metric not in (row.get("estimated") or []):
+        return ""
+    se = (row.get("errors") or {}).get(metric)
+    return f" ± {se:.4f} (subsample estimate)" if se is not None else " (subsample estimate)"
+
+
 def hover(row: dict[str, Any]) -> str:
     """Hyperparameters and metrics of one trial, escaped, for a hover label."""
     m, res = row["metrics"], row["result"]
     lines = [f"<b>{esc(row['unit'])}</b> #{row['number']} (trial {row['id']})",
              f"{esc(row['status'])}: {esc(OUTCOME_LABELS.get(row['map_class'], row['map_class']))}",
              esc(describe(row.get("method"), row["params"])),
-             f"forget gap {fmt(m.get('forget_gap'), '+.4f')}, utility drop {fmt(m.get('utility_drop'), '+.4f')}",
+             f"forget gap {fmt(m.get('forget_gap'), '+.4f')}, utility drop {fmt(m.get('utility_drop'), '+.4f')}"
+             + estimate_note(row, "utility_drop"),
              f"MIA AUC {fmt(m.get('mia_auc'))}, forget NLL {fmt(m.get('forget_nll'))}, "
              f"unseen NLL {fmt(m.get('unseen_nll'))}",
              f"steps {fmt(res.get('steps_done'), 'd')} (stop {fmt(res.get('stop_step'), 'd')}, "
@@ -90,7 +99,8 @@ def hover_short(row: dict[str, Any], cost: bool = False) -> str:
     text = (f"<b>{esc(row['unit'])}</b> #{row['number']}: {OUTCOME_LABELS.get(row['map_class'], row['map_class'])}"
             f"<br>{esc(describe(row.get('method'), row['params']))}")
     if m.get("forget_gap") is not None:
-        text += f"<br>gap {m['forget_gap']:+.3f}, utility drop {fmt(m.get('utility_drop'), '+.3f')}"
+        text += (f"<br>gap {m['forget_gap']:+.3f}, utility drop {fmt(m.get('utility_drop'), '+.3f')}"
+                 + estimate_note(row, "utility_drop"))
     if cost:
         text += f"<br>{fmt(device_seconds(row), '.1f')} device-s, {tokens(row):,} tokens"
     if row.get("error"):

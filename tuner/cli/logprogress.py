@@ -130,9 +130,12 @@ class UnlearnLog:
     def on_eval(self, point: dict[str, Any]) -> None:
         from tuner.results.candidates import curve_estimate
 
-        measured = curve_estimate(point, self.start, subsampled=False)["metrics"]
+        curve = curve_estimate(point, self.start, subsampled=point.get("utility_drop_se") is not None)
+        measured, se = curve["metrics"], curve["errors"].get("utility_drop")
+        drop = figure(measured.get("utility_drop"))
+        # a drop scored on a subsample of the utility set reads as the estimate it is
         self._set(now=True, eval_step=str(point["step"]), forget_gap=figure(measured.get("forget_gap")),
-                  utility_drop=figure(measured.get("utility_drop")))
+                  utility_drop=drop if se is None else quoted(f"{drop} ± {se:.4f} (subsample estimate)"))
 
 
 class StudyLog:

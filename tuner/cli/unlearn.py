@@ -208,7 +208,8 @@ def _unlearn(args: argparse.Namespace, cfg, provenance: dict[str, Any], target: 
             if log is not None:
                 log.phase("exact-retrain metrics")
             retrain_model, _ = load(resolve(str(bench.source.retrain_path)), torch_dtype=precision.compute)
-            retrain = full_metrics(retrain_model.to(device), data, cfg.eval_batch_size, device, precision.compute)
+            retrain = full_metrics(retrain_model.to(device), data, result.environment["eval_batch_size"], device,
+                                   precision.compute)
     if log is not None:
         log.finish()
 

@@ -80,7 +80,10 @@ class RunSettings(BaseModel):
                           "utility-measuring evaluations in a row (stopped_collapsed)")
     checkpoint: Literal["best", "last"] = Field(
         "best", description="best: keep the evaluated step closest to the target; last: the final weights")
-    eval_batch_size: int = Field(16, gt=0, description="blocks per evaluation batch")
+    eval_batch_size: int | None = Field(
+        None, gt=0, description="blocks per evaluation batch (default: from the memory plan, as many as the "
+                                "training step's activation memory holds without a graph: at least batch_size, "
+                                "at most 64)")
     eval_utility_every: int = Field(
         1, gt=0, description="score retain/general NLL at every k-th curve point (forget and unseen: at every "
                              "point; the final evaluation: everything)")

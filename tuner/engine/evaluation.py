@@ -95,11 +95,85 @@ def curve_sets(data: UnlearnData, utility: bool = True, utility_blocks: int | No
 def curve_point(model, sets: dict[str, torch.Tensor], batch_size: int, device: torch.device,
                 dtype: torch.dtype) -> dict[str, float]:
     """The cheap in-run evaluation: mean NLL of each of `sets` (see `curve_sets`) and the forget gap."""
-    nll = set_nll(model, sets, batch_size, device, dtype)
+    return point_of(set_nll(model, sets, batch_size, device, dtype))
+
+
+def point_of(nll: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean NLL per set (`{name}_nll`) and the forget gap, from per-token NLLs."""
     point = {f"{name}_nll": float(v.mean()) for name, v in nll.items()}
     if "forget_nll" in point and "unseen_nll" in point:
         point["forget_gap"] = point["forget_nll"] - point["unseen_nll"]
     return point
+
+
+UTILITY_SETS = ("retain", "general")  # the utility drop is taken on retain, else on general
+
+
+def sample_se(values: torch.Tensor, population: int) -> float | None:
+    """Standard error of the mean of `values`, a simple random sample without replacement of `population`
+    blocks (finite-population correction); None when fewer than 2 were drawn."""
+    n = values.numel()
+    if n < 2:
+        return None
+    fpc = (population - n) / (population - 1) if population > 1 else 0.0
+    return float(values.double().std() / math.sqrt(n) * math.sqrt(max(fpc, 0.0)))
+
+
+class Screening:
+    """A trial's in-run evaluation: forget and unseen in full at every curve point (the forget gap steers the
+    run), retain and general on a fixed seeded subsample of `utility_blocks` blocks each, at the points the
+    caller asks for. A subsampled figure comes with its standard error (`{name}_nll_se`, and
+    `utility_drop_se` for the drop against step 0, paired over the same blocks), so it is shown as the
+    estimate it is; a set scored whole has no `_se`."""
+
+    def __init__(self, data: UnlearnData, utility_blocks: int | None, seed: int, batch_size: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.full = data.eval_sets()
+        self.sets = curve_sets(data, True, utility_blocks, seed)
+        self.subsampled = {name for name in self.sets
+                           if name not in ("forget", "unseen") and self.sets[name].shape[0] < self.full[name].shape[0]}
+        self.batch_size, self.device, self.dtype = batch_size, device, dtype
+        self.start_blocks: dict[str, torch.Tensor] = {}
+
+    def describe(self) -> dict[str, list[int]]:
+        """What was subsampled, stored with the result: {set: [blocks scored at curve points, blocks in the
+        set]}; empty when every set was scored whole."""
+        return {name: [self.sets[name].shape[0], self.full[name].shape[0]] for name in sorted(self.subsampled)}
+
+    def _score(self, model, names: list[str]) -> tuple[dict[str, torch.Tensor], int]:
+        sets = {name: self.sets[name] for name in names}
+        nll = set_nll(model, sets, self.batch_size, self.device, self.dtype)
+        return nll, sum(int(b.numel()) for b in sets.values())
+
+    def start(self, model) -> tuple[dict[str, float], int]:
+        """The step-0 utility figures on the subsample (the later points' drops are taken against the same
+        blocks), and the tokens scored; nothing when no set is subsampled (the baseline is the start then)."""
+        if not self.subsampled:
+            return {}, 0
+        nll, tokens = self._score(model, sorted(self.subsampled))
+        self.start_blocks = {name: v.mean(1) for name, v in nll.items()}
+        return self._with_errors(point_of(nll), nll), tokens
+
+    def point(self, model, utility: bool) -> tuple[dict[str, float], int]:
+        """One curve point (forget and unseen, and utility when `utility`) and the tokens scored."""
+        names = list(self.sets) if utility else ["forget", "unseen"]
+        nll, tokens = self._score(model, names)
+        return self._with_errors(point_of(nll), nll), tokens
+
+    def _with_errors(self, point: dict[str, float], nll: dict[str, torch.Tensor]) -> dict[str, float]:
+        for name in self.subsampled & set(nll):
+            blocks = nll[name].mean(1)
+            se = sample_se(blocks, self.full[name].shape[0])
+            if se is not None:
+                point[f"{name}_nll_se"] = se
+        drop_set = next((n for n in UTILITY_SETS if n in nll and n in self.start_blocks), None)
+        # the drop's set must be the one `utility_drop` reads: retain when measured, else general
+        if drop_set is not None and (drop_set == "retain" or "retain" not in nll):
+            diff = nll[drop_set].mean(1) - self.start_blocks[drop_set]
+            se = sample_se(diff, self.full[drop_set].shape[0])
+            if se is not None:
+                point["utility_drop_se"] = se
+        return point
 
 
 def full_metrics(model, data: UnlearnData, batch_size: int, device: torch.device, dtype: torch.dtype,

@@ -273,6 +273,33 @@ def refusal(shape: ModelShape, run: RunShape, capacity: int, max_workers: int = 
     return text
 
 
+EVAL_BATCH_CAP = 64  # blocks: beyond this a forward pass is already long enough to keep a GPU busy
+
+
+def inference_bytes_per_token(shape: ModelShape, precision: str) -> int:
+    """What scoring one token holds without a graph: one decoder layer's working set at a time (the residual
+    stream, attention projections and the MLP's gate, up and activation outputs) in the compute dtype."""
+    compute_bytes = 4 if precision == "fp32" else 2
+    return (8 * shape.hidden + 3 * shape.intermediate) * compute_bytes
+
+
+def eval_batch(shape: ModelShape, run: RunShape) -> int:
+    """Blocks per evaluation batch from the plan: evaluation runs between optimiser steps, when the training
+    step's activations are free, so it may fill that memory with blocks scored without a graph (logits go
+    through the head a chunk at a time either way). At least the training batch, at most EVAL_BATCH_CAP."""
+    budget = plan(shape, run).parts["activations"]
+    per_block = run.block_size * inference_bytes_per_token(shape, run.precision)
+    return int(max(run.batch_size, min(EVAL_BATCH_CAP, budget // per_block)))
+
+
+def resolve_eval_batch(settings, config, method_classes: list, precision: str, block_size: int) -> int:
+    """`settings.eval_batch_size` when set, else `eval_batch` of this model (its HF `config`) and run."""
+    if settings.eval_batch_size is not None:
+        return int(settings.eval_batch_size)
+    shape = ModelShape.from_config(config, loras=[settings.lora] if settings.lora is not None else None)
+    return eval_batch(shape, run_shape(method_classes, settings, precision, block_size, gpu=False))
+
+
 def measured_peak(device: torch.device) -> int | None:
     """The device's peak allocated bytes since the last reset (CUDA only; None elsewhere)."""
     import torch

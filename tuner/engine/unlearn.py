@@ -35,9 +35,9 @@ from tuner.engine.distributed import (
     shard_model,
     snapshot_weights,
 )
-from tuner.engine.evaluation import autocast_for, curve_point, curve_sets, full_metrics
+from tuner.engine.evaluation import Screening, autocast_for, full_metrics
 from tuner.engine.lossfn import compile_decoder
-from tuner.engine.memory import GIB, ModelShape, RunPlan, device_capacity, measured_peak
+from tuner.engine.memory import GIB, ModelShape, RunPlan, device_capacity, measured_peak, resolve_eval_batch
 from tuner.engine.methods.base import Batch, MethodContext
 from tuner.engine.stopping import StopRules
 from tuner.engine.training import IndexStream, make_optimizer, optimizer_name, run_loop
@@ -143,6 +143,8 @@ class UnlearnResult:
     eval_time_s: float
     environment: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    # the utility sets the curve points scored on a subsample: {set: [blocks scored, blocks in the set]}
+    subsampled: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -253,6 +255,7 @@ def run_unlearning(
         # holds no weights of its own: it runs the sharded model
         shard_model(reference, "fsdp", device)
     eval_tokens = 0
+    eval_batch = resolve_eval_batch(cfg, model.config, [method_cls], precision.name, data.block_size)
 
     def evaluated_tokens() -> int:
         return sum(int(b.numel()) for b in data.eval_sets().values())
@@ -260,14 +263,14 @@ def run_unlearning(
     eval_time = 0.0
     t0 = time.perf_counter()
     if baseline is None:
-        baseline = full_metrics(model, data, cfg.eval_batch_size, device, dtype)
+        baseline = full_metrics(model, data, eval_batch, device, dtype)
         eval_tokens += evaluated_tokens()
     eval_time += time.perf_counter() - t0
 
     with autocast_for(device, dtype):  # what a method precomputes is computed as its loss will be
         method.prepare(MethodContext(model=model, reference=reference, forget=data.forget, device=device,
                                      dtype=dtype, seed=cfg.seed, params=cfg.params,
-                                     eval_batch_size=cfg.eval_batch_size))
+                                     eval_batch_size=eval_batch))
     # the settings the run used, a depth-relative default resolved for this model (recorded with the result)
     cfg = cfg.model_copy(update={"params": dict(method.ctx.params)})
     total_steps = cfg.total_steps(data.forget.shape[0])
@@ -289,14 +292,13 @@ def run_unlearning(
 
     start_point = {k: baseline[k] for k in ("forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap")
                    if k in baseline}
-    utility_sets = {k: v for k, v in curve_sets(data, True, cfg.eval_utility_blocks, cfg.seed).items()
-                    if k not in ("forget", "unseen")}
-    if cfg.eval_utility_blocks is not None and utility_sets:
-        # the curve's utility is scored on a subsample: its step-0 value must come from the same blocks
-        t = time.perf_counter()
-        start_point.update(curve_point(model, utility_sets, cfg.eval_batch_size, device, dtype))
-        eval_time += time.perf_counter() - t
-        eval_tokens += sum(int(b.numel()) for b in utility_sets.values())
+    screening = Screening(data, cfg.eval_utility_blocks, cfg.seed, eval_batch, device, dtype)
+    t = time.perf_counter()
+    # a subsampled curve's utility drops are taken against the same blocks at step 0
+    start_utility, tokens = screening.start(model)
+    start_point.update(start_utility)
+    eval_time += time.perf_counter() - t
+    eval_tokens += tokens
     curve: list[dict[str, float]] = [{"step": 0, **start_point}]
     if on_start is not None:
         on_start(total_steps, curve[0])
@@ -312,11 +314,10 @@ def run_unlearning(
             return False
         n_point = len(curve)  # 1 for the first point after step 0
         with_utility = n_point % cfg.eval_utility_every == 0 or step == total_steps
-        sets = curve_sets(data, with_utility, cfg.eval_utility_blocks, cfg.seed)
         t = time.perf_counter()
-        point = curve_point(model, sets, cfg.eval_batch_size, device, dtype)
+        point, tokens = screening.point(model, with_utility)
         eval_time += time.perf_counter() - t
-        eval_tokens += sum(int(b.numel()) for b in sets.values())
+        eval_tokens += tokens
         curve.append({"step": step, "loss": logs["loss"], **point})
         if on_eval is not None:
             on_eval(curve[-1])
@@ -354,7 +355,7 @@ def run_unlearning(
             restore_weights(model, state["best_weights"])
             selected = state["best_step"]
         t = time.perf_counter()
-        metrics = full_metrics(model, data, cfg.eval_batch_size, device, dtype, baseline)
+        metrics = full_metrics(model, data, eval_batch, device, dtype, baseline)
         eval_time += time.perf_counter() - t
         eval_tokens += evaluated_tokens()
     status: RunStatus = (DIVERGED if diverged_step is not None
@@ -367,7 +368,7 @@ def run_unlearning(
         baseline=baseline, curve=curve,
         train_tokens=outcome.steps_done * cfg.grad_accum * tokens_per_micro * ranks.world,
         eval_tokens=eval_tokens, wall_time_s=wall, train_time_s=max(0.0, wall - eval_time), eval_time_s=eval_time,
-        environment={**describe_environment(device, precision, cfg, optimizer),
+        environment={**describe_environment(device, precision, cfg, optimizer), "eval_batch_size": eval_batch,
                      "memory": memory_record(model, cfg, method_cls, precision, data.block_size, device)},
-        config=cfg.model_dump(),
+        config=cfg.model_dump(), subsampled=screening.describe(),
     )

@@ -59,14 +59,25 @@ def confirmation(check: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def curve_estimate(point: dict[str, Any], start: dict[str, Any] | None, subsampled: bool) -> dict[str, Any]:
-    """A curve point's figures as the trial measured them, and which of them are estimates: the utility drop
-    is taken against the step-0 point, which scored the same (possibly subsampled) retain blocks."""
+    """A curve point's figures as the trial measured them, which of them are estimates, and the standard
+    error of each estimate the trial could compute (`errors`): the utility drop is taken against the step-0
+    point, which scored the same (possibly subsampled) retain blocks."""
     metrics = {k: point.get(k) for k in CURVE_METRICS if point.get(k) is not None}
     drop = utility_drop(point, start) if start is not None else None
     if drop is not None:
         metrics["utility_drop"] = drop
     estimated = [k for k in UTILITY_ESTIMATES if k in metrics] if subsampled else []
-    return {"metrics": metrics, "estimated": estimated}
+    errors = {k: point[f"{k}_se"] for k in estimated if point.get(f"{k}_se") is not None}
+    return {"metrics": metrics, "estimated": estimated, "errors": errors}
+
+
+def subsampled_curve(result: dict[str, Any] | None) -> bool:
+    """Whether a trial's curve points scored utility on a subsample: as the run recorded it (`subsampled`),
+    or, for results stored before runs recorded that, whenever the run asked for a subsample."""
+    result = result or {}
+    if "subsampled" in result:
+        return bool(result["subsampled"])
+    return (result.get("config") or {}).get("eval_utility_blocks") is not None
 
 
 def candidates(rows: list[dict[str, Any]], curves: dict[int, list[dict[str, Any]]], objectives: list[str],
@@ -87,7 +98,7 @@ def candidates(rows: list[dict[str, Any]], curves: dict[int, list[dict[str, Any]
             continue
         points = curves.get(row["id"], [])
         start = next((p for p in points if p["step"] == 0), None)
-        subsampled = ((row.get("result") or {}).get("config") or {}).get("eval_utility_blocks") is not None
+        subsampled = subsampled_curve(row.get("result"))
         for point in points:
             if point["step"] in (0, selected) or point.get("forget_gap") is None:
                 continue
@@ -97,7 +108,7 @@ def candidates(rows: list[dict[str, Any]], curves: dict[int, list[dict[str, Any]
             candidate = {**row, "step": point["step"], "selected": False}
             if confirmed is None:
                 metrics = {**curve["metrics"], **(check.get("metrics") or {})}
-                candidate.update(measured="estimate", estimated=curve["estimated"])
+                candidate.update(measured="estimate", estimated=curve["estimated"], errors=curve["errors"])
             elif confirmed.get("status") in OK_STATUSES:
                 metrics = dict(check.get("metrics") or {})
                 candidate.update(measured="confirmed", estimate=curve["metrics"])

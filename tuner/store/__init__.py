@@ -40,7 +40,9 @@ from tuner.store.schema import Check, CurvePoint, Metric, Recommendation, Search
 
 __all__ = ["Store", "default_url", "mask_password", "migrate", "normalise_url", "safe_url"]
 
-CURVE_KEYS = ("loss", "forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap")
+# a subsampled utility figure's standard error travels with it (tuner.engine.evaluation.Screening)
+CURVE_ERRORS = ("retain_nll_se", "general_nll_se", "utility_drop_se")
+CURVE_KEYS = ("loss", "forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap", *CURVE_ERRORS)
 
 
 class Store:

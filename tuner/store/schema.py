@@ -117,6 +117,10 @@ class CurvePoint(Base):
     retain_nll: Mapped[float | None] = mapped_column(Float, nullable=True)
     general_nll: Mapped[float | None] = mapped_column(Float, nullable=True)
     forget_gap: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # standard errors of the figures scored on a subsample of their set; NULL where the set was scored whole
+    retain_nll_se: Mapped[float | None] = mapped_column(Float, nullable=True)
+    general_nll_se: Mapped[float | None] = mapped_column(Float, nullable=True)
+    utility_drop_se: Mapped[float | None] = mapped_column(Float, nullable=True)
     # this evaluated checkpoint (a candidate) is on its search unit's Pareto front (tuner.results.derived)
     pareto: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 

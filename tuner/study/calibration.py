@@ -36,7 +36,8 @@ from tuner.study.spec import Calibration, Range, StudySpec
 from tuner.study.trial import memory_refusal, out_of_memory, release_memory, workbench
 
 WINDOW, NO_WINDOW, SKIPPED, FAILED = "window", "no_window", "skipped", "failed"  # a record's `status`
-POINT_KEYS = ("step", "lr", "loss", "forget_nll", "unseen_nll", "forget_gap", "retain_nll", "utility_drop")
+POINT_KEYS = ("step", "lr", "loss", "forget_nll", "unseen_nll", "forget_gap", "retain_nll", "utility_drop",
+              "utility_drop_se")
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def calibrate(unit: str, params: dict[str, Any], low: float, high: float, settin
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         return {"status": SKIPPED, "reason": f"out of memory in one process at the trial's effective batch ({first})"}
     start = result.curve[0]
-    subsampled = cfg.eval_utility_blocks is not None
+    subsampled = bool(result.subsampled)
     points = []
     for point in result.curve:
         measured = curve_estimate(point, start, subsampled)["metrics"]

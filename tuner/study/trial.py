@@ -22,7 +22,7 @@ from tuner.core.settings import RunSettings
 from tuner.engine import methods
 from tuner.engine.data import UnlearnData, build_data
 from tuner.engine.evaluation import full_metrics
-from tuner.engine.memory import RunPlan, device_capacity, model_shape
+from tuner.engine.memory import RunPlan, device_capacity, model_shape, resolve_eval_batch
 from tuner.engine.models import Workbench, fingerprint, load, resolve
 from tuner.engine.robustness import check_candidate, retrain_relearning
 from tuner.engine.testbed import data_spec as testbed_data_spec
@@ -74,7 +74,8 @@ def prepare(ctx: TrialContext) -> dict[str, Any]:
     bench.original.to(device)
     spec = ctx.data if ctx.data is not None else testbed_data_spec(bench.source.testbed_root)
     data = build_data(spec, bench.tokenizer, bench.reference.config, seed=ctx.seed)
-    batch = ctx.run.eval_batch_size
+    batch = resolve_eval_batch(ctx.run, bench.reference.config, [methods.get(u.method) for u in ctx.units.values()],
+                               ctx.precision.name, data.block_size)
     baseline = full_metrics(bench.reference, data, batch, device, dtype)
     exact = None
     # the testbed's retrain model never saw the forget set only when the forget set is the testbed's own
@@ -159,7 +160,9 @@ def robustness_checks(model: torch.nn.Module, ctx: TrialContext, prepared: dict[
     spec = ctx.robustness
     return check_candidate(model, prepared["data"], spec.checks, spec.relearn, spec.quantization,
                            (prepared.get("exact_retrain") or {}).get("relearn"), prepared["baseline"],
-                           metrics, cfg.seed, ctx.device, ctx.precision.compute, cfg.eval_batch_size)
+                           metrics, cfg.seed, ctx.device, ctx.precision.compute,
+                           resolve_eval_batch(cfg, model.config, [methods.get(cfg.method)], ctx.precision.name,
+                                              prepared["data"].block_size))
 
 
 def out_of_memory(err: BaseException) -> bool:
