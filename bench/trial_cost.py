@@ -20,6 +20,12 @@ Two parts, each run for the old and then the new code path on the same model, re
           is done, eval batch `eval_batch_new`, retain/general utility at every `utility_every`-th curve point
           on `utility_blocks` blocks per set, and on CUDA `torch.compile` of the decoder (`--compile`).
 
+  defaults  issue 28's acceptance run, `tuner unlearn --model testbed:SIZE --method ga_gd --lr 3e-4 --epochs 3
+          --no-stop-at-target`, through the real CLI, once with the evaluation defaults before issue 28
+          (`OLD_DEFAULTS`: utility at every curve point on every block, eval batch 16) and once with today's. It
+          prints each run's evaluation share, wall time, and evaluation tokens/s as a share of the tokens/s of
+          the training forward pass (with a graph, as training runs it) of the same model.
+
 FLOPs (PaLM's appendix B, the usual MFU convention): per trained token 6 N + 12 L d T, per scored token (forward
 only) 2 N + 4 L d T, where N counts the parameters of every matmul (all parameters but the input embedding;
 with tied embeddings the shared matrix counts once, as the output head), L layers, d hidden size, T tokens per
@@ -29,6 +35,7 @@ left out. Peak memory is CUDA's max_memory_allocated (on CPU torch does not trac
 clock with CUDA synchronised at both ends; compile time goes into warmup steps, never into the timed ones.
 
     python bench/trial_cost.py --preset cpu
+    python bench/trial_cost.py --part defaults --testbed small   # the acceptance run, old and new defaults
     python bench/trial_cost.py --preset gpu            # Llama-3.2-1B shape, bf16 autocast, 8 x 2048
 """
 
@@ -38,14 +45,19 @@ import argparse
 import contextlib
 import gc
 import importlib
+import json
 import pkgutil
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 import tuner.engine.methods
 from tuner.engine import evaluation, lossfn
@@ -67,6 +79,9 @@ PRESETS: dict[str, dict] = {
                 utility_blocks=8, rate_steps=10, warmup=3, repeats=2, compile=True),
 }
 STEPS = 10  # optimiser steps of the trial: one epoch, a curve point after each
+# the run settings' evaluation defaults before issue 28 (a --config file sets them: null has no flag)
+OLD_DEFAULTS = {"eval_utility_every": 1, "eval_utility_blocks": None, "eval_batch_size": 16}
+ACCEPTANCE = ["--method", "ga_gd", "--lr", "3e-4", "--epochs", "3", "--no-stop-at-target"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto = gpu on a CUDA device, else cpu. "
                         + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--part", choices=["paths", "defaults", "all"], default="all",
+                   help="paths: the old and new code paths on a model from a config; defaults: the acceptance "
+                        "run on the testbed with the old and the new evaluation defaults")
+    p.add_argument("--testbed", choices=["micro", "small"], default="small", help="the defaults part's testbed")
     p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: 989 on CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -280,10 +299,81 @@ def gib(value: float | None) -> str:
     return f"{value:.1f} GiB" if value is not None else "-"
 
 
+def forward_rate(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, repeats: int = 3) -> float:
+    """Tokens/s of the training forward pass (train mode, with a graph, no backward) over `blocks`."""
+    model.train()
+    batches = [blocks[i:i + batch_size] for i in range(0, blocks.shape[0], batch_size)]
+    nll_term(model, batches[0])  # untimed warmup
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for ids in batches:
+            nll_term(model, ids)
+    return repeats * blocks.numel() / (time.perf_counter() - start)
+
+
+def run_cli(testbed: str, settings: dict, folder: Path) -> dict:
+    """One acceptance run through the real `tuner unlearn` (a --config file carries `settings`); its
+    metrics.json."""
+    config = folder / "settings.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    out = folder / "out"
+    cmd = [str(Path(sys.executable).with_name("tuner")), "unlearn", "--model", f"testbed:{testbed}", *ACCEPTANCE,
+           "--config", str(config), "--out", str(out)]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    report = json.loads((out / "metrics.json").read_text())
+    report["command_s"] = time.perf_counter() - started
+    return report
+
+
+def defaults_part(args: argparse.Namespace) -> None:
+    """The acceptance run with the old and the new evaluation defaults, and the training forward's rate."""
+    from tuner.core.testbed_sizes import testbed_size
+    from tuner.engine.models import Workbench
+
+    print(f"defaults: tuner unlearn --model testbed:{args.testbed} {' '.join(ACCEPTANCE)}, old defaults "
+          f"{OLD_DEFAULTS} against today's", flush=True)
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, settings in (("old", OLD_DEFAULTS), ("new", {})):
+            folder = Path(tmp) / label
+            folder.mkdir()
+            runs[label] = run_cli(args.testbed, settings, folder)
+            print(f"  {label}: {runs[label]['command_s']:.0f} s", flush=True)
+    bench = Workbench.open(f"testbed:{args.testbed}")
+    size, block = runs["new"]["config"]["batch_size"], testbed_size(args.testbed).block_size
+    blocks = torch.randint(0, bench.reference.config.vocab_size, (4 * size, block),
+                           generator=torch.Generator().manual_seed(3))
+    forward = forward_rate(bench.fresh(), blocks, size)
+    print()
+    print(f"{'defaults':<10}{'wall s':>9}{'train s':>9}{'eval s':>9}{'eval share':>12}{'eval tokens':>13}"
+          f"{'eval tok/s':>12}{'of train fwd':>14}{'eval batch':>12}")
+    for label in ("old", "new"):
+        r = runs[label]
+        eval_tps = r["eval_tokens"] / r["eval_time_s"]
+        print(f"{label:<10}{r['wall_time_s']:>9.1f}{r['train_time_s']:>9.1f}{r['eval_time_s']:>9.1f}"
+              f"{r['eval_time_s'] / r['wall_time_s']:>12.1%}{r['eval_tokens']:>13,}{eval_tps:>12,.0f}"
+              f"{eval_tps / forward:>14.2f}{r['environment']['eval_batch_size']:>12}")
+    old, new = runs["old"], runs["new"]
+    share = new["eval_time_s"] / new["wall_time_s"]
+    print(f"training forward pass: {forward:,.0f} tok/s (batch {size} x {block}, train mode, with a graph)")
+    print(f"ratios old/new: run wall time {old['wall_time_s'] / new['wall_time_s']:.2f}, evaluation time "
+          f"{old['eval_time_s'] / new['eval_time_s']:.2f}, evaluated tokens {old['eval_tokens'] / new['eval_tokens']:.2f}")
+    print(f"goal: evaluation <= 25% of the run with defaults (20% hoped): {share:.1%} "
+          f"({'met' if share <= 0.25 else 'not met'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.part in ("defaults", "all"):
+        defaults_part(args)
+        if args.part == "defaults":
+            return 0
+        print()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     use_compile = bool(args.compile)

@@ -22,38 +22,45 @@ def test_the_standard_error_is_that_of_a_sample_without_replacement():
     assert sample_se(values[:1], 10) is None  # one block says nothing about the spread
 
 
-def test_a_subsampled_point_carries_its_errors_and_a_whole_set_none(bench, data):
-    retain_blocks = data.eval_sets()["retain"].shape[0]
-    assert retain_blocks > 4  # the test means something: the subsample is smaller than the set
-    screening = Screening(data, 4, 0, 8, CPU, torch.float32)
-    start, start_tokens = screening.start(bench.reference)
-    assert start["retain_nll_se"] > 0 and start["utility_drop_se"] == 0.0  # step 0 against itself
-    assert start_tokens == sum(int(screening.sets[n].numel()) for n in ("general", "retain"))
+def test_a_subsampled_point_is_a_difference_estimate_with_its_errors(bench, data, baseline):
+    sizes = {name: blocks.shape[0] for name, blocks in data.eval_sets().items()}
+    assert min(sizes.values()) > 4  # the test means something: every subsample is smaller than its set
+    screening = Screening(data, 4, 4, 0, 8, CPU, torch.float32)
+    tokens = screening.start(bench.reference, baseline)
+    assert tokens == 4 * 4 * data.block_size
+    # the model as it started: every estimate is the whole set's value, with no spread of changes
+    same, _ = screening.point(bench.reference, utility=True)
+    for name in sizes:
+        assert math.isclose(same[f"{name}_nll"], baseline[f"{name}_nll"], abs_tol=1e-5)
+        assert same[f"{name}_nll_se"] < 1e-5
     point, tokens = screening.point(bench.fresh(), utility=True)
-    assert {"forget_gap", "retain_nll", "retain_nll_se", "general_nll_se", "utility_drop_se"} <= point.keys()
-    assert "forget_nll_se" not in point  # forget and unseen are scored whole
-    assert screening.describe() == {"general": [4, data.eval_sets()["general"].shape[0]],
-                                    "retain": [4, retain_blocks]}
+    assert {"forget_gap", "forget_gap_se", "retain_nll_se", "general_nll_se", "utility_drop_se"} <= point.keys()
+    assert math.isclose(point["forget_gap_se"], math.hypot(point["forget_nll_se"], point["unseen_nll_se"]))
+    assert point["utility_drop_se"] == point["retain_nll_se"]
+    assert screening.describe() == {name: [4, n] for name, n in sorted(sizes.items())}
     gap_only, gap_tokens = screening.point(bench.fresh(), utility=False)
-    assert set(gap_only) == {"forget_nll", "unseen_nll", "forget_gap"} and gap_tokens < tokens
-    whole = Screening(data, None, 0, 8, CPU, torch.float32)
-    assert whole.start(bench.reference) == ({}, 0) and whole.describe() == {}
+    assert set(gap_only) == {"forget_nll", "unseen_nll", "forget_gap", "forget_nll_se", "unseen_nll_se",
+                             "forget_gap_se"} and gap_tokens < tokens
+    whole = Screening(data, None, None, 0, 8, CPU, torch.float32)
+    assert whole.start(bench.reference, baseline) == 0 and whole.describe() == {}
     assert not any(k.endswith("_se") for k in whole.point(bench.fresh(), utility=True)[0])
 
 
-def test_the_error_covers_the_full_measurement(unlearn):
-    """A trial's subsampled utility drop lies within a few standard errors of the drop scored on every block."""
+def test_the_estimates_cover_the_whole_sets(unlearn):
+    """A trial's subsampled figures lie within a few standard errors of the same figures scored on every
+    block, and the kept checkpoint is scored on every block either way."""
     run = dict(method="ga", lr=2e-3, max_steps=6, eval_every=6, stop_at_target=False, checkpoint="last",
                eval_utility_every=1)
-    light = unlearn(**run, eval_utility_blocks=6)
-    full = unlearn(**run, eval_utility_blocks=None)
+    light = unlearn(**run, eval_gap_blocks=8, eval_utility_blocks=8)
+    full = unlearn(**run, eval_gap_blocks=None, eval_utility_blocks=None)
     estimate, exact = light.curve[-1], full.curve[-1]
-    drop = estimate["retain_nll"] - light.curve[0]["retain_nll"]
-    exact_drop = exact["retain_nll"] - full.curve[0]["retain_nll"]
-    assert exact_drop > 0.05  # the run moved utility: there is something to estimate
-    assert abs(drop - exact_drop) <= 4 * estimate["utility_drop_se"] + 1e-6
-    assert light.subsampled and not full.subsampled
-    assert light.metrics["utility_drop"] == full.metrics["utility_drop"]  # the kept checkpoint: scored in full
+    assert exact["retain_nll"] - full.curve[0]["retain_nll"] > 0.05  # the run moved: there is something to estimate
+    for key, se in (("forget_gap", "forget_gap_se"), ("retain_nll", "retain_nll_se"),
+                    ("general_nll", "general_nll_se")):
+        assert abs(estimate[key] - exact[key]) <= 4 * estimate[se] + 1e-6, key
+    assert set(light.subsampled) == {"forget", "general", "retain", "unseen"} and not full.subsampled
+    assert light.metrics == full.metrics  # the kept checkpoint: scored in full
+    assert light.eval_tokens < full.eval_tokens
 
 
 def test_estimated_candidates_carry_their_errors_through_the_store(store_url):

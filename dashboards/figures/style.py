@@ -82,8 +82,8 @@ def hover(row: dict[str, Any]) -> str:
     lines = [f"<b>{esc(row['unit'])}</b> #{row['number']} (trial {row['id']})",
              f"{esc(row['status'])}: {esc(OUTCOME_LABELS.get(row['map_class'], row['map_class']))}",
              esc(describe(row.get("method"), row["params"])),
-             f"forget gap {fmt(m.get('forget_gap'), '+.4f')}, utility drop {fmt(m.get('utility_drop'), '+.4f')}"
-             + estimate_note(row, "utility_drop"),
+             f"forget gap {fmt(m.get('forget_gap'), '+.4f')}{estimate_note(row, 'forget_gap')}, "
+             f"utility drop {fmt(m.get('utility_drop'), '+.4f')}{estimate_note(row, 'utility_drop')}",
              f"MIA AUC {fmt(m.get('mia_auc'))}, forget NLL {fmt(m.get('forget_nll'))}, "
              f"unseen NLL {fmt(m.get('unseen_nll'))}",
              f"steps {fmt(res.get('steps_done'), 'd')} (stop {fmt(res.get('stop_step'), 'd')}, "
@@ -99,8 +99,8 @@ def hover_short(row: dict[str, Any], cost: bool = False) -> str:
     text = (f"<b>{esc(row['unit'])}</b> #{row['number']}: {OUTCOME_LABELS.get(row['map_class'], row['map_class'])}"
             f"<br>{esc(describe(row.get('method'), row['params']))}")
     if m.get("forget_gap") is not None:
-        text += (f"<br>gap {m['forget_gap']:+.3f}, utility drop {fmt(m.get('utility_drop'), '+.3f')}"
-                 + estimate_note(row, "utility_drop"))
+        text += (f"<br>gap {m['forget_gap']:+.3f}{estimate_note(row, 'forget_gap')}, "
+                 f"utility drop {fmt(m.get('utility_drop'), '+.3f')}{estimate_note(row, 'utility_drop')}")
     if cost:
         text += f"<br>{fmt(device_seconds(row), '.1f')} device-s, {tokens(row):,} tokens"
     if row.get("error"):

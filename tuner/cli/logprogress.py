@@ -130,12 +130,16 @@ class UnlearnLog:
     def on_eval(self, point: dict[str, Any]) -> None:
         from tuner.results.candidates import curve_estimate
 
-        curve = curve_estimate(point, self.start, subsampled=point.get("utility_drop_se") is not None)
-        measured, se = curve["metrics"], curve["errors"].get("utility_drop")
-        drop = figure(measured.get("utility_drop"))
-        # a drop scored on a subsample of the utility set reads as the estimate it is
-        self._set(now=True, eval_step=str(point["step"]), forget_gap=figure(measured.get("forget_gap")),
-                  utility_drop=drop if se is None else quoted(f"{drop} ± {se:.4f} (subsample estimate)"))
+        curve = curve_estimate(point, self.start, subsampled=True)
+        measured, errors = curve["metrics"], curve["errors"]
+        self._set(now=True, eval_step=str(point["step"]),
+                  forget_gap=estimate(measured.get("forget_gap"), errors.get("forget_gap")),
+                  utility_drop=estimate(measured.get("utility_drop"), errors.get("utility_drop")))
+
+
+def estimate(value: float | None, se: float | None) -> str:
+    """A figure as text; one scored on a subsample reads as the estimate it is, with its standard error."""
+    return figure(value) if value is None or se is None else quoted(f"{value:+.4f} ± {se:.4f} (subsample estimate)")
 
 
 class StudyLog:

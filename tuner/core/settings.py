@@ -20,6 +20,12 @@ SCHEDULE_HELP = ("lr schedule after the warmup: linear or cosine decay to 0 over
                  "wsd keeps that only for the steps before its decay, which starts at a share of the horizon")
 
 
+# The screening defaults: sized so that evaluation is at most a quarter of a default trial on the small
+# testbed, whose evaluation sets are as large as its forget set (bench/trial_cost.py --part defaults).
+SCREENING_BLOCKS = 16
+SCREENING_UTILITY_EVERY = 2
+
+
 class OptimConfig(BaseModel):
     """Optimiser settings; the defaults are the paper's (AdamW, 3% warmup, weight decay 0)."""
 
@@ -84,12 +90,20 @@ class RunSettings(BaseModel):
         None, gt=0, description="blocks per evaluation batch (default: from the memory plan, as many as the "
                                 "training step's activation memory holds without a graph: at least batch_size, "
                                 "at most 64)")
+    # Screening (tuner.engine.evaluation.Screening): curve points steer the run and propose candidates, so
+    # they are cheap estimates with standard errors; the kept checkpoint is always scored on every block.
+    eval_gap_blocks: int | None = Field(
+        SCREENING_BLOCKS, gt=0, description="blocks of the forget and of the unseen set scored at curve points: "
+                                            "a fixed seeded subsample, each figure an estimate with its standard "
+                                            "error (null: all blocks); the kept checkpoint is scored on all")
     eval_utility_every: int = Field(
-        1, gt=0, description="score retain/general NLL at every k-th curve point (forget and unseen: at every "
-                             "point; the final evaluation: everything)")
+        SCREENING_UTILITY_EVERY, gt=0, description="score retain/general NLL at every k-th curve point (the "
+                                                   "forget gap: at every point; the kept checkpoint: "
+                                                   "everything)")
     eval_utility_blocks: int | None = Field(
-        None, gt=0, description="blocks of each retain/general set scored at curve points: a fixed seeded "
-                                "subsample (default: all); the final evaluation scores all")
+        SCREENING_BLOCKS, gt=0, description="blocks of each retain/general set scored at curve points: a fixed "
+                                            "seeded subsample, each figure an estimate with its standard error "
+                                            "(null: all blocks); the kept checkpoint is scored on all")
     compile: bool = Field(False, description="torch.compile the model's decoder (pays on GPUs after a compile)")
 
     @model_validator(mode="before")

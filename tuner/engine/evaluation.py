@@ -107,6 +107,7 @@ def point_of(nll: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 UTILITY_SETS = ("retain", "general")  # the utility drop is taken on retain, else on general
+GAP_SETS = ("forget", "unseen")
 
 
 def sample_se(values: torch.Tensor, population: int) -> float | None:
@@ -120,19 +121,25 @@ def sample_se(values: torch.Tensor, population: int) -> float | None:
 
 
 class Screening:
-    """A trial's in-run evaluation: forget and unseen in full at every curve point (the forget gap steers the
-    run), retain and general on a fixed seeded subsample of `utility_blocks` blocks each, at the points the
-    caller asks for. A subsampled figure comes with its standard error (`{name}_nll_se`, and
-    `utility_drop_se` for the drop against step 0, paired over the same blocks), so it is shown as the
-    estimate it is; a set scored whole has no `_se`."""
+    """A trial's in-run evaluation, cheap enough to run often: each curve point scores the forget gap, and
+    utility at the points the caller asks for, on fixed seeded subsamples (`gap_blocks` blocks of forget and
+    unseen, `utility_blocks` of retain and general; None: the whole set).
 
-    def __init__(self, data: UnlearnData, utility_blocks: int | None, seed: int, batch_size: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    A subsampled figure is a difference estimate: the set's value at step 0, scored whole (the original
+    model's metrics), plus the mean change of its subsampled blocks since step 0. Changes vary far less from
+    block to block than the NLLs themselves, so few blocks give a tight estimate, and it is unbiased for the
+    whole set's value. Each comes with its standard error (`{set}_nll_se`, `forget_gap_se`, `utility_drop_se`:
+    the drop is the retain change, else the general one), so it is shown as the estimate it is; a set scored
+    whole has no `_se`. The kept checkpoint is scored whole afterwards (`full_metrics`)."""
+
+    def __init__(self, data: UnlearnData, gap_blocks: int | None, utility_blocks: int | None, seed: int,
+                 batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
         self.full = data.eval_sets()
-        self.sets = curve_sets(data, True, utility_blocks, seed)
-        self.subsampled = {name for name in self.sets
-                           if name not in ("forget", "unseen") and self.sets[name].shape[0] < self.full[name].shape[0]}
+        self.sets = {name: utility_subsample(blocks, gap_blocks if name in GAP_SETS else utility_blocks, seed)
+                     for name, blocks in self.full.items()}
+        self.subsampled = {name for name in self.sets if self.sets[name].shape[0] < self.full[name].shape[0]}
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
+        self.start_values: dict[str, float] = {}
         self.start_blocks: dict[str, torch.Tensor] = {}
 
     def describe(self) -> dict[str, list[int]]:
@@ -143,37 +150,37 @@ class Screening:
     def _score(self, model, names: list[str]) -> tuple[dict[str, torch.Tensor], int]:
         sets = {name: self.sets[name] for name in names}
         nll = set_nll(model, sets, self.batch_size, self.device, self.dtype)
-        return nll, sum(int(b.numel()) for b in sets.values())
+        return {name: v.mean(1) for name, v in nll.items()}, sum(int(b.numel()) for b in sets.values())
 
-    def start(self, model) -> tuple[dict[str, float], int]:
-        """The step-0 utility figures on the subsample (the later points' drops are taken against the same
-        blocks), and the tokens scored; nothing when no set is subsampled (the baseline is the start then)."""
+    def start(self, model, baseline: dict[str, float]) -> int:
+        """Score the subsampled blocks at step 0 (the model as it starts, whose whole-set values are
+        `baseline`); returns the tokens scored."""
+        self.start_values = {name: float(baseline[f"{name}_nll"]) for name in self.full}
         if not self.subsampled:
-            return {}, 0
-        nll, tokens = self._score(model, sorted(self.subsampled))
-        self.start_blocks = {name: v.mean(1) for name, v in nll.items()}
-        return self._with_errors(point_of(nll), nll), tokens
+            return 0
+        self.start_blocks, tokens = self._score(model, sorted(self.subsampled))
+        return tokens
 
     def point(self, model, utility: bool) -> tuple[dict[str, float], int]:
-        """One curve point (forget and unseen, and utility when `utility`) and the tokens scored."""
-        names = list(self.sets) if utility else ["forget", "unseen"]
-        nll, tokens = self._score(model, names)
-        return self._with_errors(point_of(nll), nll), tokens
-
-    def _with_errors(self, point: dict[str, float], nll: dict[str, torch.Tensor]) -> dict[str, float]:
-        for name in self.subsampled & set(nll):
-            blocks = nll[name].mean(1)
-            se = sample_se(blocks, self.full[name].shape[0])
-            if se is not None:
-                point[f"{name}_nll_se"] = se
-        drop_set = next((n for n in UTILITY_SETS if n in nll and n in self.start_blocks), None)
-        # the drop's set must be the one `utility_drop` reads: retain when measured, else general
-        if drop_set is not None and (drop_set == "retain" or "retain" not in nll):
-            diff = nll[drop_set].mean(1) - self.start_blocks[drop_set]
-            se = sample_se(diff, self.full[drop_set].shape[0])
-            if se is not None:
-                point["utility_drop_se"] = se
-        return point
+        """One curve point (the forget gap, and utility when `utility`) and the tokens scored."""
+        names = list(self.sets) if utility else list(GAP_SETS)
+        blocks, tokens = self._score(model, names)
+        point, errors = {}, {}
+        for name, now in blocks.items():
+            if name in self.subsampled:
+                change = now - self.start_blocks[name]
+                point[f"{name}_nll"] = self.start_values[name] + float(change.mean())
+                errors[name] = sample_se(change, self.full[name].shape[0])
+            else:
+                point[f"{name}_nll"] = float(now.mean())
+        point["forget_gap"] = point["forget_nll"] - point["unseen_nll"]
+        point.update({f"{name}_nll_se": se for name, se in errors.items() if se is not None})
+        if any(errors.get(name) is not None for name in GAP_SETS):  # independent samples of two sets
+            point["forget_gap_se"] = math.sqrt(sum((errors.get(name) or 0.0) ** 2 for name in GAP_SETS))
+        drop_set = "retain" if "retain" in blocks else "general" if "general" in blocks else None
+        if drop_set is not None and errors.get(drop_set) is not None:
+            point["utility_drop_se"] = errors[drop_set]
+        return point, tokens
 
 
 def full_metrics(model, data: UnlearnData, batch_size: int, device: torch.device, dtype: torch.dtype,

@@ -140,11 +140,12 @@ class UnlearnResult:
     eval_tokens: int
     wall_time_s: float
     train_time_s: float
-    eval_time_s: float
+    eval_time_s: float  # the run's own evaluations: curve points and the kept checkpoint's full scoring
     environment: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
-    # the utility sets the curve points scored on a subsample: {set: [blocks scored, blocks in the set]}
+    # the sets the curve points scored on a subsample: {set: [blocks scored, blocks in the set]}
     subsampled: dict[str, list[int]] = field(default_factory=dict)
+    baseline_time_s: float = 0.0  # scoring the original model, when the run was not given its metrics
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -262,10 +263,9 @@ def run_unlearning(
 
     eval_time = 0.0
     t0 = time.perf_counter()
-    if baseline is None:
+    if baseline is None:  # the original model's metrics: a study scores them once for all its trials
         baseline = full_metrics(model, data, eval_batch, device, dtype)
-        eval_tokens += evaluated_tokens()
-    eval_time += time.perf_counter() - t0
+    baseline_time = time.perf_counter() - t0
 
     with autocast_for(device, dtype):  # what a method precomputes is computed as its loss will be
         method.prepare(MethodContext(model=model, reference=reference, forget=data.forget, device=device,
@@ -292,13 +292,10 @@ def run_unlearning(
 
     start_point = {k: baseline[k] for k in ("forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap")
                    if k in baseline}
-    screening = Screening(data, cfg.eval_utility_blocks, cfg.seed, eval_batch, device, dtype)
+    screening = Screening(data, cfg.eval_gap_blocks, cfg.eval_utility_blocks, cfg.seed, eval_batch, device, dtype)
     t = time.perf_counter()
-    # a subsampled curve's utility drops are taken against the same blocks at step 0
-    start_utility, tokens = screening.start(model)
-    start_point.update(start_utility)
+    eval_tokens += screening.start(model, baseline)
     eval_time += time.perf_counter() - t
-    eval_tokens += tokens
     curve: list[dict[str, float]] = [{"step": 0, **start_point}]
     if on_start is not None:
         on_start(total_steps, curve[0])
@@ -367,7 +364,8 @@ def run_unlearning(
         stop_step=state["stop_step"], diverged_step=diverged_step, reason=reason, metrics=metrics,
         baseline=baseline, curve=curve,
         train_tokens=outcome.steps_done * cfg.grad_accum * tokens_per_micro * ranks.world,
-        eval_tokens=eval_tokens, wall_time_s=wall, train_time_s=max(0.0, wall - eval_time), eval_time_s=eval_time,
+        eval_tokens=eval_tokens, wall_time_s=wall, train_time_s=max(0.0, wall - eval_time - baseline_time),
+        eval_time_s=eval_time, baseline_time_s=baseline_time,
         environment={**describe_environment(device, precision, cfg, optimizer), "eval_batch_size": eval_batch,
                      "memory": memory_record(model, cfg, method_cls, precision, data.block_size, device)},
         config=cfg.model_dump(), subsampled=screening.describe(),

@@ -50,7 +50,8 @@ def _measured_objectives(metrics: dict[str, float | None], objectives: Iterable[
 
 
 CONFIRMATION = "confirmation"  # a check's `details` key: the re-run that scored a mid-run candidate in full
-UTILITY_ESTIMATES = ("retain_nll", "general_nll", "utility_drop")  # what a subsampled curve point estimates
+ESTIMABLE = (*CURVE_METRICS, "utility_drop")  # what a curve point may estimate on subsamples, each with `{k}_se`
+UTILITY_ESTIMATES = ("retain_nll", "general_nll", "utility_drop")  # what curves stored without errors estimated
 
 
 def confirmation(check: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -59,15 +60,22 @@ def confirmation(check: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def curve_estimate(point: dict[str, Any], start: dict[str, Any] | None, subsampled: bool) -> dict[str, Any]:
-    """A curve point's figures as the trial measured them, which of them are estimates, and the standard
-    error of each estimate the trial could compute (`errors`): the utility drop is taken against the step-0
-    point, which scored the same (possibly subsampled) retain blocks."""
+    """A curve point's figures as the trial measured them, which of them are estimates (`estimated`), and
+    the standard error of each estimate (`errors`): the utility drop is taken against the step-0 point.
+    A subsampled curve's figures are those stored with an error; a curve stored before errors were (its
+    forget and unseen scored whole) estimated its utility figures only."""
     metrics = {k: point.get(k) for k in CURVE_METRICS if point.get(k) is not None}
     drop = utility_drop(point, start) if start is not None else None
     if drop is not None:
         metrics["utility_drop"] = drop
-    estimated = [k for k in UTILITY_ESTIMATES if k in metrics] if subsampled else []
-    errors = {k: point[f"{k}_se"] for k in estimated if point.get(f"{k}_se") is not None}
+    errors = {k: point[f"{k}_se"] for k in ESTIMABLE
+              if subsampled and k in metrics and point.get(f"{k}_se") is not None}
+    if not subsampled:
+        estimated = []
+    elif any(point.get(f"{k}_se") is not None for k in ESTIMABLE) or point.get("step") == 0:  # 0: scored whole
+        estimated = list(errors)
+    else:
+        estimated = [k for k in UTILITY_ESTIMATES if k in metrics]
     return {"metrics": metrics, "estimated": estimated, "errors": errors}
 
 

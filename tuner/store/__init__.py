@@ -41,7 +41,7 @@ from tuner.store.schema import Check, CurvePoint, Metric, Recommendation, Search
 __all__ = ["Store", "default_url", "mask_password", "migrate", "normalise_url", "safe_url"]
 
 # a subsampled utility figure's standard error travels with it (tuner.engine.evaluation.Screening)
-CURVE_ERRORS = ("retain_nll_se", "general_nll_se", "utility_drop_se")
+CURVE_ERRORS = ("forget_nll_se", "unseen_nll_se", "retain_nll_se", "general_nll_se", "forget_gap_se", "utility_drop_se")
 CURVE_KEYS = ("loss", "forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap", *CURVE_ERRORS)
 
 
@@ -211,7 +211,8 @@ class Store:
             trial.error = error or payload.get("reason")
             trial.result = {k: payload.get(k) for k in ("planned_steps", "steps_done", "selected_step", "stop_step",
                                                         "diverged_step", "train_tokens", "eval_tokens",
-                                                        "train_time_s", "eval_time_s", "environment", "config")
+                                                        "train_time_s", "eval_time_s", "baseline_time_s", "environment",
+                                                        "config", "subsampled")
                             if k in payload}
             trial.device = env.get("device_name") or env.get("device")
             trial.host = env.get("host") or trial.host

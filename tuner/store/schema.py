@@ -118,6 +118,9 @@ class CurvePoint(Base):
     general_nll: Mapped[float | None] = mapped_column(Float, nullable=True)
     forget_gap: Mapped[float | None] = mapped_column(Float, nullable=True)
     # standard errors of the figures scored on a subsample of their set; NULL where the set was scored whole
+    forget_nll_se: Mapped[float | None] = mapped_column(Float, nullable=True)
+    unseen_nll_se: Mapped[float | None] = mapped_column(Float, nullable=True)
+    forget_gap_se: Mapped[float | None] = mapped_column(Float, nullable=True)
     retain_nll_se: Mapped[float | None] = mapped_column(Float, nullable=True)
     general_nll_se: Mapped[float | None] = mapped_column(Float, nullable=True)
     utility_drop_se: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -37,7 +37,7 @@ from tuner.study.trial import memory_refusal, out_of_memory, release_memory, wor
 
 WINDOW, NO_WINDOW, SKIPPED, FAILED = "window", "no_window", "skipped", "failed"  # a record's `status`
 POINT_KEYS = ("step", "lr", "loss", "forget_nll", "unseen_nll", "forget_gap", "retain_nll", "utility_drop",
-              "utility_drop_se")
+              "forget_gap_se", "utility_drop_se")
 
 
 @dataclass(frozen=True)

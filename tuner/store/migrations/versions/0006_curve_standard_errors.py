@@ -1,4 +1,4 @@
-"""standard errors of a curve point's subsampled utility figures (NULL where a set was scored whole)
+"""standard errors of a curve point's subsampled figures (NULL where a set was scored whole)
 
 Revision ID: 0006
 Revises: 0005
@@ -13,7 +13,7 @@ down_revision = '0005'
 branch_labels = None
 depends_on = None
 
-COLUMNS = ('retain_nll_se', 'general_nll_se', 'utility_drop_se')
+COLUMNS = ('forget_nll_se', 'unseen_nll_se', 'retain_nll_se', 'general_nll_se', 'forget_gap_se', 'utility_drop_se')
 
 
 def upgrade() -> None:
