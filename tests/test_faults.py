@@ -26,11 +26,12 @@ TUNER = str(Path(sys.executable).with_name("tuner"))
 
 
 def start_study(spec_file: Callable[..., Path], tmp_path: Path, name: str, trials: int,
-                env: dict[str, str] | None = None, merge: bool = True, **run) -> tuple[subprocess.Popen, str]:
-    """`tuner study run` of a micro study whose trials last long enough (2-3 epochs, no early stop) for a fault
+                env: dict[str, str] | None = None, merge: bool = True, epochs: tuple[int, int] = (2, 3),
+                **run) -> tuple[subprocess.Popen, str]:
+    """`tuner study run` of a micro study whose trials last long enough (`epochs`, no early stop) for a fault
     to land."""
     spec = spec_file(tmp_path, name=name, budget={"trials": trials},
-                            search={"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 3}},
+                            search={"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": epochs[0], "high": epochs[1]}},
                             run={"eval_every": 4, "prune_hopeless": False, "stop_on_collapse": False, **run})
     url = f"sqlite:///{tmp_path / 'faults.db'}"
     env = {**os.environ, "RAY_ADDRESS": "", **(env or {})}
@@ -90,9 +91,10 @@ def test_a_trial_killed_by_rays_memory_monitor_is_failed_for_host_memory_retried
     vm = psutil.virtual_memory()
     threshold = (vm.total - vm.available + margin) / vm.total
     env = {"RAY_memory_usage_threshold": f"{threshold:.4f}", "RAY_memory_monitor_refresh_ms": "100"}
-    # every step runs (no stop at the target) and is evaluated: the trial is still running when the memory goes
+    # every step runs (no stop at the target) and is evaluated, for more epochs than the other faults need:
+    # touching the hog's gigabytes takes seconds on a busy machine, and the trial is still running when it is done
     proc, url = start_study(spec_file, tmp_path, "memory-monitor", trials=2, env=env, stop_at_target=False,
-                            eval_every=1)
+                            eval_every=1, epochs=(8, 10))
     victim = trial_process(proc)
     wait_for_step(Store(url), "memory-monitor", proc)
     vm = psutil.virtual_memory()

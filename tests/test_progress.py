@@ -31,6 +31,12 @@ def progress_lines(stdout: str, prefix: str) -> list[dict[str, str]]:
             if line.startswith(prefix)]
 
 
+def figure_of(field: str) -> tuple[float, float | None]:
+    """A progress figure and its standard error: "+0.1234" or "+0.1234 ± 0.0056 (subsample estimate)"."""
+    value, _, rest = field.partition(" ± ")
+    return float(value), float(rest.split()[0]) if rest else None
+
+
 def test_a_redirected_unlearn_prints_progress_lines(tmp_path, cache_dir, bench):
     out = tmp_path / "run"
     proc = run_piped("unlearn", "--model", "testbed:micro", "--method", "ga_gd", "--lr", "1e-3", "--max-steps", "4",
@@ -51,12 +57,17 @@ def test_a_redirected_unlearn_prints_progress_lines(tmp_path, cache_dir, bench):
     evaluated = {int(f["eval_step"]): f for f in lines if "eval_step" in f}
     assert set(evaluated) == set(curve) == {0, 1, 2, 3, 4}
     for step, f in evaluated.items():
-        assert float(f["forget_gap"]) == pytest.approx(curve[step]["forget_gap"], abs=1e-4)
+        gap, gap_se = figure_of(f["forget_gap"])
+        assert gap == pytest.approx(curve[step]["forget_gap"], abs=1e-4)
+        assert gap_se == pytest.approx(curve[step].get("forget_gap_se"), abs=1e-4)
         if "retain_nll" in curve[step]:
-            drop = curve[step]["retain_nll"] - curve[0]["retain_nll"]
-            assert float(f["utility_drop"]) == pytest.approx(drop, abs=1e-4)
+            drop, drop_se = figure_of(f["utility_drop"])
+            assert drop == pytest.approx(curve[step]["retain_nll"] - curve[0]["retain_nll"], abs=1e-4)
+            assert drop_se == pytest.approx(curve[step].get("utility_drop_se"), abs=1e-4)
         else:
             assert f["utility_drop"] == "not measured"
+    # the default screening estimates mid-run points on subsamples, and the line says so
+    assert evaluated[2]["forget_gap"].endswith("(subsample estimate)")
     assert evaluated[1]["utility_drop"] == "not measured" and evaluated[2]["utility_drop"] != "not measured"
 
 

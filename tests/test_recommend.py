@@ -52,7 +52,8 @@ def tuned(tmp_path_factory, local_ray, micro_study):
     url = micro_study(tmp, name="tuned", methods=["ga", "ga_gd"], budget={"trials": 2}, concurrency=2,
                       sampler={"name": "tpe", "n_startup_trials": 2},
                       search={"lr": {"low": 3e-4, "high": 2e-3}, "epochs": {"low": 1, "high": 3}},
-                      per_method={"ga": {"lr": {"low": 1e29, "high": 1e30}}}, target={"gap_tolerance": 0.1})
+                      per_method={"ga": {"lr": {"low": 1e29, "high": 1e30}}}, target={"gap_tolerance": 0.1},
+                      run={"eval_every": 2})  # mid-run checkpoints to export
     return tmp, url
 
 
@@ -94,8 +95,7 @@ def test_the_pareto_front_is_made_of_candidates_and_a_mid_run_one_reproduces(tun
     front = [(tid, p["step"]) for tid in rows for p in curves.get(tid, []) if p["pareto"]]
     assert front and all(rows[tid]["pareto"] for tid, _ in front)
     kept = {tid: rows[tid]["result"]["selected_step"] for tid in rows}
-    trial, point = next((tid, p) for tid in rows for p in curves.get(tid, [])
-                        if 0 < p["step"] != kept[tid] and p["retain_nll"] is not None)
+    trial, point = next((tid, p) for tid in rows for p in curves.get(tid, []) if 0 < p["step"] != kept[tid])
     exported = tmp / "mid.yaml"
     proc = cli("export", "tuned", "--trial", str(trial), "--step", str(point["step"]), "--storage", url,
                "-o", str(exported), cache_dir=cache_dir)
@@ -107,8 +107,13 @@ def test_the_pareto_front_is_made_of_candidates_and_a_mid_run_one_reproduces(tun
     assert proc.returncode == 0, proc.stderr
     applied = json.loads((out / "metrics.json").read_text())
     assert applied["steps_done"] == point["step"] == applied["selected_step"]
+    # the point's figures are screening estimates (subsampled, with standard errors) or whole-set values; the
+    # applied run scores every block, so it agrees within the estimate's error
     for key in ("forget_gap", "forget_nll", "unseen_nll", "retain_nll"):
-        assert applied["metrics"][key] == pytest.approx(point[key], abs=0.01), key
+        if point[key] is None:
+            continue  # a point where utility was not scored
+        se = point.get(f"{key}_se") or 0.0
+        assert applied["metrics"][key] == pytest.approx(point[key], abs=0.01 + 4 * se), key
     bad = cli("export", "tuned", "--trial", str(trial), "--step", "99999", "--storage", url, cache_dir=cache_dir)
     assert bad.returncode == 2 and "no evaluated checkpoint at step 99999" in bad.stderr
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from tuner.core.status import STOPPED_AT_TARGET
 from tuner.engine.evaluation import Screening, sample_se
 from tuner.engine.memory import ModelShape, RunShape, eval_batch, plan
+from tuner.engine.stopping import CONFIRM_SE, is_estimate, reached
 from tuner.results.candidates import candidates
 from tuner.store import Store
 
@@ -61,6 +64,22 @@ def test_the_estimates_cover_the_whole_sets(unlearn):
     assert set(light.subsampled) == {"forget", "general", "retain", "unseen"} and not full.subsampled
     assert light.metrics == full.metrics  # the kept checkpoint: scored in full
     assert light.eval_tokens < full.eval_tokens
+
+
+def test_a_stop_rests_on_whole_set_figures(unlearn):
+    """An estimate that would end the run (or is within CONFIRM_SE standard errors of doing so) is scored again
+    on every block: the run stops at a whole-set point, the kept checkpoint's measured gap, and every estimate
+    before it was clearly short of the target."""
+    run = unlearn(method="ga_gd", lr=1e-3, max_steps=20, eval_every=1, stop_at_target=True, checkpoint="last",
+                  eval_gap_blocks=4, eval_utility_blocks=4)
+    assert run.status == STOPPED_AT_TARGET and run.subsampled
+    stop = run.curve[-1]
+    assert not is_estimate(stop) and reached(stop)
+    assert stop["forget_gap"] == pytest.approx(run.metrics["forget_gap"], abs=1e-5)
+    earlier = run.curve[1:-1]
+    assert any(is_estimate(p) for p in earlier)  # screening ran before the stop
+    for p in earlier:
+        assert (is_estimate(p) and not reached(p, CONFIRM_SE)) or (not is_estimate(p) and not reached(p)), p
 
 
 def test_estimated_candidates_carry_their_errors_through_the_store(store_url):

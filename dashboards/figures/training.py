@@ -24,6 +24,17 @@ from dashboards.figures.style import (
 
 # ---- Unlearning curves ---------------------------------------------------------------------------------------
 
+def estimates(points: list[dict], key: str) -> dict:
+    """Error bars (one standard error) and hover text for the points where `key` was estimated on a
+    subsample; nothing extra where every point was scored whole."""
+    errors = [p.get(f"{key}_se") for p in points]
+    notes = [f" ± {se:.4f} (subsample estimate)" if se is not None else "" for se in errors]
+    if all(se is None for se in errors):
+        return {"customdata": notes}
+    return {"customdata": notes,
+            "error_y": dict(type="data", array=[se or 0.0 for se in errors], visible=True, thickness=1, width=2)}
+
+
 def curves(data: StudyData, trial_ids: list[int] | None = None) -> go.Figure:
     """Forget, unseen and retain NLL against step (top) and the forget gap with the target band (bottom) for the
     chosen trials; stop points marked; on the testbed the exact-retrain forget NLL as a reference line."""
@@ -57,12 +68,14 @@ def curves(data: StudyData, trial_ids: list[int] | None = None) -> go.Figure:
             traces.append(dict(type="scatter", x=steps, y=[p.get(key) for p in pts], mode="lines+markers",
                                name=f"{label}: {name}", legendgroup=str(tid), line=dict(color=colour, dash=dash, width=2),
                                marker=dict(size=4), meta={"trial": tid, "role": key}, xaxis="x", yaxis="y",
-                               hovertemplate=f"{label}<br>step %{{x}}<br>{name} %{{y:.4f}}<extra></extra>"))
+                               hovertemplate=f"{label}<br>step %{{x}}<br>{name} %{{y:.4f}}%{{customdata}}<extra></extra>",
+                               **estimates(pts, key)))
         traces.append(dict(type="scatter", x=steps, y=[p.get("forget_gap") for p in pts], mode="lines+markers",
                            name=f"{label}: forget gap", legendgroup=str(tid), showlegend=False, xaxis="x2", yaxis="y2",
                            line=dict(color=colour, width=2), marker=dict(size=4),
                            meta={"trial": tid, "role": "forget_gap"},
-                           hovertemplate=f"{label}<br>step %{{x}}<br>forget gap %{{y:+.4f}}<extra></extra>"))
+                           hovertemplate=f"{label}<br>step %{{x}}<br>forget gap %{{y:+.4f}}%{{customdata}}<extra></extra>",
+                           **estimates(pts, "forget_gap")))
         res = row["result"] if row else {}
         stop, kept = res.get("stop_step"), res.get("selected_step")
         if stop is not None:

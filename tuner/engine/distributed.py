@@ -131,6 +131,20 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
+def scoring_mode(model: torch.nn.Module):
+    """The no-gradient context to score `model` under: `torch.inference_mode` (no version counters, the
+    cheapest), or `torch.no_grad` for an FSDP2-sharded model. FSDP2 keeps the root's unsharded parameters after a
+    forward pass; allocated under inference mode they would be inference tensors, and the next training step's
+    all-gather, which copies into them in place, would fail."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return torch.inference_mode()
+    if any(isinstance(module, FSDPModule) for module in model.modules()):
+        return torch.no_grad()
+    return torch.inference_mode()
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's shard on this rank (FSDP2 weights), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t

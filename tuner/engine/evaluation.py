@@ -1,9 +1,9 @@
 """How an unlearned model is measured: NLL per set, forget gap, utility drop, membership inference.
 
-All scoring is batched under `torch.inference_mode`; per-token work stays inside tensor ops. A set's
-blocks go to the device once, per-token NLL is computed through the output head a chunk of tokens at a time
-(`tuner.engine.lossfn`: no fp32 copy of a batch's full logits) and stays on the device until the set is done, so
-the host waits for the accelerator once per set, not once per batch.
+All scoring is batched under `torch.inference_mode` (`torch.no_grad` for an FSDP2-sharded model); per-token
+work stays inside tensor ops. A set's blocks go to the device once, per-token NLL is computed through the output
+head a chunk of tokens at a time (`tuner.engine.lossfn`: no fp32 copy of a batch's full logits) and stays on the
+device until the set is done, so the host waits for the accelerator once per set, not once per batch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import torch
 
 from tuner.engine.data import UnlearnData
-from tuner.engine.distributed import eval_share, gather_rows
+from tuner.engine.distributed import eval_share, gather_rows, scoring_mode
 from tuner.engine.lossfn import next_token_logits as next_token_logits  # re-exported for the methods' full-logit terms
 from tuner.engine.lossfn import next_token_nll
 
@@ -28,7 +28,6 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@torch.inference_mode()
 def token_nll(model, blocks: torch.Tensor, batch_size: int, device: torch.device,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-token NLL `[n_blocks, block_size - 1]` (float32, on CPU), one device-to-host transfer.
@@ -40,9 +39,10 @@ def token_nll(model, blocks: torch.Tensor, batch_size: int, device: torch.device
     share = eval_share(blocks)
     on_device = share.to(device)  # one copy: a pageable host-to-device copy per batch would sync each time
     out = torch.empty(share.shape[0], share.shape[1] - 1, dtype=torch.float32, device=device)
-    for start in range(0, share.shape[0], batch_size):
-        with autocast_for(device, dtype):
-            out[start:start + batch_size] = next_token_nll(model, on_device[start:start + batch_size])
+    with scoring_mode(model):
+        for start in range(0, share.shape[0], batch_size):
+            with autocast_for(device, dtype):
+                out[start:start + batch_size] = next_token_nll(model, on_device[start:start + batch_size])
     model.train(was_training)
     return gather_rows(out, blocks.shape[0]).cpu()
 
@@ -147,8 +147,8 @@ class Screening:
         set]}; empty when every set was scored whole."""
         return {name: [self.sets[name].shape[0], self.full[name].shape[0]] for name in sorted(self.subsampled)}
 
-    def _score(self, model, names: list[str]) -> tuple[dict[str, torch.Tensor], int]:
-        sets = {name: self.sets[name] for name in names}
+    def _score(self, model, names: list[str], whole: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+        sets = {name: (self.full if whole else self.sets)[name] for name in names}
         nll = set_nll(model, sets, self.batch_size, self.device, self.dtype)
         return {name: v.mean(1) for name, v in nll.items()}, sum(int(b.numel()) for b in sets.values())
 
@@ -161,13 +161,14 @@ class Screening:
         self.start_blocks, tokens = self._score(model, sorted(self.subsampled))
         return tokens
 
-    def point(self, model, utility: bool) -> tuple[dict[str, float], int]:
-        """One curve point (the forget gap, and utility when `utility`) and the tokens scored."""
+    def point(self, model, utility: bool, whole: bool = False) -> tuple[dict[str, float], int]:
+        """One curve point (the forget gap, and utility when `utility`) and the tokens scored; `whole` scores
+        every block of those sets, for a point a decision rests on."""
         names = list(self.sets) if utility else list(GAP_SETS)
-        blocks, tokens = self._score(model, names)
+        blocks, tokens = self._score(model, names, whole)
         point, errors = {}, {}
         for name, now in blocks.items():
-            if name in self.subsampled:
+            if name in self.subsampled and not whole:
                 change = now - self.start_blocks[name]
                 point[f"{name}_nll"] = self.start_values[name] + float(change.mean())
                 errors[name] = sample_se(change, self.full[name].shape[0])

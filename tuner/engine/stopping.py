@@ -10,6 +10,10 @@ tolerances, never of wall time: a resumed study, a re-run and a replay of a stor
   (`stopped_collapsed`).
 
 The stopped trial's kept checkpoint is measured in full like any other; the reason is stored with it.
+
+Curve points are screening estimates (subsampled, with standard errors). No stop rests on one: a point whose
+estimate would end the run, or whose gap is within CONFIRM_SE standard errors of the approximate-retraining
+point, is scored again on every block, and the rules read that whole-set point.
 """
 
 from __future__ import annotations
@@ -21,10 +25,22 @@ from typing import Any
 
 from tuner.core.status import STOPPED_COLLAPSED, STOPPED_HOPELESS
 
+CONFIRM_SE = 2.0  # an estimated gap this many standard errors short of 0 may have reached it: score it whole
 MIN_EVALUATIONS = 3  # k: the pace is fitted over the last k evaluations after step 0, and never on fewer
 MIN_SHARE = 0.3  # no trial is judged hopeless before this share of its horizon
 PACE_SAFETY = 2.0  # the projection assumes the trial speeds up to this multiple of its fitted pace
 MARGIN = 1.0  # ... and must still miss the band by this many gap_tolerances
+
+
+def is_estimate(point: Mapping[str, Any]) -> bool:
+    """Whether a curve point holds a subsample estimate (a figure with its standard error)."""
+    return any(key.endswith("_se") for key in point)
+
+
+def reached(point: Mapping[str, Any], within_se: float = 0.0) -> bool:
+    """Whether the point's forget gap reached the approximate-retraining point (forget NLL up to the unseen NLL),
+    or, with `within_se`, may have: an estimate within that many of its standard errors of it."""
+    return point["forget_gap"] + within_se * float(point.get("forget_gap_se") or 0.0) >= 0
 
 
 def pace(steps: Sequence[float], gaps: Sequence[float]) -> tuple[float, float]:

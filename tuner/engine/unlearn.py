@@ -39,7 +39,7 @@ from tuner.engine.evaluation import Screening, autocast_for, full_metrics
 from tuner.engine.lossfn import compile_decoder
 from tuner.engine.memory import GIB, ModelShape, RunPlan, device_capacity, measured_peak, resolve_eval_batch
 from tuner.engine.methods.base import Batch, MethodContext
-from tuner.engine.stopping import StopRules
+from tuner.engine.stopping import CONFIRM_SE, StopRules, is_estimate, reached
 from tuner.engine.training import IndexStream, make_optimizer, optimizer_name, run_loop
 
 
@@ -313,9 +313,16 @@ def run_unlearning(
         with_utility = n_point % cfg.eval_utility_every == 0 or step == total_steps
         t = time.perf_counter()
         point, tokens = screening.point(model, with_utility)
+        entry = {"step": step, "loss": logs["loss"], **point}
+        if is_estimate(point) and all(math.isfinite(v) for v in point.values()) \
+                and (cfg.stop_at_target and reached(entry, CONFIRM_SE) or rules.check([*curve, entry])):
+            # a stop rests on whole-set figures: an estimate that would end the run is scored again in full
+            point, more = screening.point(model, with_utility, whole=True)
+            tokens += more
+            entry = {"step": step, "loss": logs["loss"], **point}
         eval_time += time.perf_counter() - t
         eval_tokens += tokens
-        curve.append({"step": step, "loss": logs["loss"], **point})
+        curve.append(entry)
         if on_eval is not None:
             on_eval(curve[-1])
         if not all(math.isfinite(v) for v in point.values()):
@@ -324,7 +331,7 @@ def run_unlearning(
         if cfg.checkpoint == "best" and abs(point["forget_gap"]) < state["best_gap"]:
             state["best_gap"], state["best_step"] = abs(point["forget_gap"]), step
             state["best_weights"] = snapshot_weights(model)
-        if cfg.stop_at_target and point["forget_gap"] >= 0:
+        if cfg.stop_at_target and reached(entry):
             state["stop_step"] = step
             return True
         state["early"] = rules.check(curve)
