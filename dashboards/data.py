@@ -145,6 +145,9 @@ class StudyData:
     checks: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     # {unit: record}: each unit's lr calibration as stored with its search (`tuner.study.calibration`)
     calibrations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # {unit: record}: each unit's parameter importance per objective, stored at the study's end
+    # (`tuner.study.importance`)
+    importances: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def uses_mia(self) -> bool:
@@ -253,7 +256,9 @@ def load_study(store: Store, name: str, curves: bool = True, recommend: bool = T
                      curves=store.study_curves(study.id) if curves else {},
                      recommendation=recommendation, recommendation_note=note, checks=checks,
                      calibrations={s.unit: s.calibration for s in sorted(study.searches, key=lambda s: s.id)
-                                   if s.calibration is not None})
+                                   if s.calibration is not None},
+                     importances={s.unit: s.importance for s in sorted(study.searches, key=lambda s: s.id)
+                                  if s.importance is not None})
     for tid in data.recommended_ids().values():
         row = data.row(tid)
         if row is not None:

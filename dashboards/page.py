@@ -62,11 +62,22 @@ def header_facts(data: StudyData) -> list[tuple[str, str]]:
                                                  f"{fmt(data.exact_retrain.get('forget_gap'), '+.3f')}"
                       + (f", gap after the relearning attack {fmt(retrain.get('relearn_gap'), '+.3f')}"
                          if retrain.get("relearn_gap") is not None else "")))
+    for unit, record in data.importances.items():
+        facts.append((f"parameter importance, {unit}", importance_text(record)))
     if data.created_at is not None:
         facts.append(("created", f"{data.created_at:%Y-%m-%d %H:%M} UTC"))
     if data.versions:
         facts.append(("versions", ", ".join(f"{k} {v}" for k, v in data.versions.items())))
     return facts
+
+
+def importance_text(record: dict[str, Any]) -> str:
+    """Per objective, the hyperparameters that explained most of its variation over the unit's finished trials
+    (PED-ANOVA shares), or why there is no such figure."""
+    if "note" in record:
+        return record["note"]
+    return "; ".join(f"{objective}: " + ", ".join(f"{p} {v:.2f}" for p, v in list(shares.items())[:3])
+                     for objective, shares in record["objectives"].items()) + f" (PED-ANOVA, {record['trials']} trials)"
 
 
 def recommendation_rows(data: StudyData) -> list[dict[str, str]]:

@@ -488,7 +488,7 @@ CLI_COMMANDS: dict[tuple[str, ...], tuple[list, dict]] = {
     ("study", "resume"): (["text"], {"--storage": "bad_store", "--address": "text"}),
     ("study", "validate"): (["file"], {}),
     ("study", "list"): ([], {"--storage": "store"}),
-    ("study", "show"): (["text"], {"--storage": "store"}),
+    ("study", "show"): (["text"], {"--storage": "store", "--json": None}),
     ("export",): (["text"], {"--method": "text", "--format": ["yaml", "json", "xml"], "-o": "file",
                              "--storage": "store"}),
     ("dashboard",): ([], {"--storage": "store", "--host": "text", "--port": ["0", "-1", "65536", "99999", "x"],

@@ -4,6 +4,7 @@ window, and changes nothing with `calibration: false`."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -173,6 +174,19 @@ def test_study_show_prints_each_units_calibration(calibrated):
         assert f"calibration of {unit}: {record['summary']}" in " ".join(shown.stdout.split())
     window = found["ga_gd@in_distribution"]["window"]
     assert f"{window['low']:.2e}..{window['high']:.2e}" in shown.stdout and "not searched" in shown.stdout
+    # two trials are too few to say which hyperparameter mattered: the table says so, it shows no shares
+    assert "parameter importance per objective" in shown.stdout
+    assert "needs at least 4 finished trials (2 so far)" in " ".join(shown.stdout.split())
+    as_json = subprocess.run([sys.executable, "-m", "tuner.cli", "study", "show", "cal", "--json", "--storage",
+                              calibrated["url"]], capture_output=True, text=True, timeout=180, cwd=ROOT,
+                             env={"PATH": "/usr/bin:/bin"})
+    assert as_json.returncode == 0, as_json.stderr
+    doc = json.loads(as_json.stdout)
+    assert doc["format"] == "unlearn-tuner/study@1" and doc["name"] == "cal"
+    assert doc["calibrations"] == json.loads(json.dumps(found))
+    assert [t["id"] for t in doc["trials"]] == [r["id"] for r in calibrated["store"].trials("cal")]
+    assert doc["importance"]["ga_gd@in_distribution"] == {"trials": 2,
+                                                          "note": "needs at least 4 finished trials (2 so far)"}
 
 
 def test_the_dashboard_figure_draws_the_stored_points_band_tolerance_and_window(calibrated):

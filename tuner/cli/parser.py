@@ -114,6 +114,8 @@ def build_parser(unlearn_flags: bool = True) -> argparse.ArgumentParser:
     sh = sts.add_parser("show", help="tables of a study's trials and Pareto points")
     sh.add_argument("name")
     sh.add_argument("--storage", help=storage_help)
+    sh.add_argument("--json", action="store_true", help="print the study as one JSON document (trials, "
+                    "calibrations, parameter importance, recommendation) instead of tables")
     sh.set_defaults(func=cmd_study_show)
 
     ex = sub.add_parser("export", help="export a study's recommended hyperparameters with provenance",

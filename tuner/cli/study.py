@@ -15,6 +15,7 @@ from tuner.cli.render import (
     console,
     out,
     print_calibrations,
+    print_importance,
     print_recommendation,
     print_study,
     study_progress,
@@ -149,13 +150,40 @@ def cmd_study_list(args: argparse.Namespace) -> int:
 def cmd_study_show(args: argparse.Namespace) -> int:
     store = _store(args, create=False)
     study = store.study(args.name)
+    if args.json:
+        print(study_json(store, study))
+        return 0
     out.print(f"study [bold]{escape(study.name)}[/] on {escape(study.model)}: {study.status}")
     print_calibrations(store, args.name)
     print_study(store, args.name)
+    print_importance(store, args.name)
     recommendation = store.recommendation(args.name)
     if recommendation is not None:
         print_recommendation(recommendation, study.spec["target"], study.exact_retrain)
     return 0
+
+
+def study_json(store, study) -> str:
+    """`tuner study show --json`: what the tables show, as stored, for scripts. A figure that was not measured
+    is null (never 0); NaN and infinities are null too, so any JSON parser reads it."""
+    import json
+    import math
+
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): finite(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(v) for v in value]
+        return value
+
+    doc = {"format": "unlearn-tuner/study@1", "name": study.name, "model": study.model, "status": study.status,
+           "objectives": study.spec.get("objectives"), "target": study.spec.get("target"),
+           "baseline": study.baseline, "exact_retrain": study.exact_retrain,
+           "calibrations": store.calibrations(study.name), "importance": store.importances(study.name),
+           "trials": store.trials(study.name), "recommendation": store.recommendation(study.name)}
+    return json.dumps(finite(doc), indent=2, default=str, allow_nan=False)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

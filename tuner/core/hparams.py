@@ -92,6 +92,16 @@ class Hyperparameter:
         the dashboards' axes use it."""
         return math.log10(value) if self.log else float(value)
 
+    def at(self, u: float, low: float, high: float, log: bool) -> float | int:
+        """The value at position `u` in [0, 1) along the search axis [low, high] (log-spaced when `log`); for an
+        integer knob, the whole number whose share of the axis holds `u`, so that evenly spread positions give
+        evenly used values."""
+        if self.integer:
+            return min(int(high), int(low) + math.floor(u * (int(high) - int(low) + 1)))
+        if log:
+            return float(low * (high / low) ** u)
+        return float(low + u * (high - low))
+
     def cast(self, value: float) -> float | int:
         return int(round(value)) if self.integer else float(value)
 

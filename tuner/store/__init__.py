@@ -166,6 +166,21 @@ class Store:
         return {unit: record for unit, record in rows if record is not None}
 
     @retrying
+    def set_importance(self, search_id: int, importance: dict[str, Any]) -> None:
+        """A search's parameter importance record (`tuner.study.importance`)."""
+        with self.sessions.begin() as s:
+            s.execute(update(Search).where(Search.id == search_id).values(importance=_finite_json(importance)))
+
+    @retrying
+    def importances(self, study_name: str) -> dict[str, dict[str, Any]]:
+        """{unit: parameter importance record} of the study's searches that have one."""
+        study = self.study(study_name)
+        with self.sessions() as s:
+            rows = s.execute(select(Search.unit, Search.importance).where(Search.study_id == study.id)
+                             .order_by(Search.id)).all()
+        return {unit: record for unit, record in rows if record is not None}
+
+    @retrying
     def finished_count(self, search_id: int) -> int:
         with self.sessions() as s:
             return s.scalar(select(func.count(Trial.id)).where(Trial.search_id == search_id,

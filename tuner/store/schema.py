@@ -55,6 +55,8 @@ class Search(Base):
     # the lr range test before the search (tuner.study.calibration): its curve, finding and window; NULL when
     # the study ran none
     calibration: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # which hyperparameter moved each objective (tuner.study.importance), computed at the study's end
+    importance: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="searches")
     trials: Mapped[list[Trial]] = relationship(back_populates="search", cascade="all, delete-orphan")

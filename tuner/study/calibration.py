@@ -151,6 +151,14 @@ def narrowed(stored: dict[str, Any] | None) -> dict[str, Range]:
     return {LR.name: Range(low=window["low"], high=window["high"], log=True)} if window else {}
 
 
+def guideline_lr(stored: dict[str, Any] | None) -> float | None:
+    """The lr at which a stored calibration's forget gap reached the band (the brief's guideline points run it
+    at 1, 2 and 3 epochs first); None without a window or a crossing."""
+    if (stored or {}).get("status") != WINDOW:
+        return None
+    return (stored.get("finding") or {}).get("cross_lr")
+
+
 def refused(stored: dict[str, Any] | None) -> bool:
     """A unit whose calibration found no window is not searched."""
     return (stored or {}).get("status") == NO_WINDOW

@@ -1,9 +1,9 @@
 """Runs a study: per search unit (method, retain source) one Optuna multi-objective study, driven by Ray Tune.
 
 The search is `tuner.study.search`, the recording to the store `tuner.study.recorder`, Ray and its resources
-`tuner.study.cluster`, the lr range test before each unit's search `tuner.study.calibration`; this module
-prepares the study and runs its trials. Resuming is a new Tuner on the same
-Optuna studies, with the budget reduced by the trials already finished.
+`tuner.study.cluster`, the lr range test before each unit's search `tuner.study.calibration`, the parameter
+importance after it `tuner.study.importance`; this module prepares the study and runs its trials. Resuming
+is a new Tuner on the same Optuna studies, with the budget reduced by the trials already finished.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tuner import __version__
 from tuner.core.errors import TunerError
 from tuner.results import derived
 from tuner.store import Store
-from tuner.study import calibration, rechecks
+from tuner.study import calibration, importance, rechecks
 from tuner.study.cluster import (
     StudyStopped,
     check_resources,
@@ -107,6 +107,7 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
             derived.refresh(store, spec.name)  # trials of an older version or a killed driver
         _run_trials(spec, units, store, on_event, tune.with_parameters(trainable, ctx=context, prepared=prepared),
                     ray_dir, concurrency)
+        importance.record(store, [(s.search_id, s.optuna_name) for s in searches], storage)
         derived.refresh(store, spec.name)
         rechecks.run(spec, store, context, prepared)  # derives again after each round of re-runs
         outcome.recommendation = store.recommendation(spec.name)
@@ -231,7 +232,8 @@ def _unit_runs(spec: StudySpec, store: Store, searches: list[calibration.Planned
         tally = outcome.units[s.unit] = UnitTally(budget=spec.budget.trials, finished=done)
         remaining = 0 if calibration.refused(stored) else spec.budget.trials - done
         units.append(UnitRun(s.unit, s.search_id, tally,
-                             unit_search(spec, s.method, s.optuna_name, storage, depth, calibration.narrowed(stored)),
+                             unit_search(spec, s.method, s.optuna_name, storage, depth, calibration.narrowed(stored),
+                                         calibration.guideline_lr(stored), remaining),
                              remaining))
         if on_event is not None:
             on_event(s.unit, {"budget": tally.budget, "finished": done, "running": 0, "failed": 0, "best": None,

@@ -26,11 +26,16 @@ from tuner.study.spec import Range, SamplerSpec, StudySpec
 OPTUNA_TRANSIENT = (*TRANSIENT, optuna.exceptions.StorageInternalError)
 
 
+def startup_trials(spec: SamplerSpec, budget: int) -> int:
+    """TPE's trials before it models: small budgets need small warm-ups, so the default scales with the
+    per-unit trial budget."""
+    return spec.n_startup_trials or max(3, min(10, budget // 3))
+
+
 def make_sampler(spec: SamplerSpec, budget: int, seed: int) -> optuna.samplers.BaseSampler:
-    """Small budgets need small warm-ups: defaults scale with the per-unit trial budget."""
     if spec.name == "tpe":
-        startup = spec.n_startup_trials or max(3, min(10, budget // 3))
-        return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=startup, seed=seed)
+        return optuna.samplers.TPESampler(multivariate=True, constant_liar=True,
+                                          n_startup_trials=startup_trials(spec, budget), seed=seed)
     if spec.name in ("nsga2", "nsga3"):
         pop = spec.population_size or max(4, min(50, budget // 3))
         cls = optuna.samplers.NSGAIISampler if spec.name == "nsga2" else optuna.samplers.NSGAIIISampler
@@ -50,6 +55,27 @@ class SearchSpaceFn:
                  narrowed: dict[str, Range] | None = None) -> None:
         self.ranges = {**spec.space_for(method, depth), **(narrowed or {})}
         self.declared = methods.get(method).space()
+
+    def spread(self, n: int, seed: int) -> list[dict[str, float | int]]:
+        """`n` settings spread over the ranges: a scrambled Sobol sequence, one axis per hyperparameter, so no
+        two fall near each other the way independent random draws can."""
+        from scipy.stats import qmc
+
+        if n <= 0:
+            return []
+        # the first n points of a power-of-two run: every prefix of a Sobol sequence is spread out
+        points = qmc.Sobol(d=len(self.declared), scramble=True, seed=seed).random_base2(max(0, (n - 1).bit_length()))[:n]
+        return [{hp.name: hp.at(float(u[i]), self.ranges[hp.name].low, self.ranges[hp.name].high,
+                                bool(self.ranges[hp.name].log)) for i, hp in enumerate(self.declared)}
+                for u in points]
+
+    def guideline(self, lr: float) -> list[dict[str, float | int]]:
+        """The brief's guideline points for a calibrated `lr`: that lr at 1, 2 and 3 epochs, those inside the
+        searched ranges (the method's other hyperparameters are left to the sampler)."""
+        lr_range, epochs = self.ranges.get("lr"), self.ranges.get("epochs")
+        if lr_range is None or epochs is None or not lr_range.low <= lr <= lr_range.high:
+            return []
+        return [{"lr": lr, "epochs": e} for e in (1, 2, 3) if epochs.low <= e <= epochs.high]
 
     def __call__(self, trial: optuna.Trial) -> dict[str, float | int]:
         """The trial's setting (asking again for a name the trial holds gives back its value)."""
@@ -159,12 +185,32 @@ class UnitSearch:
 
 
 def unit_search(spec: StudySpec, method: str, optuna_name: str, storage: optuna.storages.BaseStorage,
-                depth: int | None = None, narrowed: dict[str, Range] | None = None) -> UnitSearch:
+                depth: int | None = None, narrowed: dict[str, Range] | None = None,
+                guideline_lr: float | None = None, remaining: int | None = None) -> UnitSearch:
     """The unit's search: its Optuna study with the spec's sampler, over the method's space (with `narrowed`
-    ranges in place of the spec's)."""
+    ranges in place of the spec's). A new study starts from enqueued settings (`first_settings`), at most
+    `remaining` of them (the trials it will run; default: the budget)."""
     objectives = list(spec.objectives)
     study = open_study(storage, optuna_name, make_sampler(spec.sampler, spec.budget.trials, spec.seed), objectives)
-    return UnitSearch(study, SearchSpaceFn(spec, method, depth, narrowed), objectives, spec.retries)
+    space = SearchSpaceFn(spec, method, depth, narrowed)
+    if not with_retry(lambda: study.get_trials(deepcopy=False), "reading Optuna", OPTUNA_TRANSIENT):
+        budget = spec.budget.trials if remaining is None else remaining
+        for setting in first_settings(spec, space, guideline_lr, budget):
+            with_retry(lambda s=setting: study.enqueue_trial(s, skip_if_exists=True), "queueing in Optuna",
+                       OPTUNA_TRANSIENT)
+    return UnitSearch(study, space, objectives, spec.retries)
+
+
+def first_settings(spec: StudySpec, space: SearchSpaceFn, guideline_lr: float | None,
+                   budget: int) -> list[dict[str, Any]]:
+    """What a new unit's search runs first, at most `budget` settings: the guideline points of its calibrated lr
+    (the lr where the calibration's forget gap reached the band, at 1, 2 and 3 epochs), then, for TPE, its
+    random warm-up replaced by settings spread over the ranges (`SearchSpaceFn.spread`)."""
+    first = space.guideline(guideline_lr)[:budget] if guideline_lr is not None else []
+    if spec.sampler.name == "tpe":
+        n = min(startup_trials(spec.sampler, spec.budget.trials), budget) - len(first)
+        first += space.spread(n, spec.seed)
+    return first
 
 
 @dataclass
