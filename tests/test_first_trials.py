@@ -77,3 +77,21 @@ def test_evenly_spread_positions_use_every_whole_value_evenly(low, high):
     n = high - low + 1
     values = [EPOCHS.at((i + 0.5) / (4 * n), low, high, False) for i in range(4 * n)]
     assert {v: values.count(v) for v in set(values)} == {v: 4 for v in range(low, high + 1)}
+
+
+def test_the_gp_sampler_searches_with_the_studys_objectives_and_constraints(micro_spec):
+    """`sampler: gp` (Optuna's GPSampler): the spread warm-up, then modelled suggestions inside the ranges, with
+    trials told two objectives and a constraint as a study tells them."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = spec_of(micro_spec, sampler={"name": "gp", "n_startup_trials": 3}, budget={"trials": 6})
+    search = unit_search(spec, "ga_gd", "gp", optuna.storages.InMemoryStorage())
+    assert isinstance(search.study.sampler, optuna.samplers.GPSampler)
+    for i in range(6):
+        setting = search.suggest(str(i))
+        assert LOW <= setting["lr"] <= HIGH and setting["epochs"] in (1, 2, 3)
+        trial = search.running.pop(str(i))
+        gap = abs(math.log10(setting["lr"]) + 4.0)
+        trial.set_constraint("utility", setting["epochs"] - 2.5)
+        search.study.tell(trial, [gap, float(setting["epochs"])])
+    assert [t.params for t in search.study.trials[:3]] == SearchSpaceFn(spec, "ga_gd").spread(3, spec.seed)
+    assert len(search.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 6

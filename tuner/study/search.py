@@ -26,8 +26,11 @@ from tuner.study.spec import Range, SamplerSpec, StudySpec
 OPTUNA_TRANSIENT = (*TRANSIENT, optuna.exceptions.StorageInternalError)
 
 
+WARMED_UP = ("tpe", "gp")  # samplers whose first trials are random draws until they can model
+
+
 def startup_trials(spec: SamplerSpec, budget: int) -> int:
-    """TPE's trials before it models: small budgets need small warm-ups, so the default scales with the
+    """TPE's or the GP's trials before it models: small budgets need small warm-ups, so the default scales with the
     per-unit trial budget."""
     return spec.n_startup_trials or max(3, min(10, budget // 3))
 
@@ -36,6 +39,8 @@ def make_sampler(spec: SamplerSpec, budget: int, seed: int) -> optuna.samplers.B
     if spec.name == "tpe":
         return optuna.samplers.TPESampler(multivariate=True, constant_liar=True,
                                           n_startup_trials=startup_trials(spec, budget), seed=seed)
+    if spec.name == "gp":  # a Gaussian process: for the smallest budgets; it reads the trials' constraints too
+        return optuna.samplers.GPSampler(n_startup_trials=startup_trials(spec, budget), seed=seed)
     if spec.name in ("nsga2", "nsga3"):
         pop = spec.population_size or max(4, min(50, budget // 3))
         cls = optuna.samplers.NSGAIISampler if spec.name == "nsga2" else optuna.samplers.NSGAIIISampler
@@ -204,10 +209,10 @@ def unit_search(spec: StudySpec, method: str, optuna_name: str, storage: optuna.
 def first_settings(spec: StudySpec, space: SearchSpaceFn, guideline_lr: float | None,
                    budget: int) -> list[dict[str, Any]]:
     """What a new unit's search runs first, at most `budget` settings: the guideline points of its calibrated lr
-    (the lr where the calibration's forget gap reached the band, at 1, 2 and 3 epochs), then, for TPE, its
-    random warm-up replaced by settings spread over the ranges (`SearchSpaceFn.spread`)."""
+    (the lr where the calibration's forget gap reached the band, at 1, 2 and 3 epochs), then, for TPE and the
+    GP, their random warm-up replaced by settings spread over the ranges (`SearchSpaceFn.spread`)."""
     first = space.guideline(guideline_lr)[:budget] if guideline_lr is not None else []
-    if spec.sampler.name == "tpe":
+    if spec.sampler.name in WARMED_UP:
         n = min(startup_trials(spec.sampler, spec.budget.trials), budget) - len(first)
         first += space.spread(n, spec.seed)
     return first

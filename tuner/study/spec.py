@@ -73,8 +73,9 @@ class SamplerSpec(_Strict):
     a few dozen trials per method NSGA-II's generations barely start, while TPE models the front from
     its first handful of trials."""
 
-    name: Literal["tpe", "nsga2", "nsga3", "random", "qmc"] = "tpe"
-    n_startup_trials: int | None = Field(None, ge=1, description="tpe: random trials before modelling")
+    name: Literal["tpe", "gp", "nsga2", "nsga3", "random", "qmc"] = "tpe"
+    n_startup_trials: int | None = Field(None, ge=1, description="tpe, gp: warm-up trials before modelling (spread "
+                                                                  "over the ranges by a Sobol sequence)")
     population_size: int | None = Field(None, ge=2, description="nsga2/nsga3: generation size")
 
 
