@@ -4,6 +4,10 @@ the store's database, stored with the search and read back by `tuner study show`
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -12,6 +16,8 @@ from dashboards.page import importance_text
 from tuner.store import Store
 from tuner.study.importance import MIN_TRIALS, importance, record
 from tuner.study.search import optuna_storage
+
+TUNER = str(Path(sys.executable).with_name("tuner"))
 
 
 def ask_tell(study: optuna.Study, n: int, values) -> None:
@@ -72,3 +78,10 @@ def test_the_record_is_stored_with_its_search(store_url):
     stored = store.importances("imp")
     assert list(stored) == ["ga_gd"] and stored["ga_gd"]["trials"] == 8
     assert set(stored["ga_gd"]["objectives"]) == {"forget_gap", "utility_drop"}
+    shown = subprocess.run([TUNER, "study", "show", "imp", "--storage", store_url], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert "parameter importance per objective" in shown.stdout
+    gap_row = next(line for line in shown.stdout.splitlines() if "forget_gap" in line and "ga_gd" in line)
+    top = next(iter(stored["ga_gd"]["objectives"]["forget_gap"]))
+    assert f"{top} {stored['ga_gd']['objectives']['forget_gap'][top]:.2f}" in gap_row

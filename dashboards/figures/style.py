@@ -48,7 +48,9 @@ def method_colour(method: str) -> str:
 
 def figure(traces: list[dict], layout: dict[str, Any], title: str, height: int,
            margin: dict[str, int] | None = None) -> go.Figure:
-    """A figure from plain trace and layout dicts, with the dashboards' title, size, template and font."""
+    """A figure from plain trace and layout dicts, with the dashboards' title, size, template and font. Empty
+    shape and annotation lists are left out, as plotly's validation would leave them out."""
+    layout = {k: v for k, v in layout.items() if not (k in ("shapes", "annotations") and not v)}
     layout = {"xaxis": {}, "yaxis": {}, **layout,
               "title": dict(text=title, x=0.01, xanchor="left", y=1, yref="container", yanchor="top", pad=dict(t=12),
                             font=dict(size=15)), "height": height,

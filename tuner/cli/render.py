@@ -204,20 +204,22 @@ def print_calibrations(store, name: str) -> None:
 
 def print_importance(store, name: str) -> None:
     """Per search unit and objective, the hyperparameters that explained most of its variation (PED-ANOVA over
-    the unit's finished trials, stored at the study's end), or why there is no such figure."""
+    the unit's finished trials, stored at the study's end); a unit without such a figure gets a line saying why."""
     found = store.importances(name)
-    if not found:
-        return
-    objectives = sorted({o for record in found.values() for o in record.get("objectives", {})})
-    table = Table(title="parameter importance per objective (PED-ANOVA share over the unit's finished trials)")
-    for col in ("unit", "trials", *objectives):
-        table.add_column(col)
+    measured = {unit: record for unit, record in found.items() if "note" not in record}
+    if measured:
+        table = Table(title="parameter importance per objective (PED-ANOVA share over the unit's finished trials)")
+        for col in ("unit", "trials", "objective", "share of its variation"):
+            table.add_column(col)
+        for unit, record in measured.items():
+            for objective, shares in record["objectives"].items():
+                table.add_row(escape(unit), str(record["trials"]), escape(objective),
+                              ", ".join(f"{p} {v:.2f}" for p, v in shares.items()) or "-")
+        out.print(table)
     for unit, record in found.items():
-        cells = [record["note"]] * len(objectives) if "note" in record else [
-            ", ".join(f"{p} {v:.2f}" for p, v in list((record["objectives"].get(o) or {}).items())[:3]) or "-"
-            for o in objectives]
-        table.add_row(escape(unit), str(record.get("trials", "-")), *(escape(c) for c in cells))
-    out.print(table)
+        if "note" in record:
+            out.print(f"parameter importance of {escape(unit)}: {escape(record['note'])}", highlight=False,
+                      soft_wrap=True)
 
 
 def print_recommendation(rec: dict[str, Any], target: dict[str, float], exact: dict[str, float] | None) -> None:
