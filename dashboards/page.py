@@ -76,7 +76,8 @@ def importance_text(record: dict[str, Any]) -> str:
     (PED-ANOVA shares), or why there is no such figure."""
     if "note" in record:
         return record["note"]
-    return "; ".join(f"{objective}: " + ", ".join(f"{p} {v:.2f}" for p, v in list(shares.items())[:3])
+    return "; ".join(f"{objective}: " + (", ".join(f"{p} {v:.2f}" for p, v in list(shares.items())[:3])
+                                         or "did not vary")
                      for objective, shares in record["objectives"].items()) + f" (PED-ANOVA, {record['trials']} trials)"
 
 

@@ -63,6 +63,11 @@ def test_too_few_trials_or_nothing_varied_is_said_not_guessed():
         fixed.tell(trial, (0.1, 0.2))
     assert importance(fixed)["note"] == "no hyperparameter took more than one value"
     assert importance_text(importance(fixed)) == "no hyperparameter took more than one value"
+    flat = new_study()  # the utility objective never moves: no share is made up for it
+    ask_tell(flat, MIN_TRIALS + 2, lambda lr, epochs: (abs(math.log10(lr) + 3.0), 0.5))
+    found = importance(flat)
+    assert found["objectives"]["utility_drop"] == {} and found["objectives"]["forget_gap"]
+    assert "utility_drop: did not vary" in importance_text(found)
 
 
 def test_the_record_is_stored_with_its_search(store_url):

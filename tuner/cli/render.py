@@ -214,7 +214,7 @@ def print_importance(store, name: str) -> None:
         for unit, record in measured.items():
             for objective, shares in record["objectives"].items():
                 table.add_row(escape(unit), str(record["trials"]), escape(objective),
-                              ", ".join(f"{p} {v:.2f}" for p, v in shares.items()) or "-")
+                              ", ".join(f"{p} {v:.2f}" for p, v in shares.items()) or "did not vary")
         out.print(table)
     for unit, record in found.items():
         if "note" in record:

@@ -19,7 +19,8 @@ MIN_TRIALS = 4  # below this, which parameter "mattered" is noise; the record sa
 
 def importance(study: optuna.Study) -> dict[str, Any]:
     """{"evaluator", "trials", "objectives": {objective: {param: share}}} (shares sum to 1 per objective,
-    largest first), or {"trials", "note"} where there is nothing to attribute."""
+    largest first; none for an objective that took one value), or {"trials", "note"} where there is nothing to
+    attribute."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(trials) < MIN_TRIALS:
         return {"trials": len(trials), "note": f"needs at least {MIN_TRIALS} finished trials ({len(trials)} so far)"}
@@ -29,6 +30,9 @@ def importance(study: optuna.Study) -> dict[str, Any]:
     names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
     shares: dict[str, dict[str, float]] = {}
     for i, name in enumerate(names):
+        if len({t.values[i] for t in trials}) == 1:
+            shares[name] = {}  # an objective that never moved has nothing to attribute
+            continue
         with warnings.catch_warnings():  # PED-ANOVA warns that it explains low values: the objectives are minimised
             warnings.simplefilter("ignore", UserWarning)
             found = optuna.importance.get_param_importances(
@@ -46,4 +50,3 @@ def record(store: Store, searches: list[tuple[int, str]], storage: optuna.storag
         except KeyError:  # a unit that never opened its study (no lr window): nothing was searched
             continue
         store.set_importance(search_id, importance(study))
-
