@@ -70,7 +70,7 @@ def test_a_trial_killed_mid_run_is_failed_with_a_reason_and_the_study_goes_on(tm
     store = Store(url)
     rows = store.trials("killed-trial")
     # the killed attempt (1), its retry with the same setting (2), the second trial (3): nothing lost
-    assert [r["number"] for r in rows] == [1, 2], rows
+    assert [r["number"] for r in rows] == [1, 2, 3], rows
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(failed) == 1 and failed[0]["number"] == 1, rows
     assert "worker process died" in failed[0]["error"] and "retrying" in failed[0]["error"], failed[0]["error"]
