@@ -167,23 +167,15 @@ def study_json(store, study) -> str:
     """`tuner study show --json`: what the tables show, as stored, for scripts. A figure that was not measured
     is null (never 0); NaN and infinities are null too, so any JSON parser reads it."""
     import json
-    import math
 
-    def finite(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {str(k): finite(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [finite(v) for v in value]
-        return value
+    from tuner.store import finite_json
 
     doc = {"format": "unlearn-tuner/study@1", "name": study.name, "model": study.model, "status": study.status,
            "objectives": study.spec.get("objectives"), "target": study.spec.get("target"),
            "baseline": study.baseline, "exact_retrain": study.exact_retrain,
            "calibrations": store.calibrations(study.name), "importance": store.importances(study.name),
            "trials": store.trials(study.name), "recommendation": store.recommendation(study.name)}
-    return json.dumps(finite(doc), indent=2, default=str, allow_nan=False)
+    return json.dumps(finite_json(doc), indent=2, default=str, allow_nan=False)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -314,12 +314,14 @@ def run_unlearning(
         t = time.perf_counter()
         point, tokens = screening.point(model, with_utility)
         entry = {"step": step, "loss": logs["loss"], **point}
+        early = rules.check([*curve, entry])
         if is_estimate(point) and all(math.isfinite(v) for v in point.values()) \
-                and (cfg.stop_at_target and reached(entry, CONFIRM_SE) or rules.check([*curve, entry])):
+                and (cfg.stop_at_target and reached(entry, CONFIRM_SE) or early):
             # a stop rests on whole-set figures: an estimate that would end the run is scored again in full
             point, more = screening.point(model, with_utility, whole=True)
             tokens += more
             entry = {"step": step, "loss": logs["loss"], **point}
+            early = rules.check([*curve, entry])
         eval_time += time.perf_counter() - t
         eval_tokens += tokens
         curve.append(entry)
@@ -334,7 +336,7 @@ def run_unlearning(
         if cfg.stop_at_target and reached(entry):
             state["stop_step"] = step
             return True
-        state["early"] = rules.check(curve)
+        state["early"] = early
         return state["early"] is not None or (cfg.end_step is not None and step >= cfg.end_step)
 
     sync = StepSync(synced, ranks) if ranks.world > 1 else None

@@ -38,7 +38,7 @@ from tuner.store.engine import (
 )
 from tuner.store.schema import Check, CurvePoint, Metric, Recommendation, Search, Study, Trial
 
-__all__ = ["Store", "default_url", "mask_password", "migrate", "normalise_url", "safe_url"]
+__all__ = ["Store", "default_url", "finite_json", "mask_password", "migrate", "normalise_url", "safe_url"]
 
 # a subsampled utility figure's standard error travels with it (tuner.engine.evaluation.Screening)
 CURVE_ERRORS = ("forget_nll_se", "unseen_nll_se", "retain_nll_se", "general_nll_se", "forget_gap_se", "utility_drop_se")
@@ -151,32 +151,31 @@ class Store:
     def set_calibration(self, search_id: int, calibration: dict[str, Any], space: dict | None = None) -> None:
         """A search's calibration record, and the ranges its search draws from once calibrated."""
         with self.sessions.begin() as s:
-            values: dict[str, Any] = {"calibration": _finite_json(calibration)}
+            values: dict[str, Any] = {"calibration": finite_json(calibration)}
             if space is not None:
                 values["space"] = space
             s.execute(update(Search).where(Search.id == search_id).values(**values))
 
-    @retrying
     def calibrations(self, study_name: str) -> dict[str, dict[str, Any]]:
         """{unit: calibration record} of the study's searches that have one."""
-        study = self.study(study_name)
-        with self.sessions() as s:
-            rows = s.execute(select(Search.unit, Search.calibration).where(Search.study_id == study.id)
-                             .order_by(Search.id)).all()
-        return {unit: record for unit, record in rows if record is not None}
+        return self._search_records(study_name, Search.calibration)
 
     @retrying
     def set_importance(self, search_id: int, importance: dict[str, Any]) -> None:
         """A search's parameter importance record (`tuner.study.importance`)."""
         with self.sessions.begin() as s:
-            s.execute(update(Search).where(Search.id == search_id).values(importance=_finite_json(importance)))
+            s.execute(update(Search).where(Search.id == search_id).values(importance=finite_json(importance)))
 
-    @retrying
     def importances(self, study_name: str) -> dict[str, dict[str, Any]]:
         """{unit: parameter importance record} of the study's searches that have one."""
+        return self._search_records(study_name, Search.importance)
+
+    @retrying
+    def _search_records(self, study_name: str, column: Any) -> dict[str, dict[str, Any]]:
+        """{unit: value of a JSON `column` of tuner_searches} for the study's searches where it is set."""
         study = self.study(study_name)
         with self.sessions() as s:
-            rows = s.execute(select(Search.unit, Search.importance).where(Search.study_id == study.id)
+            rows = s.execute(select(Search.unit, column).where(Search.study_id == study.id)
                              .order_by(Search.id)).all()
         return {unit: record for unit, record in rows if record is not None}
 
@@ -377,14 +376,14 @@ def _without_password(spec: dict, spec_text: str) -> tuple[dict, str]:
     return {**spec, "storage": safe_url(url)}, spec_text.replace(password, "***")
 
 
-def _finite_json(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
     """`value` with every non-finite float made None, at any depth (JSON columns refuse NaN and infinity)."""
     if isinstance(value, float):
         return _finite(value)
     if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite_json(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
