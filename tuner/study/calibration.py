@@ -31,6 +31,7 @@ from tuner.engine.unlearn import UnlearnConfig, run_unlearning
 from tuner.results.calibration import analyse, lr_text
 from tuner.results.candidates import curve_estimate
 from tuner.store import Store
+from tuner.study.cluster import worker_task
 from tuner.study.context import TrialContext
 from tuner.study.spec import Calibration, Range, StudySpec
 from tuner.study.trial import memory_refusal, out_of_memory, release_memory, workbench
@@ -220,7 +221,7 @@ def _run(spec: StudySpec, batch: list[tuple[PlannedSearch, Range, dict[str, Any]
     "failed" record with its error's last line."""
     import ray
 
-    task = ray.remote(max_calls=1)(calibrate).options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
+    task = worker_task(calibrate, spec)
     refs = [task.remote(s.unit, params, rng.low, rng.high, spec.calibration, context, prepared)
             for s, rng, params in batch]
     out = []

@@ -56,6 +56,17 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
+def worker_task(function: Any, spec: StudySpec) -> Any:
+    """`function` as a Ray task with one trial's resources (the study's preparation, a calibration, a re-run).
+    A task that holds a GPU ends its worker process when it returns (max_calls=1), so the CUDA memory it held
+    is free before the next task or trial needs it; on CPUs the worker stays for the next task or trial, which
+    then skips starting a process, importing torch and loading the model again (`trial.workbench`)."""
+    import ray
+
+    return ray.remote(max_calls=1 if spec.resources.gpus else 0)(function).options(
+        num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
+
+
 def trial_resources(spec: StudySpec) -> dict[str, float]:
     """What Tune reserves for one trial. A one-worker trial runs in the Tune trial itself. A multi-worker
     trial's ranks are Ray Train workers in their own placement group; the Tune trial only drives them and

@@ -34,6 +34,7 @@ from tuner.study.cluster import (
     trial_concurrency,
     trial_resources,
     worker_death,
+    worker_task,
 )
 from tuner.study.context import TrialContext
 from tuner.study.recorder import Event, StoreCallback
@@ -171,7 +172,7 @@ def _prepare(spec: StudySpec, context: TrialContext) -> Any:
     import ray
     from ray.exceptions import RayTaskError
 
-    task = ray.remote(max_calls=1)(prepare).options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
+    task = worker_task(prepare, spec)
     try:
         return ray.get(task.remote(context))
     except RayTaskError as err:

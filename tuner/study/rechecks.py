@@ -20,6 +20,7 @@ from tuner.engine.robustness import seed_spread
 from tuner.results import derived
 from tuner.results.candidates import CONFIRMATION, OK_STATUSES
 from tuner.store import Store
+from tuner.study.cluster import worker_task
 from tuner.study.context import TrialContext
 from tuner.study.spec import StudySpec
 
@@ -116,7 +117,7 @@ def _run(spec: StudySpec, jobs: list[dict[str, Any]], context: TrialContext, dat
 
     from tuner.study.trial import rerun
 
-    task = ray.remote(max_calls=1)(rerun).options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
+    task = worker_task(rerun, spec)
     checked = spec.robustness.when != "off" and bool(spec.robustness.checks)
     results: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for start in range(0, len(jobs), spec.concurrency):
