@@ -35,7 +35,7 @@ from tuner.engine.distributed import (
     shard_model,
     snapshot_weights,
 )
-from tuner.engine.evaluation import Screening, autocast_for, full_metrics
+from tuner.engine.evaluation import Screening, autocast_for, full_metrics, original_metrics
 from tuner.engine.lossfn import compile_decoder
 from tuner.engine.memory import GIB, ModelShape, RunPlan, device_capacity, measured_peak, resolve_eval_batch
 from tuner.engine.methods.base import Batch, MethodContext
@@ -211,9 +211,13 @@ def run_unlearning(
     on_eval: Callable[[dict[str, float]], None] | None = None,
     on_start: Callable[[int, dict[str, float]], None] | None = None,
     lr_at: Callable[[int], float] | None = None,
+    original: dict[str, torch.Tensor] | None = None,
+    leak_reference: float | None = None,
 ) -> UnlearnResult:
     """Unlearn `model` in place. `reference` is the frozen original (needed by ga_kl and adversarial);
-    `baseline` is the original model's metrics, computed here when not given (a study computes it once).
+    `baseline` is the original model's metrics and `original` its per-block NLL on forget and unseen (the
+    reference MIA's yardstick), both computed here when `baseline` is not given (a study computes them once);
+    `leak_reference` is the AUC privleak is relative to (the exact retrain's; None: the approximate target).
     `on_start` gets the planned steps and the step-0 curve point (what the later points' utility drops are
     taken against) before the first step; `on_eval` gets every later curve point. `lr_at` replaces the lr
     schedule (`training.run_loop`)."""
@@ -264,7 +268,7 @@ def run_unlearning(
     eval_time = 0.0
     t0 = time.perf_counter()
     if baseline is None:  # the original model's metrics: a study scores them once for all its trials
-        baseline = full_metrics(model, data, eval_batch, device, dtype)
+        baseline, original = original_metrics(model, data, eval_batch, device, dtype, leak_reference, cfg.mink_k)
     baseline_time = time.perf_counter() - t0
 
     with autocast_for(device, dtype):  # what a method precomputes is computed as its loss will be
@@ -361,7 +365,8 @@ def run_unlearning(
             restore_weights(model, state["best_weights"])
             selected = state["best_step"]
         t = time.perf_counter()
-        metrics = full_metrics(model, data, eval_batch, device, dtype, baseline)
+        metrics = full_metrics(model, data, eval_batch, device, dtype, baseline, original=original,
+                               leak_reference=leak_reference, mink_k=cfg.mink_k)
         eval_time += time.perf_counter() - t
         eval_tokens += evaluated_tokens()
     status: RunStatus = (DIVERGED if diverged_step is not None

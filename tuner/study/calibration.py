@@ -33,7 +33,7 @@ from tuner.results.candidates import curve_estimate
 from tuner.store import Store
 from tuner.study.context import TrialContext
 from tuner.study.spec import Calibration, Range, StudySpec
-from tuner.study.trial import memory_refusal, out_of_memory, release_memory, workbench
+from tuner.study.trial import compared, memory_refusal, out_of_memory, release_memory, workbench
 
 WINDOW, NO_WINDOW, SKIPPED, FAILED = "window", "no_window", "skipped", "failed"  # a record's `status`
 POINT_KEYS = ("step", "lr", "loss", "forget_nll", "unseen_nll", "forget_gap", "retain_nll", "utility_drop",
@@ -106,7 +106,7 @@ def calibrate(unit: str, params: dict[str, Any], low: float, high: float, settin
     lr_at = geometric_ramp(low, high, steps)
     try:
         model, reference = workbench(ctx).trainee(cfg, ctx.precision)
-        result = run_unlearning(model, data, cfg, reference=reference, baseline=prepared["baseline"], lr_at=lr_at)
+        result = run_unlearning(model, data, cfg, reference=reference, lr_at=lr_at, **compared(prepared))
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         if not out_of_memory(err):
             raise

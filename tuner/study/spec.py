@@ -11,12 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuner.core.errors import TunerError, describe_validation_error, one_line
 from tuner.core.hparams import Hyperparameter, at_depth
+from tuner.core.metrics import OBJECTIVES
 from tuner.core.names import NAME_RULE, is_valid_name
 from tuner.core.settings import DataSpec, QuantSettings, RelearnSettings, RetainSource, RunSettings
 from tuner.engine import methods
 from tuner.results.target import Target
 
-Objective = Literal["forget_gap", "utility_drop", "mia_auc"]
+Objective = Literal[OBJECTIVES]  # tuner.core.metrics declares what each means
 
 
 class _Strict(BaseModel):
