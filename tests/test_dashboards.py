@@ -18,6 +18,7 @@ from dashboards import data as D
 from dashboards import figures as F
 from dashboards import guidelines as G
 from dashboards import plotlyjs
+from dashboards.figures import front
 from dashboards.headless import CHROMIUM_ARGS
 from dashboards.hypervolume import hypervolume
 from dashboards.server import BackgroundServer
@@ -169,8 +170,8 @@ def test_pareto_figure_has_every_finished_trial_once(loaded):
 def test_pareto_figure_draws_privleak_with_its_band_when_picked(loaded):
     """The study optimises privleak: every finished trial measured it, and the picker draws it with MUSE's band
     around 0 and says what it is relative to (the testbed's exact retrain)."""
-    assert "privleak" in loaded.objectives and ("privleak", metric("privleak").label) in F.x_options(loaded)
-    fig = F.pareto(loaded, "privleak")
+    assert "privleak" in loaded.objectives and ("privleak", metric("privleak").label) in front.x_options(loaded)
+    fig = front.pareto(loaded, "privleak")
     xs = {}
     for t in fig.data:
         if (t.meta or {}).get("role") in ("front", "dominated"):
@@ -394,7 +395,7 @@ def test_json_endpoints_serve_studies_pareto_points_and_recommendation(study, lo
     pareto = client.get("/api/studies/dash/pareto").get_json()
     expected = {r["id"] for r in loaded.rows if r.get("pareto")}
     assert {p["id"] for p in pareto["points"]} == expected and expected
-    assert all(set(p["objectives"]) == {"forget_gap", "utility_drop"} for p in pareto["points"])
+    assert all(set(p["objectives"]) == {"forget_gap", "utility_drop", "privleak"} for p in pareto["points"])
     rec = client.get("/api/studies/dash/recommendation").get_json()
     assert set(rec["units"]) == {"ga", "ga_gd@in_distribution"}
     stored = study["store"].recommendation("dash")  # what the study driver derived: served, not recomputed
@@ -595,7 +596,7 @@ def test_page_request_starts_building_the_study(study):
     assert client.get("/study/dash").status_code == 200
     cache.prefetcher.submit(lambda: None).result()  # one worker, in order: the prefetches are done
     assert {key[0] for key in cache.items} == {"dash"}
-    assert {key[2] for key in cache.items} == {"data", "figures-False"}
+    assert {key[2] for key in cache.items} == {"data", "figures-signed"}
 
     guarded = create_app(study["url"], token="s3cret")
     assert guarded.server.test_client().get("/study/dash").status_code == 401

@@ -137,3 +137,46 @@ def test_the_original_testbed_model_memorises_its_forget_set(bench, data):
     assert itself["privleak"] == pytest.approx(0.0, abs=1e-9) and itself["utility_drop"] == pytest.approx(0.0)
     assert itself["mia_auc_ref"] == 0.5  # against itself every block scores 0
     assert full_metrics(bench.reference, data, 16, CPU, torch.float32, mink_k=0.2)["mink_k"] == 0.2
+
+
+# ---- VerbMem -----------------------------------------------------------------------------------------------------
+
+def test_rouge_l_is_the_longest_common_subsequence_f1():
+    from tuner.engine.verbmem import rouge_l_scorer
+
+    scorer, _ = rouge_l_scorer()
+    score = scorer.score("the cat sat", "the cat sat down")["rougeL"]  # LCS 3: P 3/4, R 3/3
+    assert score.fmeasure == pytest.approx(2 * 0.75 * 1.0 / 1.75)
+
+
+def test_verbmem_is_one_for_text_the_model_continues_itself_and_less_for_other_text(bench, data):
+    """Blocks made of a prompt and the model's own greedy continuation are recited verbatim (1.0); the same
+    prompts followed by the true text are not. The tokens travel through the real tokenizer and scorer; a
+    continuation without words (the micro model often emits spaces) is left out, not scored 0."""
+    from tuner.engine.verbmem import VerbMemPlan, verbatim_memorisation
+
+    model, tokenizer = bench.reference, bench.tokenizer
+    true = data.forget[:6, :24]
+    with torch.no_grad():
+        own = model.generate(input_ids=true[:, :8], attention_mask=torch.ones_like(true[:, :8]), do_sample=False,
+                             max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
+    plan = VerbMemPlan(blocks=6, prefix=8, tokens=16, seed=0, decode=tokenizer.decode)
+    assert verbatim_memorisation(model, own, plan, 4, CPU) == pytest.approx(1.0)
+    assert verbatim_memorisation(model, true, plan, 4, CPU) < 1.0
+    assert verbatim_memorisation(model, true, plan, 4, CPU) == verbatim_memorisation(model, true, plan, 2, CPU)
+
+
+def test_verbmem_reaches_the_metrics_only_when_asked(bench, data):
+    from tuner.engine.verbmem import VerbMemPlan
+
+    plan = VerbMemPlan(blocks=3, prefix=16, tokens=8, seed=0, decode=bench.tokenizer.decode)
+    with_verbmem = full_metrics(bench.reference, data, 16, CPU, torch.float32, verbmem=plan)
+    assert 0.0 <= with_verbmem["forget_verbmem"] <= 1.0 and 0.0 <= with_verbmem["unseen_verbmem"] <= 1.0
+    assert "forget_verbmem" not in full_metrics(bench.reference, data, 16, CPU, torch.float32)
+
+
+def test_a_study_of_several_workers_refuses_verbmem_in_one_line(micro_spec):
+    from tuner.study.spec import StudySpec
+
+    with pytest.raises(ValueError, match="run.verbmem_blocks: verbatim memorisation generates in one process"):
+        StudySpec.model_validate(micro_spec(run={"verbmem_blocks": 4}, resources={"workers": 2}))

@@ -171,7 +171,7 @@ def _unlearn(args: argparse.Namespace, cfg, provenance: dict[str, Any], target: 
     from tuner.engine.data import build_data
     from tuner.engine.evaluation import full_metrics, leak_figures
     from tuner.engine.models import Workbench, load, resolve
-    from tuner.engine.unlearn import run_unlearning
+    from tuner.engine.unlearn import run_unlearning, verbmem_plan
 
     with progress() as bars_progress:
         bars = Bars(bars_progress)
@@ -207,14 +207,14 @@ def _unlearn(args: argparse.Namespace, cfg, provenance: dict[str, Any], target: 
             batch = memory.resolve_eval_batch(cfg, bench.original.config, [methods.get(cfg.method)], precision.name,
                                               data.block_size)  # the run's own evaluation batch
             retrain = full_metrics(retrain_model.to(device), data, batch, device, precision.compute,
-                                   mink_k=cfg.mink_k)
+                                   mink_k=cfg.mink_k, verbmem=verbmem_plan(cfg, bench.tokenizer.decode))
             retrain.update(leak_figures(retrain, retrain["mia_auc_mink"]))
             del retrain_model
         if log is not None:
             log.phase("original metrics")
         result = run_unlearning(model, data, cfg, reference=reference, on_progress=on_progress,
                                 on_eval=log.on_eval if log else None, on_start=log.on_start if log else None,
-                                leak_reference=(retrain or {}).get("mia_auc_mink"))
+                                leak_reference=(retrain or {}).get("mia_auc_mink"), decode=bench.tokenizer.decode)
     if log is not None:
         log.finish()
 

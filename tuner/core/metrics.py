@@ -60,15 +60,18 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("unseen_em", "exact memorisation, unseen", "none", "the approximate target of forget EM"),
     Metric("forget_es", "extraction strength, forget", "low", "at most the target's"),
     Metric("unseen_es", "extraction strength, unseen", "none", "the approximate target of forget ES"),
+    Metric("forget_verbmem", "VerbMem ROUGE-L, forget", "low", "at most the target's (unseen text's, or the exact "
+           "retrain's): greedy continuations no closer to the true text than a model that never saw it"),
+    Metric("unseen_verbmem", "VerbMem ROUGE-L, unseen", "none", "the approximate target of forget VerbMem"),
 )
 BY_NAME = {m.name: m for m in CATALOGUE}
 OBJECTIVES = ("forget_gap", "utility_drop", "mia_auc", "privleak")  # what a spec may optimise
 # The metrics of `tuner unlearn`'s before/after table, in order.
 TABLE = ("forget_nll", "unseen_nll", "retain_nll", "general_nll", "forget_gap", "mia_auc_mink", "mia_auc_minkpp",
          "mia_auc_loss", "mia_auc_zlib", "mia_auc_ref", "privleak", "forget_em", "unseen_em", "forget_es",
-         "unseen_es")
+         "unseen_es", "forget_verbmem", "unseen_verbmem")
 # the forget-side figures the Pareto view can put on its x axis besides the forget gap
-PARETO_X = ("privleak", "mia_auc", "mia_auc_minkpp", "forget_em", "forget_es")
+PARETO_X = ("privleak", "mia_auc", "mia_auc_minkpp", "forget_em", "forget_es", "forget_verbmem")
 # objectives that join the forget gap in the target band when a study optimises them
 BAND = tuple(name for name in OBJECTIVES if BY_NAME[name].tolerance is not None and name != "forget_gap")
 

@@ -106,6 +106,13 @@ class RunSettings(BaseModel):
                                             "seeded subsample, each figure an estimate with its standard error "
                                             "(null: all blocks); the kept checkpoint is scored on all")
     compile: bool = Field(False, description="torch.compile the model's decoder (pays on GPUs after a compile)")
+    verbmem_blocks: int | None = Field(
+        None, gt=0, description="forget (and unseen) blocks whose first verbmem_prefix tokens prompt a greedy "
+                                "continuation scored by ROUGE-L F1 against the true text (MUSE's verbatim "
+                                "memorisation, on every fully scored model); null: off, generation is costly")
+    verbmem_prefix: int = Field(32, gt=0, description="prompt tokens of each VerbMem block")
+    verbmem_tokens: int = Field(128, gt=0, description="tokens each VerbMem continuation generates (at most what "
+                                                       "the block holds after the prompt)")
     mink_k: float = Field(
         MINK_K, gt=0, le=1, description="share of a block's least likely tokens the Min-K% and MinK++ membership "
                                         "scores average (open-unlearning's 0.4); stored with every figure")

@@ -18,6 +18,7 @@ from tuner.engine.data import UnlearnData
 from tuner.engine.distributed import eval_share, gather_rows, scoring_mode
 from tuner.engine.lossfn import next_token_logits as next_token_logits  # re-exported for the methods' full-logit terms
 from tuner.engine.lossfn import next_token_nll, next_token_stats
+from tuner.engine.verbmem import VerbMemPlan, verbatim_memorisation
 
 APPROXIMATE_AUC = 0.5  # privleak's reference without an exact retrain: forget indistinguishable from unseen
 
@@ -242,25 +243,27 @@ def leak_figures(metrics: dict[str, float], reference_auc: float) -> dict[str, f
 
 def full_metrics(model, data: UnlearnData, batch_size: int, device: torch.device, dtype: torch.dtype,
                  baseline: dict[str, float] | None = None, *, original: dict[str, torch.Tensor] | None = None,
-                 leak_reference: float | None = None, mink_k: float = MINK_K) -> dict[str, float]:
+                 leak_reference: float | None = None, mink_k: float = MINK_K,
+                 verbmem: VerbMemPlan | None = None) -> dict[str, float]:
     """Every metric of the brief for one model (`tuner.core.metrics` says what each means): `baseline` (the
     original model's metrics) gives utility drops, `original` (its per-block NLL, `original_metrics`) the
     reference MIA, `leak_reference` the AUC privleak is relative to (the exact retrain's; default: the
-    approximate target's 0.5)."""
-    return _measure(model, data, batch_size, device, dtype, baseline, original, leak_reference, mink_k)[0]
+    approximate target's 0.5), `verbmem` MUSE's verbatim memorisation (off when None)."""
+    return _measure(model, data, batch_size, device, dtype, baseline, original, leak_reference, mink_k, verbmem)[0]
 
 
 def original_metrics(model, data: UnlearnData, batch_size: int, device: torch.device, dtype: torch.dtype,
-                     leak_reference: float | None = None,
-                     mink_k: float = MINK_K) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+                     leak_reference: float | None = None, mink_k: float = MINK_K,
+                     verbmem: VerbMemPlan | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """The original model's metrics (a study's baseline) and its mean NLL per forget and unseen block, the
     yardstick of every later model's reference MIA, from one scoring pass."""
-    return _measure(model, data, batch_size, device, dtype, None, None, leak_reference, mink_k)
+    return _measure(model, data, batch_size, device, dtype, None, None, leak_reference, mink_k, verbmem)
 
 
 def _measure(model, data: UnlearnData, batch_size: int, device: torch.device, dtype: torch.dtype,
              baseline: dict[str, float] | None, original: dict[str, torch.Tensor] | None,
-             leak_reference: float | None, mink_k: float) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+             leak_reference: float | None, mink_k: float,
+             verbmem: VerbMemPlan | None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     sets = data.eval_sets()
     # forget and unseen in one pass with the memorisation statistics; the utility sets need only their NLL
     stats = {name: token_stats(model, sets[name], batch_size, device, dtype) for name in GAP_SETS}
@@ -282,6 +285,11 @@ def _measure(model, data: UnlearnData, batch_size: int, device: torch.device, dt
     metrics["mia_auc"] = metrics["mia_auc_mink"]
     metrics["mink_k"] = mink_k
     metrics.update(leak_figures(metrics, APPROXIMATE_AUC if leak_reference is None else leak_reference))
+    if verbmem is not None:
+        for name in GAP_SETS:
+            score = verbatim_memorisation(model, sets[name], verbmem, batch_size, device)
+            if score is not None:  # no block with words to score: not measured
+                metrics[f"{name}_verbmem"] = score
     if baseline is not None:
         for name in ("retain", "general"):
             if f"{name}_nll" in metrics and f"{name}_nll" in baseline:

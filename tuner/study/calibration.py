@@ -99,7 +99,8 @@ def calibrate(unit: str, params: dict[str, Any], low: float, high: float, settin
         # the ramp runs to its top lr: a trial's early stops (hopeless, collapsed) would cut it where it is
         # meant to look, and the analysis reads the collapse from the curve itself
         "prune_hopeless": False, "stop_on_collapse": False,
-        "checkpoint": "last", "end_step": None, "device": ctx.run.device})
+        "checkpoint": "last", "end_step": None, "device": ctx.run.device,
+        "verbmem_blocks": None})  # the analysis reads the curve; generation would only cost
     refused = memory_refusal(ctx, cfg.method, data.block_size, run=cfg, ranks=1)
     if refused is not None:
         return {"status": SKIPPED, "reason": f"one process at the trial's effective batch does not fit: {refused}"}

@@ -228,6 +228,9 @@ class StudySpec(_Strict):
                 raise ValueError(f"per_method: '{name}' is not among the study's methods")
         if len(set(self.objectives)) != len(self.objectives) or not self.objectives:
             raise ValueError("objectives: name each objective once, at least one")
+        if self.run.verbmem_blocks is not None and self.resources.workers > 1:
+            raise ValueError("run.verbmem_blocks: verbatim memorisation generates in one process; a trial of "
+                             f"{self.resources.workers} workers cannot score it (set it to null, or workers: 1)")
         self._check_search()
         return self
 

@@ -26,7 +26,7 @@ from tuner.engine.memory import RunPlan, device_capacity, model_shape, resolve_e
 from tuner.engine.models import Workbench, fingerprint, load, resolve
 from tuner.engine.robustness import check_candidate, retrain_relearning
 from tuner.engine.testbed import data_spec as testbed_data_spec
-from tuner.engine.unlearn import UnlearnConfig, run_unlearning
+from tuner.engine.unlearn import UnlearnConfig, run_unlearning, verbmem_plan
 from tuner.results.candidates import constraint_values, objective_values
 from tuner.study.context import TrialContext
 from tuner.study.report import CurveReport, Report, TrialReport
@@ -80,14 +80,15 @@ def prepare(ctx: TrialContext) -> dict[str, Any]:
     # the testbed's retrain model never saw the forget set only when the forget set is the testbed's own
     if bench.source.retrain_path is not None and ctx.data is None:
         retrain, _ = load(resolve(str(bench.source.retrain_path)), torch_dtype=dtype)
-        exact = full_metrics(retrain.to(device), data, batch, device, dtype, mink_k=ctx.run.mink_k)
+        exact = full_metrics(retrain.to(device), data, batch, device, dtype, mink_k=ctx.run.mink_k,
+                             verbmem=verbmem_plan(ctx.run, bench.tokenizer.decode))
         exact.update(leak_figures(exact, exact["mia_auc_mink"]))
         checks = ctx.robustness
         if checks.enabled("relearn"):  # the yardstick of every candidate's relearning speed, once per study
             exact["relearn"] = retrain_relearning(retrain, data, checks.relearn, ctx.seed, device, dtype, batch)
         del retrain
     baseline, original = original_metrics(bench.reference, data, batch, device, dtype, leak_reference(exact),
-                                          ctx.run.mink_k)
+                                          ctx.run.mink_k, verbmem_plan(ctx.run, bench.tokenizer.decode))
     summary = {"blocks": data.summary(), "sources": data.sources, "sha256": data.fingerprints(),
                "model": fingerprint(bench.reference.config)}
     return {"data": data, "baseline": baseline, "original": original, "exact_retrain": exact,
@@ -123,8 +124,10 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any
         report(CurveReport(point))
 
     try:
-        model, reference = workbench(ctx).trainee(cfg, ctx.precision)
-        result = run_unlearning(model, data, cfg, reference=reference, on_eval=on_eval, **compared(prepared))
+        bench = workbench(ctx)
+        model, reference = bench.trainee(cfg, ctx.precision)
+        result = run_unlearning(model, data, cfg, reference=reference, on_eval=on_eval,
+                                decode=bench.tokenizer.decode, **compared(prepared))
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         if not out_of_memory(err) or cfg.world_size > 1:  # a rank out of memory fails the whole trial (multiworker)
             raise
@@ -151,8 +154,10 @@ def rerun(config: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any], c
     started = time.perf_counter()
     torch.set_num_threads(ctx.threads)
     cfg = UnlearnConfig.model_validate({**config, "device": ctx.run.device})
-    model, reference = workbench(ctx).trainee(cfg, ctx.precision)
-    result = run_unlearning(model, prepared["data"], cfg, reference=reference, **compared(prepared))
+    bench = workbench(ctx)
+    model, reference = bench.trainee(cfg, ctx.precision)
+    result = run_unlearning(model, prepared["data"], cfg, reference=reference, decode=bench.tokenizer.decode,
+                            **compared(prepared))
     out = {"metrics": result.metrics, "checks": None, "status": result.status, "reason": result.reason}
     if checks and result.metrics is not None:
         out["checks"] = robustness_checks(model, ctx, prepared, cfg, result.metrics)
