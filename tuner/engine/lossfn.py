@@ -218,7 +218,9 @@ def next_token_nll(model: torch.nn.Module, ids: torch.Tensor, budget_bytes: int 
 
 
 STATS = ("nll", "hit", "z")  # the last dim of `token_stats`, in order
-STATS_COPIES = 4  # fp32 [rows, V] tensors alive at once in `logit_stats`: the chunk's budget is split over them
+# fp32 [rows, V] tensors alive at once in `logit_stats` (logits, log-probs, probs, their products): the chunk's
+# budget is split over them
+STATS_COPIES = 6
 
 
 def logit_stats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
