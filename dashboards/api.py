@@ -13,7 +13,8 @@ from tuner.core.errors import TunerError
 from tuner.store import Store
 
 PARETO_FIELDS = ("id", "unit", "method", "retain_source", "number", "status", "params", "objectives")
-PARETO_METRICS = ("forget_gap", "utility_drop", "mia_auc", "forget_nll", "unseen_nll", "retain_nll")
+PARETO_METRICS = ("forget_gap", "utility_drop", "mia_auc", "privleak", "forget_em", "forget_es", "forget_nll",
+                  "unseen_nll", "retain_nll")
 
 
 def _jsonable(value: Any) -> Any:

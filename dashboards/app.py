@@ -157,7 +157,7 @@ def create_app(store_url: str | None = None, token: str | None = None, refresh_m
         State("study-name", "data"), State("study-stamp", "data"), State("curve-trials", "value"),
         prevent_initial_call=True)
     def refresh_study(_n, gap_mode, name, last_stamp, curve_ids):
-        stamp, data, figs = cache.figures(name, gap_mode == "abs")
+        stamp, data, figs = cache.figures(name, gap_mode or "signed")
         if ctx.triggered_id == "study-refresh" and list(stamp) == list(last_stamp or []):
             raise PreventUpdate
         return (study_header(data), figs["fig-pareto"], figs["fig-robustness"], figs["fig-attacks"],

@@ -73,7 +73,7 @@ class StudyCache:
             with self.lock:
                 self.queued.discard(name)
             with contextlib.suppress(Exception):  # the page's own callback reports a bad name or store error
-                self.figures(name, abs_gap=False)
+                self.figures(name)
 
         self.prefetcher.submit(build)
         return True
@@ -88,18 +88,19 @@ class StudyCache:
         stamp = self._stamp(name)
         return stamp, self._get((name, stamp, "data"), lambda: load_study(self.store, name))
 
-    def figures(self, name: str, abs_gap: bool) -> tuple[tuple, StudyData, dict[str, dict]]:
-        """The study and its figures, both of the same state of the store (one fingerprint for both)."""
+    def figures(self, name: str, x: str = "signed") -> tuple[tuple, StudyData, dict[str, dict]]:
+        """The study and its figures (`x`: the Pareto figure's x axis), both of the same state of the store
+        (one fingerprint for both)."""
         stamp = self._stamp(name)
         data = self._get((name, stamp, "data"), lambda: load_study(self.store, name))
-        figs = self._get((name, stamp, f"figures-{abs_gap}"), lambda: page_figures(data, abs_gap))
+        figs = self._get((name, stamp, f"figures-{x}"), lambda: page_figures(data, x))
         return stamp, data, figs
 
 
-def page_figures(data: StudyData, abs_gap: bool) -> dict[str, dict]:
+def page_figures(data: StudyData, x: str = "signed") -> dict[str, dict]:
     """Figures as plain dicts (what dcc.Graph sends anyway), with uirevision so zoom survives refreshes."""
     out = {}
-    for key, fig in figures.all_figures(data, abs_gap=abs_gap).items():
+    for key, fig in figures.all_figures(data, x=x).items():
         fig.update_layout(uirevision=f"{data.name}:{key}")
         out[key] = fig.to_plotly_json()
     return out

@@ -15,6 +15,7 @@ import socket
 import sys
 
 from tuner.core.errors import TunerError
+from tuner.core.metrics import PARETO_X
 
 STORAGE_HELP = "SQLAlchemy URL of the store (default: $TUNER_STORAGE or the user's SQLite file)"
 
@@ -40,6 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, help="HTML file to write, e.g. report.html")
     e.add_argument("--storage", default=argparse.SUPPRESS, help=STORAGE_HELP)
     e.add_argument("--abs-gap", action="store_true", help="plot |forget gap| instead of the signed gap")
+    e.add_argument("--x", default="signed", choices=["signed", "abs", *PARETO_X],
+                   help="the Pareto figure's x axis: the signed or absolute forget gap, or a forget-side metric "
+                        "(privleak, MIA AUC, MinK++ AUC, exact memorisation, extraction strength); default: signed")
     e.set_defaults(func=cmd_dashboard_export)
     return d
 
@@ -90,7 +94,7 @@ def cmd_dashboard_export(args: argparse.Namespace) -> int:
     from tuner.store import Store
 
     store = Store(getattr(args, "storage", None), create=False)
-    path = export(store, args.name, args.output, abs_gap=args.abs_gap)
+    path = export(store, args.name, args.output, x="abs" if args.abs_gap else args.x)
     size = path.stat().st_size / 1e6
     print(f"wrote {path} ({size:.1f} MB, self-contained: opens offline)")
     return 0

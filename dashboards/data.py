@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from tuner.core.hparams import LR, RETAIN_WEIGHT, SHARED, Hyperparameter
+from tuner.core.metrics import band_metrics
 from tuner.core.status import BROKEN, UNFINISHED
 from tuner.engine import methods
 from tuner.results.recommend import OK_STATUSES, outcome, succeeded
@@ -45,9 +46,9 @@ NO_RECOMMENDATION = "no recommendation stored yet: no trial has finished"
 ATTACK_KEYS = ("relearn_gap", "quant4_gap", "quant8_gap")
 
 
-def classify(row: dict[str, Any], target: dict[str, float], use_mia: bool = False) -> str:
+def classify(row: dict[str, Any], target: dict[str, float], band: tuple[str, ...] = ()) -> str:
     """The outcome class of one trial row: the recommender's own rule, so page and export agree."""
-    return outcome(row, target, use_mia)
+    return outcome(row, target, band)
 
 
 @dataclass
@@ -150,8 +151,9 @@ class StudyData:
     importances: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
-    def uses_mia(self) -> bool:
-        return "mia_auc" in self.objectives
+    def band(self) -> tuple[str, ...]:
+        """The figures beyond the forget gap that the target band holds to a tolerance (the objectives')."""
+        return band_metrics(self.objectives)
 
     @property
     def running(self) -> bool:
@@ -227,7 +229,7 @@ def load_study(store: Store, name: str, curves: bool = True, recommend: bool = T
     spec = study.spec or {}
     target = Target.model_validate(spec.get("target") or {}).rule(study.exact_retrain)
     objectives = list(spec.get("objectives") or ["forget_gap", "utility_drop"])
-    use_mia = "mia_auc" in objectives
+    band = band_metrics(objectives)
     rows = store.trials(name)
     checks = store.study_checks(name)
     units: dict[str, Unit] = {}
@@ -237,8 +239,8 @@ def load_study(store: Store, name: str, curves: bool = True, recommend: bool = T
         r["metrics"] = r.get("metrics") or {}
         r["params"] = r.get("params") or {}
         r["result"] = r.get("result") or {}
-        r["outcome"] = classify(r, target, use_mia)
-        r["success"] = succeeded(r, target, use_mia)
+        r["outcome"] = classify(r, target, band)
+        r["success"] = succeeded(r, target, band)
         r["map_class"] = "in_band_damaged" if r["outcome"] == "in_band" and not r["success"] else r["outcome"]
         r["pareto"] = bool(r.get("pareto"))  # the stored flag
         r["recommended"] = False
@@ -388,7 +390,9 @@ _BEFORE = (Column("id", "trial", True), Column("unit", "unit"), Column("number",
            Column("status", "status"), Column("outcome", "outcome"), Column("pareto", "Pareto"),
            Column("recommended", "picked"))
 _AFTER = (Column("forget_gap", "forget gap", True), Column("utility_drop", "utility drop", True),
-          Column("mia_auc", "MIA AUC", True), Column("forget_nll", "forget NLL", True),
+          Column("mia_auc", "MIA AUC", True), Column("privleak", "privleak %", True),
+          Column("forget_em", "forget EM", True), Column("forget_es", "forget ES", True),
+          Column("forget_nll", "forget NLL", True),
           Column("unseen_nll", "unseen NLL", True), Column("retain_nll", "retain NLL", True),
           Column("steps", "steps", True), Column("stop_step", "stop step", True),
           Column("selected_step", "selected step", True), Column("device_s", "device-s", True),
@@ -423,7 +427,9 @@ def table_rows(data: StudyData) -> list[dict[str, Any]]:
             "pareto": "yes" if r["pareto"] else "", "recommended": "yes" if r["recommended"] else "",
             **{param_key(hp): p.get(hp.name) for hp in params},
             "forget_gap": _round(m.get("forget_gap")), "utility_drop": _round(m.get("utility_drop")),
-            "mia_auc": _round(m.get("mia_auc")), "forget_nll": _round(m.get("forget_nll")),
+            "mia_auc": _round(m.get("mia_auc")), "privleak": _round(m.get("privleak"), 2),
+            "forget_em": _round(m.get("forget_em")), "forget_es": _round(m.get("forget_es")),
+            "forget_nll": _round(m.get("forget_nll")),
             "unseen_nll": _round(m.get("unseen_nll")), "retain_nll": _round(m.get("retain_nll")),
             "steps": res.get("steps_done"), "stop_step": res.get("stop_step"), "selected_step": res.get("selected_step"),
             "device_s": _round(device_seconds(r), 2), "tokens": tokens(r) or None, "device": r.get("device"),

@@ -12,6 +12,7 @@ from dash import dcc, html
 from dashboards import queries, trialtable
 from dashboards.cache import StudyCache
 from dashboards.data import StudyData, fmt, table_columns, table_rows
+from dashboards.figures.front import x_options
 from dashboards.page import (
     FAILING_COLOUR,
     RECOMMENDATION_COLUMNS,
@@ -63,7 +64,7 @@ def study_table(rows: list[dict[str, Any]]) -> html.Div | html.P:
 
 def study_page(cache: StudyCache, name: str, refresh_ms: int) -> html.Div:
     try:
-        stamp, data, figs = cache.figures(name, abs_gap=False)
+        stamp, data, figs = cache.figures(name)
     except TunerError as err:
         return html.Div([html.H1("Study not found"), html.P(str(err), className="error"),
                          dcc.Link("back to the study list", href="/")])
@@ -81,7 +82,7 @@ def study_page(cache: StudyCache, name: str, refresh_ms: int) -> html.Div:
         html.Div(study_header(data), id="study-header"),
         _section("fig-pareto", sections, [
             html.Div([html.Label("x axis:"), dcc.RadioItems(id="gap-mode", value="signed", inline=True, options=[
-                {"label": " forget gap (signed)", "value": "signed"}, {"label": " |forget gap|", "value": "abs"}])],
+                {"label": f" {label}", "value": value} for value, label in x_options(data)])],
                 className="controls"),
             graph["fig-pareto"]]),
         _section("fig-robustness", sections, [graph["fig-robustness"]]),

@@ -9,6 +9,7 @@ from typing import Any
 from dashboards.data import StudyData, fmt
 from dashboards.guidelines import CONTRADICTED, HOLDS, check_all
 from tuner.core.hparams import LR
+from tuner.core.metrics import leak_reference_text
 from tuner.engine.methods import describe
 from tuner.results.recommend import robustness_line
 
@@ -50,12 +51,16 @@ def header_facts(data: StudyData) -> list[tuple[str, str]]:
              ("trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none yet"),
              ("search units", str(len(data.units))), ("objectives (minimised)", ", ".join(data.objectives)),
              ("target", f"|forget gap| ≤ {t['gap_tolerance']:g}, utility drop ≤ {t['utility_tolerance']:g}"
-                        + (f", |MIA AUC − 0.5| ≤ {t['mia_tolerance']:g}" if data.uses_mia else "")),
+                        + (f", |MIA AUC − 0.5| ≤ {t['mia_tolerance']:g}" if "mia_auc" in data.band else "")
+                        + (f", |privleak| ≤ {t['privleak_tolerance']:g} %" if "privleak" in data.band else "")
+                        + (f", forget EM ≤ target's + {t['em_tolerance']:g}" if t.get("em_tolerance") is not None
+                           else "")),
              ("sampler / budget", f"{(data.spec.get('sampler') or {}).get('name', '?')}, "
                                   f"{(data.spec.get('budget') or {}).get('trials', '?')} trials per unit")]
     if data.baseline:
         facts.append(("original model", f"forget gap {fmt(data.baseline.get('forget_gap'), '+.3f')}, MIA AUC "
                                         f"{fmt(data.baseline.get('mia_auc'))}"))
+    facts.append(("privleak measured against", leak_reference_text(data.exact_retrain)))
     if data.exact_retrain:
         retrain = data.retrain_relearn
         facts.append(("exact retrain (testbed)", f"forget NLL {fmt(data.exact_retrain.get('forget_nll'))}, gap "

@@ -77,9 +77,9 @@ def figure_html(fig: go.Figure, div_id: str) -> str:
                        config={"displaylogo": False, "responsive": True})
 
 
-def render(data: StudyData, abs_gap: bool = False) -> str:
-    """The whole report as one HTML string."""
-    figs = figures.all_figures(data, abs_gap=abs_gap)
+def render(data: StudyData, x: str = "signed") -> str:
+    """The whole report as one HTML string (`x`: the Pareto figure's x axis)."""
+    figs = figures.all_figures(data, x=x)
     parts = [f"<h1>Study {e(data.name)}</h1>",
              "<p class='lead'>Unlearning hyperparameter study: exported from the store on "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>"]
@@ -152,7 +152,7 @@ def _trial_table(data: StudyData) -> str:
             + "".join(body) + "</tbody></table></div></section>")
 
 
-def export(store: Store, name: str, output: str | Path, abs_gap: bool = False) -> Path:
+def export(store: Store, name: str, output: str | Path, x: str = "signed") -> Path:
     """Write the report of study `name` to `output`; TunerError for an unknown study or a missing folder."""
     out = Path(output).expanduser()
     if out.is_dir():
@@ -160,7 +160,7 @@ def export(store: Store, name: str, output: str | Path, abs_gap: bool = False) -
     if not out.parent.exists():
         raise TunerError(f"-o: folder {out.parent} does not exist")
     data = load_study(store, name)
-    text = render(data, abs_gap=abs_gap)
+    text = render(data, x=x)
     try:
         out.write_text(text, encoding="utf-8")
     except OSError as err:

@@ -23,9 +23,10 @@ from tuner.core.hparams import Hyperparameter
 
 PAGE_SIZE = 15
 # shown with the "all columns" box: fewer columns are easier to read
-OPTIONAL = ("unseen_nll", "retain_nll", "selected_step", "effective_batch", "world_size", "sharding", "device",
+OPTIONAL = ("forget_es", "unseen_nll", "retain_nll", "selected_step", "effective_batch", "world_size", "sharding", "device",
             "precision")
-METRICS = ("forget_gap", "utility_drop", "mia_auc", "forget_nll", "unseen_nll", "retain_nll")  # to 4 decimals
+METRICS = ("forget_gap", "utility_drop", "mia_auc", "privleak", "forget_em", "forget_es", "forget_nll", "unseen_nll",
+           "retain_nll")  # to 4 decimals
 TEXT_SEARCHED = ("unit", "status", "outcome", "precision", "error")
 # a column name: letters of any script (λ, β), '_', ' ', '.', '-'
 _TERM = re.compile(r"^\s*((?:[^\W\d]|[ .-])+?)\s*(!=|>=|<=|=|>|<)\s*(.+?)\s*$")

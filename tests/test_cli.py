@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,15 @@ def test_unlearn_on_the_testbed_reports_both_targets_and_saves(tmp_path, cache_d
     assert report["environment"]["effective_batch"] == 8 and report["environment"]["world_size"] == 1
     assert len(report["curve"]) >= 2 and report["curve"][0]["step"] == 0
     assert (out / "model" / "config.json").exists() and (out / "model" / "tokenizer.json").exists()
+    # the field's metrics before and after, privleak relative to the exact retrain (0 for the retrain itself)
+    for label in ("exact memorisation, forget", "extraction strength, forget", "MIA AUC MinK++", "privleak %"):
+        line = next(row for row in proc.stdout.splitlines() if label in row)
+        assert len(re.findall(r"[-+]?\d+\.\d+", line)) == 3, line  # original, unlearned, exact retrain
+    before, after, retrain = report["baseline"], report["metrics"], report["exact_retrain"]
+    assert after["privleak_reference_auc"] == retrain["mia_auc_mink"] and retrain["privleak"] == 0.0
+    assert before["privleak"] < -20 < after["privleak"]  # the original leaks (MUSE sign: negative); less after
+    assert after["forget_em"] < before["forget_em"] and after["mink_k"] == 0.4
+    assert "privleak relative to min-k AUC" in proc.stdout and "the exact retrain" in proc.stdout
     # the saved model loads and is the unlearned one
     from transformers import AutoModelForCausalLM
 

@@ -18,10 +18,12 @@ from dashboards import data as D
 from dashboards import figures as F
 from dashboards import guidelines as G
 from dashboards import plotlyjs
+from dashboards.figures import front
 from dashboards.headless import CHROMIUM_ARGS
 from dashboards.hypervolume import hypervolume
 from dashboards.server import BackgroundServer
 from tuner.core.errors import TunerError
+from tuner.core.metrics import get as metric
 from tuner.store import Store
 
 CHROMIUM = os.environ.get("TUNER_CHROMIUM", "/usr/bin/chromium")
@@ -31,11 +33,12 @@ ERROR = "<img src=x onerror=\"window.__xss = 3\"> worker said: a < b & c > d"
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, local_ray, micro_study):
-    """A real micro study (GA and GA+GD, 2 trials each) in a fresh SQLite store, plus one failed trial whose
-    error text is HTML, to check escaping. No robustness checks: their figures and guideline are tested on the
-    `checked` store below."""
+    """A real micro study (GA and GA+GD, 2 trials each, privleak a third objective) in a fresh SQLite store, plus
+    one failed trial whose error text is HTML, to check escaping. No robustness checks: their figures and
+    guideline are tested on the `checked` store below."""
     root = tmp_path_factory.mktemp("dash-study")
     url = micro_study(root, name="dash", notes=NOTES, methods=["ga", "ga_gd"], budget={"trials": 2}, concurrency=2,
+                      objectives=["forget_gap", "utility_drop", "privleak"],
                       sampler={"name": "tpe", "n_startup_trials": 1}, run={"eval_every": 4})
     store = Store(url)
     with store.sessions() as s:
@@ -125,6 +128,9 @@ def test_study_rows_are_classified_against_the_spec_target(loaded):
             assert r["outcome"] == "diverged"
         else:
             expect = "remembered" if gap < -tol else "over_unlearned" if gap > tol else "in_band"
+            leak = r["metrics"]["privleak"]  # an objective here: the band holds it within its tolerance too
+            if expect == "in_band" and abs(leak) > loaded.target["privleak_tolerance"]:
+                expect = "remembered" if leak < 0 else "over_unlearned"
             assert r["outcome"] == expect
     expected = D.expected_points(loaded)
     assert expected["ga_gd@in_distribution"] == sum(r["status"] in D.OK_STATUSES for r in
@@ -135,7 +141,7 @@ def test_study_rows_are_classified_against_the_spec_target(loaded):
 def test_classification_agrees_with_the_recommender(loaded):
     recommend = pytest.importorskip("tuner.results.recommend")
     for r in loaded.rows:
-        assert D.classify(r, loaded.target, loaded.uses_mia) == recommend.outcome(r, loaded.target, loaded.uses_mia)
+        assert D.classify(r, loaded.target, loaded.band) == recommend.outcome(r, loaded.target, loaded.band)
     assert loaded.recommendation is not None, loaded.recommendation_note
     assert set(loaded.recommendation["units"]) == set(loaded.units)
 
@@ -161,10 +167,26 @@ def test_pareto_figure_has_every_finished_trial_once(loaded):
     assert any(s.type == "line" and s.y0 == loaded.target["utility_tolerance"] for s in fig.layout.shapes)
 
 
+def test_pareto_figure_draws_privleak_with_its_band_when_picked(loaded):
+    """The study optimises privleak: every finished trial measured it, and the picker draws it with MUSE's band
+    around 0 and says what it is relative to (the testbed's exact retrain)."""
+    assert "privleak" in loaded.objectives and ("privleak", metric("privleak").label) in front.x_options(loaded)
+    fig = front.pareto(loaded, "privleak")
+    xs = {}
+    for t in fig.data:
+        if (t.meta or {}).get("role") in ("front", "dominated"):
+            xs.update(dict(zip(t.customdata, t.x, strict=True)))
+    assert xs and all(x == loaded.row(i)["metrics"]["privleak"] for i, x in xs.items())
+    assert len(xs) == sum(D.expected_points(loaded).values())
+    band = next(s for s in fig.layout.shapes if s.type == "rect")
+    assert (band.x0, band.x1) == (-loaded.target["privleak_tolerance"], loaded.target["privleak_tolerance"])
+    assert "exact retrain" in fig.layout.xaxis.title.text
+
+
 def test_every_figure_builds_and_escapes_stored_text(loaded):
     import plotly.graph_objects as go
 
-    figs = F.all_figures(loaded, abs_gap=True)
+    figs = F.all_figures(loaded, x="abs")
     assert set(figs) == set(FIGURE_IDS)
     empty = D.StudyData(**{**loaded.__dict__, "rows": [], "units": {}, "curves": {}, "recommendation": None})
     for fig in [*figs.values(), *F.all_figures(loaded).values(), *F.all_figures(empty).values()]:
@@ -373,7 +395,7 @@ def test_json_endpoints_serve_studies_pareto_points_and_recommendation(study, lo
     pareto = client.get("/api/studies/dash/pareto").get_json()
     expected = {r["id"] for r in loaded.rows if r.get("pareto")}
     assert {p["id"] for p in pareto["points"]} == expected and expected
-    assert all(set(p["objectives"]) == {"forget_gap", "utility_drop"} for p in pareto["points"])
+    assert all(set(p["objectives"]) == {"forget_gap", "utility_drop", "privleak"} for p in pareto["points"])
     rec = client.get("/api/studies/dash/recommendation").get_json()
     assert set(rec["units"]) == {"ga", "ga_gd@in_distribution"}
     stored = study["store"].recommendation("dash")  # what the study driver derived: served, not recomputed
@@ -469,6 +491,12 @@ def test_study_page_renders_every_figure(browser, server, loaded):
         page.click("#gap-mode input[value='abs']")
         page.wait_for_function("() => document.querySelector('#fig-pareto .js-plotly-plot').layout.xaxis.title"
                                ".text.startsWith('|forget gap|')", timeout=10_000)
+        assert page.evaluate(POINTS_JS, "#fig-pareto .js-plotly-plot") == {
+            u: n for u, n in D.expected_points(loaded).items() if n}
+        # and to privleak, an objective of this study: every point again, on MUSE's percent scale
+        page.click("#gap-mode input[value='privleak']")
+        page.wait_for_function("() => document.querySelector('#fig-pareto .js-plotly-plot').layout.xaxis.title"
+                               ".text.startsWith('privleak')", timeout=10_000)
         assert page.evaluate(POINTS_JS, "#fig-pareto .js-plotly-plot") == {
             u: n for u, n in D.expected_points(loaded).items() if n}
         assert not problems, problems
@@ -568,7 +596,7 @@ def test_page_request_starts_building_the_study(study):
     assert client.get("/study/dash").status_code == 200
     cache.prefetcher.submit(lambda: None).result()  # one worker, in order: the prefetches are done
     assert {key[0] for key in cache.items} == {"dash"}
-    assert {key[2] for key in cache.items} == {"data", "figures-False"}
+    assert {key[2] for key in cache.items} == {"data", "figures-signed"}
 
     guarded = create_app(study["url"], token="s3cret")
     assert guarded.server.test_client().get("/study/dash").status_code == 401

@@ -345,9 +345,9 @@ def test_images_install_torch_from_the_chosen_index_then_the_project_with_hf():
     assert pip and all("--no-cache-dir" in p for p in pip), pip
     torch_first = pip[0]
     assert '--index-url "${TORCH_INDEX_URL}"' in torch_first and '"torch==${TORCH_VERSION}"' in torch_first
-    assert any('"/src[hf]"' in p for p in pip[1:])
+    assert any('"/src[hf,verbmem]"' in p for p in pip[1:])
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert "hf" in extras
+    assert {"hf", "verbmem"} <= set(extras)
     # Ray's node extras are pinned to the Ray version pip resolved for the project, never a second version.
     assert any('"ray[default,tune]==${ray_version}"' in p for p in pip)
 

@@ -29,18 +29,18 @@ def test_a_robust_setting_beats_an_isolated_lucky_one():
     rows = [row(1, 1e-3, 3, 0.01, 0.10), row(2, 1.2e-3, 3, 0.02, 0.12), row(3, 0.9e-3, 3, -0.03, 0.11),
             row(4, 1e-5, 1, 0.00, 0.01),  # lucky: in band, best utility, but alone among failures
             row(5, 1.2e-5, 1, -0.9, 0.0), row(6, 0.8e-5, 1, -0.8, 0.0)]
-    rec = recommend_unit(rows, TARGET, use_mia=False)
+    rec = recommend_unit(rows, TARGET, band=())
     assert rec["status"] == "recommended" and rec["trial_id"] == 1
     assert rec["robustness"] > 0.5 and rec["window_width"] == pytest.approx(2.08, abs=0.01)
     assert rec["success_rate"] == pytest.approx(4 / 6)
 
 
 def test_without_success_the_closest_is_named_with_its_reason():
-    over = recommend_unit([row(1, 1e-2, 3, 0.8, 3.0), row(2, 1e-3, 2, 0.3, 1.0)], TARGET, use_mia=False)
+    over = recommend_unit([row(1, 1e-2, 3, 0.8, 3.0), row(2, 1e-3, 2, 0.3, 1.0)], TARGET, band=())
     assert over["status"] == "closest" and over["trial_id"] == 2 and "over-unlearned" in over["reason"]
-    under = recommend_unit([row(1, 1e-5, 1, -0.4, 0.0)], TARGET, use_mia=False)
+    under = recommend_unit([row(1, 1e-5, 1, -0.4, 0.0)], TARGET, band=())
     assert "under-unlearned" in under["reason"]
-    dead = recommend_unit([row(1, 1e30, 1, 0, 0, status="diverged")], TARGET, use_mia=False)
+    dead = recommend_unit([row(1, 1e30, 1, 0, 0, status="diverged")], TARGET, band=())
     assert dead["status"] == "none" and "diverged" in dead["reason"]
 
 
@@ -159,7 +159,7 @@ def test_the_recommendation_is_stored_with_the_study(tuned):
     stored = store.recommendations("tuned")  # the study driver stored it as the study ended
     assert set(stored) == {"ga", "ga_gd@in_distribution", None}
     rows = store.trials("tuned")
-    rec = recommend(rows, store.study("tuned").spec["target"], use_mia=False)  # a pure function of the rows
+    rec = recommend(rows, store.study("tuned").spec["target"], band=())  # a pure function of the rows
     assert stored[None]["trial_id"] == rec["overall"]["trial_id"]
     derived.refresh(store, "tuned")  # deriving again replaces, never duplicates
     assert set(store.recommendations("tuned")) == set(stored)
@@ -176,9 +176,9 @@ def test_muse_rule_keeps_each_trials_first_checkpoint_that_reaches_the_band():
                 "selected": selected, "metrics": {"forget_gap": gap, "utility_drop": drop}}
 
     rows = [point(2, -0.3, 0.05), point(4, -0.04, 0.4), point(6, 0.0, 0.1, selected=True)]
-    assert recommend_unit(rows, TARGET | {"utility_tolerance": 1.0}, use_mia=False)["step"] == 6
-    muse = recommend_unit(rows, TARGET | {"utility_tolerance": 1.0, "candidates": "first_at_target"}, use_mia=False)
+    assert recommend_unit(rows, TARGET | {"utility_tolerance": 1.0}, band=())["step"] == 6
+    muse = recommend_unit(rows, TARGET | {"utility_tolerance": 1.0, "candidates": "first_at_target"}, band=())
     assert muse["step"] == 4 and muse["n_candidates"] == 1
     kept_first = [point(2, -0.3, 0.05), point(4, 0.0, 0.4, selected=True), point(6, 0.02, 0.1)]
     assert recommend_unit(kept_first, TARGET | {"utility_tolerance": 1.0, "candidates": "first_at_target"},
-                          use_mia=False)["step"] == 4
+                          band=())["step"] == 4

@@ -95,10 +95,10 @@ def test_the_recommender_skips_a_candidate_that_relearns_and_says_why():
                 "metrics": {"forget_gap": gap, "utility_drop": drop, "relearn_gap": relearn_gap}}
 
     fragile, sturdy = row(1, 1e-4, 0.0, 0.05, -0.6), row(2, 1e-3, 0.02, 0.2, -0.1)
-    rec = recommend_unit([fragile, sturdy], target, use_mia=False)
+    rec = recommend_unit([fragile, sturdy], target, band=())
     assert rec["trial_id"] == 2 and "skipped" in rec["reason"]
     assert any("relearning brings the forget set back: relearn_gap -0.600 < -0.2" in w for w in rec["warnings"])
-    alone = recommend_unit([fragile], target, use_mia=False)
+    alone = recommend_unit([fragile], target, band=())
     assert alone["status"] == "closest" and "fails a robustness check" in alone["reason"]
     assert alone["check_failures"]
 

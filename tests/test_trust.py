@@ -8,6 +8,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tuner.core.metrics import BAND
 from tuner.results.candidates import CONFIRMATION, candidates
 from tuner.results.recommend import recommend, recommend_unit
 from tuner.results.target import Target
@@ -29,41 +30,41 @@ def candidate(i, step, gap, drop, mia=None, measured="full", lr=1e-3, selected=N
 def test_a_mid_run_point_without_utility_is_not_ranked_as_undamaged():
     """The issue's case: the true drop of the unmeasured step was 0.6, the measured one's 0.3."""
     rows = [candidate(1, 10, 0.02, 0.3), candidate(1, 6, 0.01, None, measured="estimate")]
-    rec = recommend_unit(rows, TARGET, use_mia=False)
+    rec = recommend_unit(rows, TARGET, band=())
     assert rec["status"] == "recommended" and rec["step"] == 10 and rec["metrics"]["utility_drop"] == 0.3
     assert rec["confirm"] == [{"trial_id": 1, "step": 6, "missing": ["utility_drop"], "estimated": []}]
 
 
 def test_an_estimate_that_would_win_is_confirmed_before_it_is_recommended():
     rows = [candidate(1, 10, 0.02, 0.3), candidate(1, 6, 0.01, 0.1, measured="estimate")]
-    rec = recommend_unit(rows, TARGET, use_mia=False)
+    rec = recommend_unit(rows, TARGET, band=())
     assert rec["step"] == 10 and [c["step"] for c in rec["confirm"]] == [6]
     # the confirmation measured 0.6: the full measurement at step 10 stays the pick, nothing more to confirm
     confirmed = [candidate(1, 10, 0.02, 0.3), candidate(1, 6, 0.01, 0.6, measured="confirmed")]
-    rec = recommend_unit(confirmed, TARGET, use_mia=False)
+    rec = recommend_unit(confirmed, TARGET, band=())
     assert rec["step"] == 10 and rec["confirm"] == []
     # had it measured 0.05, the confirmed step wins and says how it was measured
     better = [candidate(1, 10, 0.02, 0.3), candidate(1, 6, 0.01, 0.05, measured="confirmed")]
-    rec = recommend_unit(better, TARGET, use_mia=False)
+    rec = recommend_unit(better, TARGET, band=())
     assert rec["step"] == 6 and rec["measured"] == "confirmed" and "re-running" in rec["reason"]
 
 
 def test_the_mia_tolerance_applies_to_mid_run_candidates_too():
     rows = [candidate(1, 10, 0.02, 0.3, mia=0.55), candidate(2, 4, 0.0, 0.0, measured="estimate", lr=2e-3)]
-    rec = recommend_unit(rows, TARGET, use_mia=True)
+    rec = recommend_unit(rows, TARGET, band=("mia_auc",))
     assert rec["trial_id"] == 1 and rec["confirm"][0]["missing"] == ["mia_auc"]
     failing = [candidate(1, 10, 0.02, 0.3, mia=0.55), candidate(2, 4, 0.0, 0.0, mia=0.9, measured="confirmed")]
-    assert recommend_unit(failing, TARGET, use_mia=True)["trial_id"] == 1
+    assert recommend_unit(failing, TARGET, band=("mia_auc",))["trial_id"] == 1
 
 
 def test_without_budget_estimates_are_left_out_and_the_reason_is_shown():
     rows = [candidate(1, 6, 0.01, 0.1, measured="estimate")]
-    rec = recommend_unit(rows, {**TARGET, "confirmations": 0}, use_mia=False)
+    rec = recommend_unit(rows, {**TARGET, "confirmations": 0}, band=())
     assert rec["trial_id"] is None and rec["status"] == "none"
     assert any("confirmation budget (0" in w for w in rec["warnings"])
     spent = rows + [candidate(2, 3, 0.5, 0.1, measured="confirmed", lr=3e-3)] * 3
-    assert recommend_unit(spent, TARGET, use_mia=False)["confirm"] == []
-    waiting = recommend_unit(rows, TARGET, use_mia=False)
+    assert recommend_unit(spent, TARGET, band=())["confirm"] == []
+    waiting = recommend_unit(rows, TARGET, band=())
     assert waiting["status"] == "to_confirm" and waiting["trial_id"] is None and waiting["confirm"]
 
 
@@ -85,14 +86,16 @@ def test_candidates_read_a_confirmation_as_the_full_measurement():
     failed = {(7, 6): {"metrics": {}, "details": {CONFIRMATION: {"status": "diverged", "reason": "nan"}}}}
     cands = {c["step"]: c for c in candidates([row], curve, ["forget_gap"], failed)}
     assert cands[6]["measured"] == "unconfirmed"
-    assert recommend_unit(list(cands.values()), TARGET, use_mia=False)["step"] != 6
+    assert recommend_unit(list(cands.values()), TARGET, band=())["step"] != 6
 
 
 # --- generated candidate sets ------------------------------------------------------------------------------
 
 maybe = st.one_of(st.none(), st.floats(-2.0, 2.0, allow_nan=False))
-metrics = st.fixed_dictionaries({"forget_gap": maybe, "utility_drop": maybe,
-                                 "mia_auc": st.one_of(st.none(), st.floats(0.0, 1.0))})
+share = st.one_of(st.none(), st.floats(0.0, 1.0))
+metrics = st.fixed_dictionaries({"forget_gap": maybe, "utility_drop": maybe, "mia_auc": share,
+                                 "privleak": st.one_of(st.none(), st.floats(-100.0, 100.0)),
+                                 "forget_em": share, "unseen_em": share})
 
 
 @st.composite
@@ -118,10 +121,13 @@ def studies(draw):
 
 
 @settings(max_examples=300, deadline=None)
-@given(studies(), st.booleans(), st.integers(0, 3))
-def test_a_recommendation_is_measured_in_full_and_within_every_tolerance(rows, use_mia, budget):
-    target = {**TARGET, "confirmations": budget}
-    rec = recommend(rows, target, use_mia)
+@given(studies(), st.sets(st.sampled_from(BAND)), st.one_of(st.none(), st.floats(0.0, 0.3)), st.integers(0, 3))
+def test_a_recommendation_is_measured_in_full_and_within_every_tolerance(rows, band, em_tolerance, budget):
+    """Whatever the band (MIA AUC, privleak) and the memorisation limit, a pick has every figure they need,
+    measured, and within its tolerance."""
+    target = {**TARGET, "confirmations": budget, "em_tolerance": em_tolerance}
+    band = tuple(sorted(band))
+    rec = recommend(rows, target, band)
     picked = {(r["id"], r["step"]): r for r in rows}
     for unit, pick in [*rec["units"].items(), (None, rec["overall"])]:
         if pick["status"] != "recommended":
@@ -132,8 +138,13 @@ def test_a_recommendation_is_measured_in_full_and_within_every_tolerance(rows, u
         m = row["metrics"]
         assert m.get("forget_gap") is not None and abs(m["forget_gap"]) <= target["gap_tolerance"]
         assert m.get("utility_drop") is not None and m["utility_drop"] <= target["utility_tolerance"]
-        if use_mia:
+        if "mia_auc" in band:
             assert m.get("mia_auc") is not None and abs(m["mia_auc"] - 0.5) <= target["mia_tolerance"]
+        if "privleak" in band:
+            assert m.get("privleak") is not None and abs(m["privleak"]) <= target["privleak_tolerance"]
+        if em_tolerance is not None:  # no exact retrain here: the target is the candidate's own unseen EM
+            assert m.get("forget_em") is not None and m.get("unseen_em") is not None
+            assert m["forget_em"] <= m["unseen_em"] + em_tolerance
         for name, value in pick["metrics"].items():
             assert value is None or value == m.get(name), name  # every figure shown is the candidate's own
     for pick in rec["units"].values():
@@ -160,8 +171,8 @@ def test_an_early_stopped_trials_checkpoints_are_candidates_like_a_completed_one
                   {"step": 4, "forget_gap": -0.8, "retain_nll": 2.01}, {"step": 8, "forget_gap": -0.6}]}
     cands = candidates([hopeless, collapsed], curves, ["forget_gap", "utility_drop"])
     assert [(c["id"], c["step"], c["measured"]) for c in cands] == [(1, 8, "full"), (1, 4, "estimate"), (2, 8, "full")]
-    assert outcome(cands[0], TARGET, use_mia=False) == "remembered"
-    assert outcome(cands[2], TARGET, use_mia=False) == "in_band"
+    assert outcome(cands[0], TARGET, band=()) == "remembered"
+    assert outcome(cands[2], TARGET, band=()) == "in_band"
     assert {c["id"] for c in front_members(cands, ["forget_gap", "utility_drop"])["ga_gd"]} == {1, 2}
-    rec = recommend_unit(cands, TARGET, use_mia=False)
+    rec = recommend_unit(cands, TARGET, band=())
     assert rec["status"] == "closest" and rec["trial_id"] in (1, 2), rec

@@ -40,9 +40,10 @@ FIGURES = (
 )
 
 
-def all_figures(data: StudyData, abs_gap: bool = False, curve_trials: list[int] | None = None) -> dict[str, go.Figure]:
-    """Every figure of the study page, keyed by the element id it is shown under."""
-    return {"fig-pareto": pareto(data, abs_gap), "fig-robustness": robustness(data), "fig-attacks": attacks(data),
+def all_figures(data: StudyData, x: str = "signed", curve_trials: list[int] | None = None) -> dict[str, go.Figure]:
+    """Every figure of the study page, keyed by the element id it is shown under; `x` is the Pareto figure's x
+    axis (`tuner.dashboards.figures.front.x_options`)."""
+    return {"fig-pareto": pareto(data, x), "fig-robustness": robustness(data), "fig-attacks": attacks(data),
             "fig-curves": curves(data, curve_trials), "fig-calibration": calibration(data),
             "fig-hypervolume": hypervolume_history(data),
             "fig-parallel": parallel(data), "fig-efficiency": efficiency_figure(data)}

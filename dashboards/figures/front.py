@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import plotly.graph_objects as go
@@ -29,37 +30,98 @@ from dashboards.figures.style import (
     method_colour,
 )
 from tuner.core.hparams import LR
+from tuner.core.metrics import PARETO_X, leak_reference_text
+from tuner.core.metrics import get as metric
 from tuner.core.status import UNFINISHED
 
 # ---- Pareto front -------------------------------------------------------------------------------------------
 
-def pareto(data: StudyData, abs_gap: bool = False) -> go.Figure:
-    """Forget gap against utility drop, one colour per method (symbol and dash per retain source); each unit's
-    Pareto front (over the study's own objectives) as a line, dominated trials faded, the target band, the
-    utility tolerance and each unit's recommended point. Traces carry `meta` = {unit, role} for tests."""
-    title = f"Pareto front across methods: {'|forget gap|' if abs_gap else 'forget gap'} against utility drop"
-    tol, util_tol = data.target["gap_tolerance"], data.target["utility_tolerance"]
-    shapes = [dict(type="rect", xref="x", yref="y domain", x0=0.0 if abs_gap else -tol, x1=tol, y0=0, y1=1,
-                   fillcolor=BAND_FILL, line=dict(width=0), layer="below"),
-              dict(type="line", xref="x", yref="y domain", x0=0, x1=0, y0=0, y1=1,
-                   line=dict(color="#2ca02c", width=1.5, dash="dot")),
-              dict(type="line", xref="x domain", yref="y", x0=0, x1=1, y0=util_tol, y1=util_tol,
-                   line=dict(color="#d62728", width=1.2, dash="dash"))]
-    notes = [dict(text=f"target band |gap| ≤ {tol:g}", x=0.0 if abs_gap else -tol, y=1, xref="x", yref="y domain",
-                  xanchor="left", yanchor="top", showarrow=False, font=dict(size=11)),
-             dict(text=f"utility tolerance {util_tol:g}", x=1, y=util_tol, xref="x domain", yref="y",
-                  xanchor="right", yanchor="bottom", showarrow=False, font=dict(size=11))]
+
+
+@dataclass(frozen=True)
+class XAxis:
+    """What the Pareto figure's x axis shows: its figure per row, title, target band and target line."""
+
+    key: str  # "signed", "abs" or a metric name
+    name: str
+    title: str
+    fmt: str
+    band: tuple[float, float] | None
+    band_text: str
+    target: float | None
+
+    def value(self, row: dict[str, Any]) -> float | None:
+        v = (row.get("metrics") or {}).get("forget_gap" if self.key in ("signed", "abs") else self.key)
+        return None if v is None else abs(v) if self.key == "abs" else v
+
+
+def x_options(data: StudyData) -> list[tuple[str, str]]:
+    """(value, label) of the x axes the study can draw: the forget gap, and each forget-side metric a trial
+    measured."""
+    out = [("signed", "forget gap (signed)"), ("abs", "|forget gap|")]
+    return out + [(k, metric(k).label) for k in PARETO_X if any(r["metrics"].get(k) is not None for r in data.rows)]
+
+
+def x_axis(data: StudyData, key: str) -> XAxis:
+    """The x axis `key` with its band (the metric's ideal ± the target's tolerance) and target line (the ideal;
+    for memorisation, the exact retrain's value where the study has one)."""
+    t = data.target
+    if key in ("signed", "abs"):
+        tol = t["gap_tolerance"]
+        name = "|forget gap|" if key == "abs" else "forget gap"
+        return XAxis(key, name, name + " = NLL(forget) − NLL(unseen)  (< 0 remembered, > 0 over-unlearned)",
+                     "+.4f", (0.0 if key == "abs" else -tol, tol), f"target band |gap| ≤ {tol:g}", 0.0)
+    spec = metric(key)
+    tol = t.get(spec.tolerance) if spec.tolerance else None
+    band = (spec.ideal - tol, spec.ideal + tol) if spec.ideal is not None and tol is not None else None
+    target = spec.ideal if spec.ideal is not None else (data.exact_retrain or {}).get(key)
+    title = f"{spec.label}  ({spec.unlearned})"
+    if key == "privleak":
+        title += "; relative to " + leak_reference_text(data.exact_retrain)
+    return XAxis(key, spec.label, title, spec.fmt, band,
+                 f"target band |{spec.label} − {spec.ideal:g}| ≤ {tol:g}" if band is not None else "", target)
+
+
+def pareto(data: StudyData, x: str = "signed") -> go.Figure:
+    """The x-axis figure (`x`: "signed" or "abs" forget gap, or a forget-side metric of `PARETO_X`) against
+    utility drop, one colour per method (symbol and dash per retain source); each unit's Pareto front (over the
+    study's own objectives) as a line, dominated trials faded, the target band, the utility tolerance and each
+    unit's recommended point. A trial without the x figure is not drawn, and the figure says how many. Traces
+    carry `meta` = {unit, role} for tests."""
+    axis = x_axis(data, x)
+    title = f"Pareto front across methods: {axis.name} against utility drop"
+    util_tol = data.target["utility_tolerance"]
+    shapes, notes = [], []
+    if axis.band is not None:
+        shapes.append(dict(type="rect", xref="x", yref="y domain", x0=axis.band[0], x1=axis.band[1], y0=0, y1=1,
+                           fillcolor=BAND_FILL, line=dict(width=0), layer="below"))
+        notes.append(dict(text=axis.band_text, x=axis.band[0], y=1, xref="x", yref="y domain", xanchor="left",
+                          yanchor="top", showarrow=False, font=dict(size=11)))
+    if axis.target is not None:
+        shapes.append(dict(type="line", xref="x", yref="y domain", x0=axis.target, x1=axis.target, y0=0, y1=1,
+                           line=dict(color="#2ca02c", width=1.5, dash="dot")))
+    shapes.append(dict(type="line", xref="x domain", yref="y", x0=0, x1=1, y0=util_tol, y1=util_tol,
+                       line=dict(color="#d62728", width=1.2, dash="dash")))
+    notes.append(dict(text=f"utility tolerance {util_tol:g}", x=1, y=util_tol, xref="x domain", yref="y",
+                      xanchor="right", yanchor="bottom", showarrow=False, font=dict(size=11)))
+    unmeasured = sum(1 for r in data.rows if plotted(r) and axis.value(r) is None)
+    if unmeasured:
+        notes.append(dict(text=f"{unmeasured} finished trial(s) without a {axis.name} figure are not drawn", x=0,
+                          y=-0.12, xref="x domain", yref="y domain", xanchor="left", showarrow=False,
+                          font=dict(size=11)))
+
+    def drawn(row: dict[str, Any]) -> bool:
+        return plotted(row) and axis.value(row) is not None
 
     def xval(row: dict[str, Any]) -> float:
-        gap = row["metrics"]["forget_gap"]
-        return abs(gap) if abs_gap else gap
+        return axis.value(row)
 
     rec_ids = data.recommended_ids()
     overall = data.overall_id()
     traces: list[dict] = []
     shown_star = False
     for unit in data.units.values():
-        rows = [r for r in unit.rows if plotted(r)]
+        rows = [r for r in unit.rows if drawn(r)]
         colour = method_colour(unit.method)
         symbol = SOURCE_SYMBOL.get(unit.retain_source, "square")
         front = sorted((r for r in rows if r["pareto"]), key=xval)
@@ -78,7 +140,7 @@ def pareto(data: StudyData, abs_gap: bool = False) -> go.Figure:
             marker=dict(color=colour, size=7, symbol=symbol), meta={"unit": unit.name, "role": "dominated"}, **common))
         rec = data.row(rec_ids.get(unit.name))
         pick = (data.recommendation or {}).get("units", {}).get(unit.name, {})
-        if rec is not None and plotted(picked(rec, pick)):
+        if rec is not None and drawn(picked(rec, pick)):
             status = pick.get("status", "")
             traces.append(dict(
                 type="scatter", x=[xval(picked(rec, pick))], y=[picked(rec, pick)["metrics"]["utility_drop"]],
@@ -92,16 +154,15 @@ def pareto(data: StudyData, abs_gap: bool = False) -> go.Figure:
                             line=dict(color="black", width=1.5)),
                 meta={"unit": unit.name, "role": "recommended"}))
             shown_star = True
-    traces += _references(data, abs_gap)
+    traces += _references(data, axis)
     r = data.row(overall)
     if r is not None:
         r = picked(r, (data.recommendation or {}).get("overall") or {})
-    if r is not None and plotted(r):
+    if r is not None and drawn(r):
         notes.append(dict(x=xval(r), y=r["metrics"]["utility_drop"], text="overall pick: " + esc(r["unit"]),
                           showarrow=True, arrowhead=2, ax=40, ay=-40, font=dict(size=11)))
     layout = dict(shapes=shapes, annotations=notes, legend=dict(orientation="v", x=1.01, y=1, font=dict(size=11)),
-                  xaxis=dict(title=axis_title(("|forget gap|" if abs_gap else "forget gap") + " = NLL(forget) − "
-                                          "NLL(unseen)  (< 0 remembered, > 0 over-unlearned)"), zeroline=False),
+                  xaxis=dict(title=axis_title(axis.title), zeroline=False),
                   yaxis=dict(title=axis_title("utility drop (retain NLL − original, nats)")))
     return figure(traces, layout, title, 560)
 
@@ -115,19 +176,19 @@ def picked(row: dict[str, Any], pick: dict[str, Any]) -> dict[str, Any]:
     return {**row, "metrics": {**pick["metrics"]}}
 
 
-def _references(data: StudyData, abs_gap: bool) -> list[dict]:
+def _references(data: StudyData, axis: XAxis) -> list[dict]:
     """The original model (before unlearning) and, on the testbed, the exact-retrain model as reference points."""
     base = data.baseline or {}
     out = []
     for label, ref, symbol in (("original model", base, "x"), ("exact retrain (testbed)", data.exact_retrain, "cross")):
-        if not ref or ref.get("forget_gap") is None:
+        if not ref or axis.value({"metrics": ref}) is None:
             continue
         drop = ref.get("retain_nll", 0.0) - base.get("retain_nll", ref.get("retain_nll", 0.0))
-        gap = ref["forget_gap"]
-        out.append(dict(type="scatter", x=[abs(gap) if abs_gap else gap], y=[drop], mode="markers", name=label,
+        value = axis.value({"metrics": ref})
+        out.append(dict(type="scatter", x=[value], y=[drop], mode="markers", name=label,
                         marker=dict(symbol=symbol, size=12, color="black"),
-                        hovertemplate=f"<b>{label}</b><br>forget gap {gap:+.4f}<br>utility drop {drop:+.4f}"
-                                      "<extra></extra>", meta={"role": "reference"}))
+                        hovertemplate=f"<b>{label}</b><br>{esc(axis.name)} {value:{axis.fmt}}<br>utility drop "
+                                      f"{drop:+.4f}<extra></extra>", meta={"role": "reference"}))
     return out
 
 
@@ -143,7 +204,8 @@ def hypervolume_reference(data: StudyData) -> list[float]:
 
 def hypervolume_history(data: StudyData) -> go.Figure:
     ref = hypervolume_reference(data)
-    names = {"forget_gap": "|forget gap|", "utility_drop": "utility drop", "mia_auc": "|MIA AUC − 0.5|"}
+    names = {"forget_gap": "|forget gap|", "utility_drop": "utility drop", "mia_auc": "|MIA AUC − 0.5|",
+             "privleak": "|privleak|"}
     ref_text = ", ".join(f"{names.get(o, o)} {v:.3g}" for o, v in zip(data.objectives, ref, strict=True))
     title = f"Hypervolume history per method (minimised objectives; reference point: {esc(ref_text)})"
     traces = []
@@ -191,8 +253,9 @@ def parallel(data: StudyData) -> go.Figure:
                      "log" if hp.log else None))
     dims += [("forget gap", [r["metrics"]["forget_gap"] for r in rows], None),
              ("utility drop", [r["metrics"]["utility_drop"] for r in rows], None)]
-    if any(r["metrics"].get("mia_auc") is not None for r in rows):
-        dims.append(("MIA AUC", [r["metrics"].get("mia_auc") for r in rows], None))
+    for key, label in (("mia_auc", "MIA AUC"), ("privleak", "privleak %")):
+        if any(r["metrics"].get(key) is not None for r in rows):
+            dims.append((label, [r["metrics"].get(key) for r in rows], None))
     scaled, annotations, shapes = [], [], []
     for k, (label, values, ticks) in enumerate(dims):
         known = [v for v in values if v is not None]

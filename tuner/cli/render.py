@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tuner.core.metrics import TABLE
+from tuner.core.metrics import get as metric
 from tuner.core.status import DIVERGED, STOPPED_COLLAPSED, STOPPED_HOPELESS
 
 # Piped output (logs, CI) gets wide tables instead of rich's 80-column fallback.
@@ -98,6 +100,11 @@ def print_manifest(root: Path) -> None:
 
 # ---- tuner unlearn -----------------------------------------------------------------------------------------
 
+def cell(value: float | None, spec: str) -> str:
+    """A figure for a table: '-' when it was not measured (never 0)."""
+    return "-" if value is None else format(value, spec)
+
+
 def metric_table(result, retrain: dict[str, float] | None) -> Table:
     """Before/after metrics; the exact-retrain column only when there is a retrain model for this forget set."""
     table = Table(title=f"{result.config['method']}: {result.status}")
@@ -106,18 +113,19 @@ def metric_table(result, retrain: dict[str, float] | None) -> Table:
     table.add_column("unlearned", justify="right")
     if retrain is not None:
         table.add_column("exact retrain", justify="right")
-    rows = [("forget NLL", "forget_nll"), ("unseen NLL", "unseen_nll"), ("retain NLL", "retain_nll"),
-            ("general NLL", "general_nll"), ("forget gap (forget − unseen)", "forget_gap"),
-            ("MIA AUC min-k (0.5 = unlearned)", "mia_auc_mink"), ("MIA AUC loss", "mia_auc_loss"),
-            ("MIA AUC zlib", "mia_auc_zlib")]
     after = result.metrics or {}
-    for label, key in rows:
-        if key not in result.baseline:
+    for key in TABLE:
+        if key not in result.baseline and key not in after:
             continue
-        cells = [label, f"{result.baseline[key]:.4f}", f"{after[key]:.4f}" if key in after else "-"]
+        spec = metric(key)
+        cells = [spec.label, cell(result.baseline.get(key), spec.fmt), cell(after.get(key), spec.fmt)]
         if retrain is not None:
-            cells.append(f"{retrain[key]:.4f}" if key in retrain else "-")
+            cells.append(cell(retrain.get(key), spec.fmt))
         table.add_row(*cells)
+    if after.get("privleak_reference_auc") is not None:
+        table.caption = (f"privleak relative to min-k AUC {after['privleak_reference_auc']:.3f} ("
+                         + ("the exact retrain" if retrain is not None else "the approximate target") + "); "
+                         f"Min-K% and MinK++ over the least likely {after.get('mink_k', 0):.0%} of tokens")
     return table
 
 
@@ -161,19 +169,17 @@ def print_study(store, name: str) -> None:
 
     rows = store.trials(name)
     table = Table(title=f"trials of {escape(name)}")
-    for col in ("id", "unit", "#", "status", "setting", "forget gap", "utility drop", "MIA AUC", "steps (kept)",
-                "time s", "Pareto"):
+    for col in ("id", "unit", "#", "status", "setting", "forget gap", "utility drop", "MIA AUC", "privleak %",
+                "forget EM", "steps (kept)", "time s", "Pareto"):
         table.add_column(col)
     for r in rows:
         m, res = r["metrics"], r["result"]
-
-        def fmt(key, spec=".3f", src=m):
-            return f"{src[key]:{spec}}" if src.get(key) is not None else "-"
-
+        figures = [cell(m.get(key), spec) for key, spec in (("forget_gap", "+.3f"), ("utility_drop", "+.3f"),
+                                                             ("mia_auc", ".3f"), ("privleak", "+.1f"),
+                                                             ("forget_em", ".3f"))]
         table.add_row(str(r["id"]), r["unit"], str(r["number"]), r["status"], describe(r["method"], r["params"]) or "-",
-                      fmt("forget_gap", "+.3f"), fmt("utility_drop", "+.3f"), fmt("mia_auc"),
-                      f"{res.get('steps_done', '-')} ({res.get('selected_step', '-')})", fmt("wall_time_s", ".1f", r),
-                      "*" if r["pareto"] else "")
+                      *figures, f"{res.get('steps_done', '-')} ({res.get('selected_step', '-')})",
+                      cell(r.get("wall_time_s"), ".1f"), "*" if r["pareto"] else "")
     out.print(table)
 
 

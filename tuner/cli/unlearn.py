@@ -167,11 +167,11 @@ def _unlearn(args: argparse.Namespace, cfg, provenance: dict[str, Any], target: 
              log: UnlearnLog | None) -> int:
     """The run behind `cmd_unlearn`: plan, load, unlearn, measure, save; `log` (None on a terminal) gets the
     progress that the bars show."""
-    from tuner.engine import memory
+    from tuner.engine import memory, methods
     from tuner.engine.data import build_data
-    from tuner.engine.evaluation import full_metrics
+    from tuner.engine.evaluation import full_metrics, leak_figures
     from tuner.engine.models import Workbench, load, resolve
-    from tuner.engine.unlearn import run_unlearning
+    from tuner.engine.unlearn import run_unlearning, verbmem_plan
 
     with progress() as bars_progress:
         bars = Bars(bars_progress)
@@ -197,19 +197,24 @@ def _unlearn(args: argparse.Namespace, cfg, provenance: dict[str, Any], target: 
             if log is not None:
                 log.on_progress(step, total, logs)
 
-        if log is not None:
-            log.phase("original metrics")
-        result = run_unlearning(model, data, cfg, reference=reference, on_progress=on_progress,
-                                on_eval=log.on_eval if log else None, on_start=log.on_start if log else None)
         retrain = None
         # the testbed's retrain model never saw the testbed's forget set; with the user's own data it is no
-        # exact retrain of anything the run forgot
+        # exact retrain of anything the run forgot. Scored first: privleak is relative to it.
         if bench.source.retrain_path is not None and not own_data(args):
             if log is not None:
                 log.phase("exact-retrain metrics")
             retrain_model, _ = load(resolve(str(bench.source.retrain_path)), torch_dtype=precision.compute)
-            retrain = full_metrics(retrain_model.to(device), data, result.environment["eval_batch_size"], device,
-                                   precision.compute)
+            batch = memory.resolve_eval_batch(cfg, bench.original.config, [methods.get(cfg.method)], precision.name,
+                                              data.block_size)  # the run's own evaluation batch
+            retrain = full_metrics(retrain_model.to(device), data, batch, device, precision.compute,
+                                   mink_k=cfg.mink_k, verbmem=verbmem_plan(cfg, bench.tokenizer.decode))
+            retrain.update(leak_figures(retrain, retrain["mia_auc_mink"]))
+            del retrain_model
+        if log is not None:
+            log.phase("original metrics")
+        result = run_unlearning(model, data, cfg, reference=reference, on_progress=on_progress,
+                                on_eval=log.on_eval if log else None, on_start=log.on_start if log else None,
+                                leak_reference=(retrain or {}).get("mia_auc_mink"), decode=bench.tokenizer.decode)
     if log is not None:
         log.finish()
 

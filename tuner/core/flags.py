@@ -42,7 +42,8 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], ski
         if name in skip or kind is None:
             continue
         default = "" if info.default in (PydanticUndefined, None) else f" (default {info.default})"
-        text = (info.description or name.replace("_", " ")) + default
+        # argparse %-formats help text: a literal % (Min-K%) must be doubled
+        text = ((info.description or name.replace("_", " ")) + default).replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -64,7 +65,7 @@ def add_hyperparameter_flags(parser: argparse.ArgumentParser, declared: dict[str
                  for hp, ms in by_decl.values()]
         whole = all(hp.integer and hp.whole is not False for _, hp in pairs)
         parser.add_argument(flag(name), dest=HP_DEST + name, metavar=name.upper(), type=int if whole else float,
-                            default=None, help="; ".join(parts))
+                            default=None, help="; ".join(parts).replace("%", "%%"))
 
 
 def given(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:

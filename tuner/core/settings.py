@@ -23,6 +23,7 @@ SCHEDULE_HELP = ("lr schedule after the warmup: linear or cosine decay to 0 over
 # The screening defaults: sized so that evaluation is at most a quarter of a default trial on the small
 # testbed, whose evaluation sets are as large as its forget set (bench/trial_cost.py --part defaults).
 SCREENING_BLOCKS = 16
+MINK_K = 0.4  # the Min-K% share of open-unlearning's MIA configs (the paper's sweep starts at 0.3)
 SCREENING_UTILITY_EVERY = 2
 
 
@@ -105,6 +106,16 @@ class RunSettings(BaseModel):
                                             "seeded subsample, each figure an estimate with its standard error "
                                             "(null: all blocks); the kept checkpoint is scored on all")
     compile: bool = Field(False, description="torch.compile the model's decoder (pays on GPUs after a compile)")
+    verbmem_blocks: int | None = Field(
+        None, gt=0, description="forget (and unseen) blocks whose first verbmem_prefix tokens prompt a greedy "
+                                "continuation scored by ROUGE-L F1 against the true text (MUSE's verbatim "
+                                "memorisation, on every fully scored model); null: off, generation is costly")
+    verbmem_prefix: int = Field(32, gt=0, description="prompt tokens of each VerbMem block")
+    verbmem_tokens: int = Field(128, gt=0, description="tokens each VerbMem continuation generates (at most what "
+                                                       "the block holds after the prompt)")
+    mink_k: float = Field(
+        MINK_K, gt=0, le=1, description="share of a block's least likely tokens the Min-K% and MinK++ membership "
+                                        "scores average (open-unlearning's 0.4); stored with every figure")
 
     @model_validator(mode="before")
     @classmethod

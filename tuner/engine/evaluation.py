@@ -13,12 +13,14 @@ import math
 
 import torch
 
+from tuner.core.settings import MINK_K
 from tuner.engine.data import UnlearnData
 from tuner.engine.distributed import eval_share, gather_rows, scoring_mode
 from tuner.engine.lossfn import next_token_logits as next_token_logits  # re-exported for the methods' full-logit terms
-from tuner.engine.lossfn import next_token_nll
+from tuner.engine.lossfn import next_token_nll, next_token_stats
+from tuner.engine.verbmem import VerbMemPlan, verbatim_memorisation
 
-MINK_FRACTION = 0.3  # the paper's Min-K% Prob sweep starts at k = 30%
+APPROXIMATE_AUC = 0.5  # privleak's reference without an exact retrain: forget indistinguishable from unseen
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype):
@@ -34,16 +36,29 @@ def token_nll(model, blocks: torch.Tensor, batch_size: int, device: torch.device
 
     In a run sharded over ranks (`tuner.engine.distributed`), each rank scores its contiguous share of the blocks and
     the shares are gathered, so every rank returns the NLL of all blocks, in order."""
+    return _score_blocks(model, blocks, batch_size, device, dtype, next_token_nll)
+
+
+def token_stats(model, blocks: torch.Tensor, batch_size: int, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-token `[n_blocks, block_size - 1, 3]` (float32, on CPU): NLL, argmax hit and MinK++ z
+    (`tuner.engine.lossfn.logit_stats`), from the same forward pass as `token_nll`."""
+    return _score_blocks(model, blocks, batch_size, device, dtype, next_token_stats)
+
+
+def _score_blocks(model, blocks: torch.Tensor, batch_size: int, device: torch.device, dtype: torch.dtype,
+                  per_batch) -> torch.Tensor:
     was_training = model.training
     model.eval()
     share = eval_share(blocks)
     on_device = share.to(device)  # one copy: a pageable host-to-device copy per batch would sync each time
-    out = torch.empty(share.shape[0], share.shape[1] - 1, dtype=torch.float32, device=device)
+    pieces = []
     with scoring_mode(model):
         for start in range(0, share.shape[0], batch_size):
             with autocast_for(device, dtype):
-                out[start:start + batch_size] = next_token_nll(model, on_device[start:start + batch_size])
+                pieces.append(per_batch(model, on_device[start:start + batch_size]))
     model.train(was_training)
+    out = torch.cat(pieces) if pieces else torch.empty(0, share.shape[1] - 1, dtype=torch.float32, device=device)
     return gather_rows(out, blocks.shape[0]).cpu()
 
 
@@ -55,17 +70,52 @@ def auc(members: torch.Tensor, nonmembers: torch.Tensor) -> float:
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
 
-def mia_scores(nll: torch.Tensor, zlib_len: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Membership scores per block, higher = more likely seen in training."""
-    k = max(1, math.ceil(nll.shape[1] * MINK_FRACTION))
+def bottom_k_mean(values: torch.Tensor, k: float) -> torch.Tensor:
+    """Per row of `[n, T]`: the mean of its floor(k * T) smallest values (at least one), as open-unlearning
+    counts them."""
+    count = max(1, int(values.shape[1] * k))
+    return values.topk(count, dim=1, largest=False).values.mean(dim=1)
+
+
+def mia_scores(nll: torch.Tensor, zlib_len: torch.Tensor | None, k: float = MINK_K,
+               z: torch.Tensor | None = None, original: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Membership scores per block, higher = more likely seen in training. `z`: MinK++'s standardised
+    per-token log-probs (`tuner.engine.lossfn.logit_stats`); `original`: the original model's mean NLL of
+    each block, for the reference attack (how much more likely the block is now than under the original)."""
     scores = {
         "loss": -nll.mean(dim=1),
-        # Min-K% Prob: mean log-prob of the k% least likely tokens.
-        "mink": -nll.topk(k, dim=1).values.mean(dim=1),
+        "mink": bottom_k_mean(-nll, k),  # Min-K% Prob: mean log-prob of the k least likely tokens
     }
     if zlib_len is not None:
         scores["zlib"] = -nll.sum(dim=1) / zlib_len.clamp(min=1.0)
+    if z is not None:
+        scores["minkpp"] = bottom_k_mean(z, k)
+    if original is not None:
+        scores["ref"] = original - nll.mean(dim=1)
     return scores
+
+
+def exact_memorisation(hits: torch.Tensor) -> torch.Tensor:
+    """Per block of `[n, T]` argmax hits: the share of tokens whose teacher-forced argmax is the true token."""
+    return hits.float().mean(dim=1)
+
+
+def extraction_strength(hits: torch.Tensor) -> torch.Tensor:
+    """Per block: 1 - k/T for the smallest k after which every teacher-forced argmax is the true token (0 when
+    the last one is wrong). open-unlearning's loop scores that last case 1/T instead."""
+    suffix_ok = hits.float().flip(1).cumprod(dim=1).flip(1)  # 1 where every token from here on is a hit
+    return suffix_ok.sum(dim=1) / hits.shape[1]
+
+
+def privleak(auc_value: float, reference_auc: float) -> float | None:
+    """MUSE's privacy leakage in percent: (AUC - AUC_ref) / AUC_ref * 100 with MUSE's AUC, which is 1 - ours
+    (MUSE ranks by the non-member score). 0: leaks like the reference; negative: the forget set is still
+    recognised (under-unlearned, the original model is near -100); positive: over-unlearned. None when the
+    reference is degenerate (AUC 1: MUSE's AUC 0)."""
+    muse, muse_ref = 1.0 - auc_value, 1.0 - reference_auc
+    if muse_ref <= 0 or not math.isfinite(auc_value):
+        return None
+    return (muse - muse_ref) / muse_ref * 100.0
 
 
 def set_nll(model, sets: dict[str, torch.Tensor], batch_size: int, device: torch.device,
@@ -184,18 +234,62 @@ class Screening:
         return point, tokens
 
 
+def leak_figures(metrics: dict[str, float], reference_auc: float) -> dict[str, float]:
+    """privleak of a model's min-k AUC relative to `reference_auc`, with that reference (empty when privleak
+    is undefined). The exact retrain's own figures take its own AUC: 0 by definition."""
+    leak = privleak(metrics["mia_auc_mink"], reference_auc)
+    return {} if leak is None else {"privleak": leak, "privleak_reference_auc": reference_auc}
+
+
 def full_metrics(model, data: UnlearnData, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 baseline: dict[str, float] | None = None) -> dict[str, float]:
-    """Every metric of the brief for one model; `baseline` (the original model's) gives utility drops."""
-    nll = set_nll(model, data.eval_sets(), batch_size, device, dtype)
+                 baseline: dict[str, float] | None = None, *, original: dict[str, torch.Tensor] | None = None,
+                 leak_reference: float | None = None, mink_k: float = MINK_K,
+                 verbmem: VerbMemPlan | None = None) -> dict[str, float]:
+    """Every metric of the brief for one model (`tuner.core.metrics` says what each means): `baseline` (the
+    original model's metrics) gives utility drops, `original` (its per-block NLL, `original_metrics`) the
+    reference MIA, `leak_reference` the AUC privleak is relative to (the exact retrain's; default: the
+    approximate target's 0.5), `verbmem` MUSE's verbatim memorisation (off when None)."""
+    return _measure(model, data, batch_size, device, dtype, baseline, original, leak_reference, mink_k, verbmem)[0]
+
+
+def original_metrics(model, data: UnlearnData, batch_size: int, device: torch.device, dtype: torch.dtype,
+                     leak_reference: float | None = None, mink_k: float = MINK_K,
+                     verbmem: VerbMemPlan | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The original model's metrics (a study's baseline) and its mean NLL per forget and unseen block, the
+    yardstick of every later model's reference MIA, from one scoring pass."""
+    return _measure(model, data, batch_size, device, dtype, None, None, leak_reference, mink_k, verbmem)
+
+
+def _measure(model, data: UnlearnData, batch_size: int, device: torch.device, dtype: torch.dtype,
+             baseline: dict[str, float] | None, original: dict[str, torch.Tensor] | None,
+             leak_reference: float | None, mink_k: float,
+             verbmem: VerbMemPlan | None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    sets = data.eval_sets()
+    # forget and unseen in one pass with the memorisation statistics; the utility sets need only their NLL
+    stats = {name: token_stats(model, sets[name], batch_size, device, dtype) for name in GAP_SETS}
+    nll = {name: stats[name][..., 0] if name in stats else token_nll(model, blocks, batch_size, device, dtype)
+           for name, blocks in sets.items()}
     metrics = {f"{name}_nll": float(v.mean()) for name, v in nll.items()}
     metrics.update({f"{name}_ppl": _safe_exp(metrics[f"{name}_nll"]) for name in nll})
     metrics["forget_gap"] = metrics["forget_nll"] - metrics["unseen_nll"]
-    members = mia_scores(nll["forget"], data.forget_zlib)
-    nonmembers = mia_scores(nll["unseen"], data.unseen_zlib)
+    for name in GAP_SETS:
+        hits = stats[name][..., 1]
+        metrics[f"{name}_em"] = float(exact_memorisation(hits).mean())
+        metrics[f"{name}_es"] = float(extraction_strength(hits).mean())
+    originals = original or {}
+    members = mia_scores(nll["forget"], data.forget_zlib, mink_k, stats["forget"][..., 2], originals.get("forget"))
+    nonmembers = mia_scores(nll["unseen"], data.unseen_zlib, mink_k, stats["unseen"][..., 2],
+                            originals.get("unseen"))
     for kind in members:
         metrics[f"mia_auc_{kind}"] = auc(members[kind], nonmembers[kind])
     metrics["mia_auc"] = metrics["mia_auc_mink"]
+    metrics["mink_k"] = mink_k
+    metrics.update(leak_figures(metrics, APPROXIMATE_AUC if leak_reference is None else leak_reference))
+    if verbmem is not None:
+        for name in GAP_SETS:
+            score = verbatim_memorisation(model, sets[name], verbmem, batch_size, device)
+            if score is not None:  # no block with words to score: not measured
+                metrics[f"{name}_verbmem"] = score
     if baseline is not None:
         for name in ("retain", "general"):
             if f"{name}_nll" in metrics and f"{name}_nll" in baseline:
@@ -203,7 +297,7 @@ def full_metrics(model, data: UnlearnData, batch_size: int, device: torch.device
                 metrics[key] = metrics[f"{name}_nll"] - baseline[f"{name}_nll"]
         if "utility_drop" not in metrics and "general_utility_drop" in metrics:
             metrics["utility_drop"] = metrics["general_utility_drop"]
-    return metrics
+    return metrics, {name: nll[name].mean(dim=1) for name in GAP_SETS}
 
 
 def _safe_exp(x: float) -> float:

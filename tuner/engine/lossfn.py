@@ -217,6 +217,48 @@ def next_token_nll(model: torch.nn.Module, ids: torch.Tensor, budget_bytes: int 
     return chunked_token_nll(hidden, parts.head, targets, chunk_rows(vocab, budget_bytes))
 
 
+STATS = ("nll", "hit", "z")  # the last dim of `token_stats`, in order
+# fp32 [rows, V] tensors alive at once in `logit_stats` (logits, log-probs, probs, their products): the chunk's
+# budget is split over them
+STATS_COPIES = 6
+
+
+def logit_stats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`[N, 3]` per token from its logits `[N, V]`: the target's NLL; 1.0 where the argmax is the target (exact
+    memorisation); MinK++'s z, the target's log-prob standardised by the mean and standard deviation of the
+    log-prob over the whole vocabulary under the model's own distribution (Zhang et al. 2024)."""
+    logp = logits.float().log_softmax(-1)
+    target_lp = logp.gather(-1, targets[:, None]).squeeze(-1)
+    probs = logp.exp()
+    mu = (probs * logp).sum(-1)
+    var = (probs * logp.square()).sum(-1) - mu.square()
+    z = (target_lp - mu) / var.clamp(min=1e-6).sqrt()  # a near one-hot distribution has no spread
+    hit = (logp.argmax(-1) == targets).float()
+    return torch.stack([-target_lp, hit, z], dim=-1)
+
+
+def next_token_stats(model: torch.nn.Module, ids: torch.Tensor, budget_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """`[B, T-1, 3]` (fp32, on the device): `logit_stats` of each block's tokens 1..T-1, chunked like
+    `next_token_nll` (the chunk holds `STATS_COPIES` fp32 copies of its logits, so it is that much smaller)."""
+    targets = ids[:, 1:]
+    budget = budget_bytes // STATS_COPIES
+    parts = lm_parts(model, ids)
+    if parts is None:
+        logits = next_token_logits(model, ids)
+        flat, flat_t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    else:
+        hidden = parts.hidden(ids)[:, :-1]
+        flat, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    vocab = logits.shape[-1] if parts is None else (
+        parts.head.weight.shape[0] if hasattr(parts.head, "weight") else model.config.vocab_size)
+    rows = chunk_rows(vocab, budget)
+    out = torch.empty(flat_t.shape[0], len(STATS), dtype=torch.float32, device=flat_t.device)
+    for start in range(0, flat_t.shape[0], rows):
+        chunk = flat[start:start + rows]
+        out[start:start + rows] = logit_stats(chunk if parts is None else parts.head(chunk), flat_t[start:start + rows])
+    return out.view(*targets.shape, len(STATS))
+
+
 def compile_decoder(model: torch.nn.Module, sample_ids: torch.Tensor, **options) -> torch.nn.Module:
     """`torch.compile` in place (the module object and its state_dict keys stay as they are): the decoder
     when the chunked head path applies, so the head and cross-entropy stay eager and chunked; else the

@@ -35,12 +35,13 @@ from tuner.engine.distributed import (
     shard_model,
     snapshot_weights,
 )
-from tuner.engine.evaluation import Screening, autocast_for, full_metrics
+from tuner.engine.evaluation import Screening, autocast_for, full_metrics, original_metrics
 from tuner.engine.lossfn import compile_decoder
 from tuner.engine.memory import GIB, ModelShape, RunPlan, device_capacity, measured_peak, resolve_eval_batch
 from tuner.engine.methods.base import Batch, MethodContext
 from tuner.engine.stopping import CONFIRM_SE, StopRules, is_estimate, reached
 from tuner.engine.training import IndexStream, make_optimizer, optimizer_name, run_loop
+from tuner.engine.verbmem import VerbMemPlan
 
 
 class UnlearnConfig(RunSettings):
@@ -201,6 +202,16 @@ def memory_record(model: torch.nn.Module, cfg: UnlearnConfig, method_cls, precis
             "capacity_gib": round(planned.capacity / GIB, 3) if planned.capacity else None}
 
 
+def verbmem_plan(settings: RunSettings, decode: Callable[[list[int]], str] | None,
+                 seed: int = 0) -> VerbMemPlan | None:
+    """The VerbMem scoring `settings` ask for (None: off); it decodes with the tokenizer's `decode`."""
+    if settings.verbmem_blocks is None:
+        return None
+    if decode is None:
+        raise TunerError("run.verbmem_blocks: this run was given no tokenizer to decode its continuations with")
+    return VerbMemPlan(settings.verbmem_blocks, settings.verbmem_prefix, settings.verbmem_tokens, seed, decode)
+
+
 def run_unlearning(
     model: torch.nn.Module,
     data: UnlearnData,
@@ -211,9 +222,15 @@ def run_unlearning(
     on_eval: Callable[[dict[str, float]], None] | None = None,
     on_start: Callable[[int, dict[str, float]], None] | None = None,
     lr_at: Callable[[int], float] | None = None,
+    original: dict[str, torch.Tensor] | None = None,
+    leak_reference: float | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> UnlearnResult:
     """Unlearn `model` in place. `reference` is the frozen original (needed by ga_kl and adversarial);
-    `baseline` is the original model's metrics, computed here when not given (a study computes it once).
+    `baseline` is the original model's metrics and `original` its per-block NLL on forget and unseen (the
+    reference MIA's yardstick), both computed here when `baseline` is not given (a study computes them once);
+    `leak_reference` is the AUC privleak is relative to (the exact retrain's; None: the approximate target);
+    `decode` (the tokenizer's) turns tokens into text for `cfg.verbmem_blocks`.
     `on_start` gets the planned steps and the step-0 curve point (what the later points' utility drops are
     taken against) before the first step; `on_eval` gets every later curve point. `lr_at` replaces the lr
     schedule (`training.run_loop`)."""
@@ -263,8 +280,10 @@ def run_unlearning(
 
     eval_time = 0.0
     t0 = time.perf_counter()
+    verbmem = verbmem_plan(cfg, decode)
     if baseline is None:  # the original model's metrics: a study scores them once for all its trials
-        baseline = full_metrics(model, data, eval_batch, device, dtype)
+        baseline, original = original_metrics(model, data, eval_batch, device, dtype, leak_reference, cfg.mink_k,
+                                              verbmem)
     baseline_time = time.perf_counter() - t0
 
     with autocast_for(device, dtype):  # what a method precomputes is computed as its loss will be
@@ -361,7 +380,8 @@ def run_unlearning(
             restore_weights(model, state["best_weights"])
             selected = state["best_step"]
         t = time.perf_counter()
-        metrics = full_metrics(model, data, eval_batch, device, dtype, baseline)
+        metrics = full_metrics(model, data, eval_batch, device, dtype, baseline, original=original,
+                               leak_reference=leak_reference, mink_k=cfg.mink_k, verbmem=verbmem)
         eval_time += time.perf_counter() - t
         eval_tokens += evaluated_tokens()
     status: RunStatus = (DIVERGED if diverged_step is not None

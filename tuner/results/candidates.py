@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from tuner.core.metrics import get as metric_def
 from tuner.core.status import SCORED
 from tuner.engine.stopping import utility_drop
 
@@ -29,9 +30,9 @@ CURVE_METRICS = ("forget_gap", "forget_nll", "unseen_nll", "retain_nll", "genera
 
 
 def objective(name: str, value: float) -> float:
-    """What the sampler minimises for a metric: the distance to the approximate-retraining point (|forget
-    gap|), the utility drop, the MIA AUC's distance from 0.5."""
-    return float(abs(value) if name == "forget_gap" else abs(value - 0.5) if name == "mia_auc" else value)
+    """What the sampler minimises for a metric (`tuner.core.metrics.Metric.objective`): the distance to the
+    approximate-retraining point (|forget gap|, |MIA AUC - 0.5|, |privleak|), the utility drop."""
+    return float(metric_def(name).objective(value))
 
 
 def objective_values(metrics: dict[str, float] | None, objectives: Iterable[str]) -> dict[str, float]:
@@ -142,9 +143,23 @@ YARDSTICK = "yardstick"  # target key: {metric: the exact-retrain model's value 
 
 
 def yardstick(exact_retrain: dict[str, Any] | None) -> dict[str, float]:
-    """The exact-retrain model's values the limits are measured from (its relearning attack, stored once)."""
+    """The exact-retrain model's values the limits are measured from (its relearning attack, stored once, and
+    its forget set's exact memorisation)."""
     relearn = (exact_retrain or {}).get("relearn") or {}
-    return {"relearn_gap": relearn["relearn_gap"]} if relearn.get("relearn_gap") is not None else {}
+    out = {"relearn_gap": relearn["relearn_gap"]} if relearn.get("relearn_gap") is not None else {}
+    if (exact_retrain or {}).get("forget_em") is not None:
+        out["forget_em"] = exact_retrain["forget_em"]
+    return out
+
+
+def em_excess(metrics: dict[str, Any], target: dict[str, Any]) -> float | None:
+    """How far a candidate's forget exact memorisation is above the target's plus `em_tolerance` (<= 0:
+    within): the exact retrain's forget EM, else the candidate's own unseen EM (text never trained on). None
+    when the target sets no such limit or a figure was not measured."""
+    if target.get("em_tolerance") is None or metrics.get("forget_em") is None:
+        return None
+    base = (target.get(YARDSTICK) or {}).get("forget_em", metrics.get("unseen_em"))
+    return None if base is None else float(metrics["forget_em"]) - float(base) - float(target["em_tolerance"])
 
 
 def _bound(target: dict[str, Any], limit: str, metric: str) -> float:
@@ -160,6 +175,10 @@ def check_failures(metrics: dict[str, Any], target: dict[str, Any]) -> list[str]
             base = (target.get(YARDSTICK) or {}).get(metric)
             where = f"{base:+.3f} (exact-retrain) - {target[limit]:g}" if base is not None else f"-{target[limit]:g}"
             out.append(f"{meaning}: {metric} {value:+.3f} < {where}")
+    excess = em_excess(metrics, target)
+    if excess is not None and excess > 0:
+        out.append(f"forget exact memorisation {metrics['forget_em']:.3f} is {excess:.3f} above the target's "
+                   f"+ em_tolerance {target['em_tolerance']:g}")
     return out
 
 
@@ -174,4 +193,6 @@ def constraint_values(metrics: dict[str, Any], target: dict[str, Any]) -> dict[s
         if target.get(limit) is not None:
             value = metrics.get(metric)
             values[metric] = 0.0 if value is None else _bound(target, limit, metric) - float(value)
+    if (excess := em_excess(metrics, target)) is not None:
+        values["forget_em"] = excess
     return values

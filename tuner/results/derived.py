@@ -5,6 +5,7 @@ read what is stored instead of computing them again."""
 
 from __future__ import annotations
 
+from tuner.core.metrics import band_metrics
 from tuner.results.candidates import candidates, key
 from tuner.results.pareto import front_members
 from tuner.results.recommend import recommend
@@ -19,7 +20,7 @@ def refresh(store: Store, name: str) -> dict:
     cands = candidates(store.trials(name), store.study_curves(study.id), objectives, store.study_checks(name))
     store.set_pareto(study.id, {key(c) for members in front_members(cands, objectives).values() for c in members})
     target = Target.model_validate(study.spec["target"]).rule(study.exact_retrain)
-    rec = recommend(cands, target, "mia_auc" in objectives)
+    rec = recommend(cands, target, band_metrics(objectives))
     store.replace_recommendations(study.id, [(unit, r.get("trial_id"), r) for unit, r in rec["units"].items()]
                                   + [(None, rec["overall"].get("trial_id"), rec["overall"])])
     return rec

@@ -14,13 +14,15 @@ from typing import Any
 import yaml
 
 from tuner.core.errors import TunerError
+from tuner.core.metrics import leak_reference_text
 from tuner.results.candidates import OK_STATUSES, candidates
 from tuner.results.recommend import scaled_params
 from tuner.results.target import Target
 from tuner.store import Store
 
 FORMAT = "unlearn-tuner/recommendation@2"  # @2: the hyperparameters under config.params (@1 files still apply)
-EXPECTED = ("forget_gap", "utility_drop", "mia_auc", "forget_nll", "unseen_nll", "retain_nll", "general_nll")
+EXPECTED = ("forget_gap", "utility_drop", "mia_auc", "mia_auc_minkpp", "privleak", "forget_em", "forget_es", "forget_nll",
+            "unseen_nll", "retain_nll", "general_nll")
 
 
 def _pick(recommendation: dict[str, Any], method: str | None, study: str) -> tuple[str, dict[str, Any]]:
@@ -125,6 +127,7 @@ def build_export(store: Store, name: str, method: str | None = None, trial: int 
         "expected": _spread(rows, chosen, Target.model_validate(study.spec["target"]).neighbourhood),
         "measured": _measured(chosen),
         "exact_retrain_forget_nll": (study.exact_retrain or {}).get("forget_nll"),
+        "privleak_reference": leak_reference_text(study.exact_retrain),
         "provenance": {
             "study": name, "trial_id": chosen["id"], "trial_number": chosen["number"], "step": chosen["step"],
             "seed": study.seed, "model": {"name": study.model, "fingerprint": summary.get("model")},

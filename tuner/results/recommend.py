@@ -1,7 +1,9 @@
 """Recommendation: a defensible setting per method and overall, read from a study's stored trials.
 
 Rule (its tolerances are data in the spec's `target`): a trial *succeeds* when its forget gap is within
-`gap_tolerance` of 0 (and, when MIA AUC is an objective, its AUC within `mia_tolerance` of 0.5) and its
+`gap_tolerance` of 0 (and, for each objective with a band, `tuner.core.metrics.BAND`: its MIA AUC within
+`mia_tolerance` of 0.5, its privleak within `privleak_tolerance` of 0), its forget exact memorisation is at
+most the target's when `em_tolerance` is set, and its
 utility drop within `utility_tolerance` (gap 0 reached by collapsing the model is no success). Among
 successes, prefer *robust* ones — whose neighbours in the method's hyperparameter space (each declared knob
 on its own scale, `tuner.core.hparams`) also succeed (guideline 5) — and then the smallest utility drop. With no
@@ -24,14 +26,17 @@ from typing import Any
 import numpy as np
 
 from tuner.core.hparams import LR, Hyperparameter
+from tuner.core.metrics import get as metric
 from tuner.core.status import DIVERGED, FAILED, UNFINISHED
 from tuner.engine import methods
-from tuner.results.candidates import LIMITS, OK_STATUSES, check_failures
+from tuner.results.candidates import LIMITS, OK_STATUSES, YARDSTICK, check_failures
 
 
-def outcome(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> str:
+def outcome(row: dict[str, Any], target: dict[str, float], band: tuple[str, ...] = ()) -> str:
     """remembered / in_band / over_unlearned / diverged / failed (and running / interrupted): the classes
-    the dashboards colour. In the band says nothing of utility; `succeeded` adds that."""
+    the dashboards colour. `band`: the figures beyond the forget gap that must be within their tolerance
+    (`tuner.core.metrics.band_metrics` of the study's objectives: its MIA AUC, privleak). In the band says
+    nothing of utility; `succeeded` adds that."""
     if row["status"] in UNFINISHED:
         return row["status"]
     if row["status"] == DIVERGED:
@@ -43,28 +48,32 @@ def outcome(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> str
         return "remembered"
     if gap > target["gap_tolerance"]:
         return "over_unlearned"
-    mia = row["metrics"].get("mia_auc")
-    if use_mia and mia is not None and abs(mia - 0.5) > target["mia_tolerance"]:
-        return "remembered" if mia > 0.5 else "over_unlearned"
+    for name in band:
+        value, spec = row["metrics"].get(name), metric(name)
+        tolerance = target.get(spec.tolerance) if spec.tolerance else None
+        if value is not None and tolerance is not None and abs(value - spec.ideal) > tolerance:
+            return spec.side(value)
     return "in_band"
 
 
-def succeeded(row: dict[str, Any], target: dict[str, float], use_mia: bool) -> bool | None:
-    """In the target band without collapsing: the utility drop stays within `utility_tolerance` (and the MIA
-    AUC within `mia_tolerance` when it is an objective). None when the row is in the band by its forget gap
-    but lacks a figure the rule needs: a missing figure is neither a success nor a failure."""
-    if outcome(row, target, use_mia) != "in_band":
+def succeeded(row: dict[str, Any], target: dict[str, float], band: tuple[str, ...] = ()) -> bool | None:
+    """In the target band without collapsing: the utility drop stays within `utility_tolerance` (and each of
+    `band` within its tolerance). None when the row is in the band by its forget gap but lacks a figure the
+    rule needs: a missing figure is neither a success nor a failure."""
+    if outcome(row, target, band) != "in_band":
         return False
     metrics = row.get("metrics") or {}
-    if missing(row, use_mia):
+    if missing(row, target, band):
         return None
     return metrics["utility_drop"] <= target["utility_tolerance"]
 
 
-def missing(row: dict[str, Any], use_mia: bool) -> list[str]:
-    """The figures the rule needs that this candidate does not have (mid-run points carry no MIA, and
-    utility only at some points)."""
-    needed = ("forget_gap", "utility_drop") + (("mia_auc",) if use_mia else ())
+def missing(row: dict[str, Any], target: dict[str, Any], band: tuple[str, ...] = ()) -> list[str]:
+    """The figures the rule needs that this candidate does not have (mid-run points carry no MIA or
+    memorisation figures, and utility only at some points)."""
+    needed = ["forget_gap", "utility_drop", *band]
+    if target.get("em_tolerance") is not None:  # the limit compares with the exact retrain's, else unseen EM
+        needed += ["forget_em"] + ([] if "forget_em" in (target.get(YARDSTICK) or {}) else ["unseen_em"])
     return [name for name in needed if (row.get("metrics") or {}).get(name) is None]
 
 
@@ -139,7 +148,7 @@ def _full(row: dict[str, Any]) -> bool:
     return row.get("measured", "full") in ("full", "confirmed")
 
 
-def recommend_unit(rows: list[dict[str, Any]], target: dict[str, Any], use_mia: bool) -> dict[str, Any]:
+def recommend_unit(rows: list[dict[str, Any]], target: dict[str, Any], band: tuple[str, ...] = ()) -> dict[str, Any]:
     """The unit's pick among its candidates (rows of `tuner.results.candidates.candidates`, or plain trial rows).
 
     Only candidates measured in full can be recommended. A mid-run candidate (an estimate) that would beat
@@ -150,8 +159,8 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, Any], use_mia: 
     if not finished:
         return {"trial_id": None, "status": "none", "reason": "no finished trials", "robustness": None,
                 "window_width": 0.0, "success_rate": 0.0, "n_trials": 0, "confirm": []}
-    classes = [outcome(r, target, use_mia) for r in finished]
-    success = [succeeded(r, target, use_mia) for r in finished]
+    classes = [outcome(r, target, band) for r in finished]
+    success = [succeeded(r, target, band) for r in finished]
     robust = robustness(finished, success, target.get("neighbourhood", 0.25))
     trials = [i for i, r in enumerate(finished) if r.get("selected", True)]  # one per trial, for the rates
     base = {"window_width": window_width([finished[i] for i in trials], [success[i] for i in trials]),
@@ -180,7 +189,7 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, Any], use_mia: 
              for r in finished if r.get("measured") == "unconfirmed"]
     if contenders and used < budget:
         base["confirm"] = [{"trial_id": finished[i]["id"], "step": finished[i].get("step"),
-                            "missing": missing(finished[i], use_mia),
+                            "missing": missing(finished[i], target, band),
                             "estimated": finished[i].get("estimated", [])} for i in contenders[:1]]
     elif contenders:
         notes.append(f"{len(contenders)} mid-run candidate(s) that might do better were left out: their figures "
@@ -234,7 +243,7 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, Any], use_mia: 
     row = finished[pick_i]
     if classes[pick_i] == "in_band":
         why = (f"in the target band (gap {row['metrics']['forget_gap']:+.3f}) but its "
-               f"{', '.join(missing(row, use_mia))} was not measured")
+               f"{', '.join(missing(row, target, band))} was not measured")
     else:
         why = ("no trial reached the target band; closest is "
                + ("under-unlearned: the forget set is still remembered" if classes[pick_i] == "remembered"
@@ -244,6 +253,8 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, Any], use_mia: 
             "warnings": notes, **base, **_summary(row, target)}
 
 
+SUMMARY = ("forget_gap", "utility_drop", "mia_auc", "privleak", "forget_em", "forget_es", "forget_nll", "unseen_nll",
+           "retain_nll")  # the figures a recommendation carries
 CHECKED = ("relearn_gap", "relearn_drop", "relearn_speed_ratio", "quant4_gap", "quant8_gap", "quant4_utility_drop",
            "forget_gap_std", "utility_drop_std", "forget_gap_spread", "utility_drop_spread")  # robustness checks
 
@@ -256,17 +267,16 @@ def _summary(row: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
     return {"number": row["number"], "params": row["params"], "step": row.get("step"),
             "selected": row.get("selected", True), "measured": row.get("measured", "full"),
             "estimate": row.get("estimate"), "check_failures": check_failures(row["metrics"], target),
-            "metrics": {**{k: row["metrics"].get(k) for k in ("forget_gap", "utility_drop", "mia_auc", "forget_nll",
-                                                              "unseen_nll", "retain_nll")},
+            "metrics": {**{k: row["metrics"].get(k) for k in SUMMARY},
                         **{k: row["metrics"][k] for k in CHECKED if row["metrics"].get(k) is not None}}}
 
 
-def recommend(rows: list[dict[str, Any]], target: dict[str, float], use_mia: bool) -> dict[str, Any]:
+def recommend(rows: list[dict[str, Any]], target: dict[str, float], band: tuple[str, ...] = ()) -> dict[str, Any]:
     """Per search unit and overall, from a study's trial rows (`Store.trials`); the overall pick is the
     best-utility unit recommendation, robust first."""
     units: dict[str, dict[str, Any]] = {}
     for unit in dict.fromkeys(r["unit"] for r in rows):
-        units[unit] = recommend_unit([r for r in rows if r["unit"] == unit], target, use_mia)
+        units[unit] = recommend_unit([r for r in rows if r["unit"] == unit], target, band)
     picks = [(u, rec) for u, rec in units.items() if rec["status"] == "recommended"]
     if picks:
         def key(item):

@@ -17,6 +17,13 @@ class Target(BaseModel):
     gap_tolerance: float = Field(0.1, gt=0, description="|forget gap| within this is 'unlearned'")
     utility_tolerance: float = Field(0.5, gt=0, description="acceptable utility drop (NLL nats)")
     mia_tolerance: float = Field(0.1, gt=0, description="|MIA AUC - 0.5| within this is indistinguishable")
+    privleak_tolerance: float = Field(
+        5.0, gt=0, description="|privleak| within this (percent) leaks like the reference (MUSE's band); part of "
+                               "the band when privleak is an objective")
+    em_tolerance: float | None = Field(
+        None, ge=0, description="forget exact memorisation at most the target's plus this: the exact retrain's "
+                                "forget EM where the study has one, else the candidate's own unseen EM "
+                                "(null: no such limit)")
     min_robustness: float = Field(0.5, ge=0, le=1, description="share of succeeding neighbours for 'robust'")
     neighbourhood: float = Field(0.25, gt=0, description="kernel width in hyperparameter space scaled to [0, 1]")
     relearn_limit: float | None = Field(

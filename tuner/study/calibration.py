@@ -34,7 +34,7 @@ from tuner.store import Store
 from tuner.study.cluster import worker_task
 from tuner.study.context import TrialContext
 from tuner.study.spec import Calibration, Range, StudySpec
-from tuner.study.trial import memory_refusal, out_of_memory, release_memory, workbench
+from tuner.study.trial import compared, memory_refusal, out_of_memory, release_memory, workbench
 
 WINDOW, NO_WINDOW, SKIPPED, FAILED = "window", "no_window", "skipped", "failed"  # a record's `status`
 POINT_KEYS = ("step", "lr", "loss", "forget_nll", "unseen_nll", "forget_gap", "retain_nll", "utility_drop",
@@ -100,14 +100,15 @@ def calibrate(unit: str, params: dict[str, Any], low: float, high: float, settin
         # the ramp runs to its top lr: a trial's early stops (hopeless, collapsed) would cut it where it is
         # meant to look, and the analysis reads the collapse from the curve itself
         "prune_hopeless": False, "stop_on_collapse": False,
-        "checkpoint": "last", "end_step": None, "device": ctx.run.device})
+        "checkpoint": "last", "end_step": None, "device": ctx.run.device,
+        "verbmem_blocks": None})  # the analysis reads the curve; generation would only cost
     refused = memory_refusal(ctx, cfg.method, data.block_size, run=cfg, ranks=1)
     if refused is not None:
         return {"status": SKIPPED, "reason": f"one process at the trial's effective batch does not fit: {refused}"}
     lr_at = geometric_ramp(low, high, steps)
     try:
         model, reference = workbench(ctx).trainee(cfg, ctx.precision)
-        result = run_unlearning(model, data, cfg, reference=reference, baseline=prepared["baseline"], lr_at=lr_at)
+        result = run_unlearning(model, data, cfg, reference=reference, lr_at=lr_at, **compared(prepared))
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         if not out_of_memory(err):
             raise

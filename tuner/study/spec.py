@@ -11,12 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuner.core.errors import TunerError, describe_validation_error, one_line
 from tuner.core.hparams import Hyperparameter, at_depth
+from tuner.core.metrics import OBJECTIVES
 from tuner.core.names import NAME_RULE, is_valid_name
 from tuner.core.settings import DataSpec, QuantSettings, RelearnSettings, RetainSource, RunSettings
 from tuner.engine import methods
 from tuner.results.target import Target
 
-Objective = Literal["forget_gap", "utility_drop", "mia_auc"]
+Objective = Literal[OBJECTIVES]  # tuner.core.metrics declares what each means
 
 
 class _Strict(BaseModel):
@@ -227,6 +228,9 @@ class StudySpec(_Strict):
                 raise ValueError(f"per_method: '{name}' is not among the study's methods")
         if len(set(self.objectives)) != len(self.objectives) or not self.objectives:
             raise ValueError("objectives: name each objective once, at least one")
+        if self.run.verbmem_blocks is not None and self.resources.workers > 1:
+            raise ValueError("run.verbmem_blocks: verbatim memorisation generates in one process; a trial of "
+                             f"{self.resources.workers} workers cannot score it (set it to null, or workers: 1)")
         self._check_search()
         return self
 

@@ -21,12 +21,12 @@ import torch
 from tuner.core.settings import RunSettings
 from tuner.engine import methods
 from tuner.engine.data import UnlearnData, build_data
-from tuner.engine.evaluation import full_metrics
+from tuner.engine.evaluation import full_metrics, leak_figures, original_metrics
 from tuner.engine.memory import RunPlan, device_capacity, model_shape, resolve_eval_batch
 from tuner.engine.models import Workbench, fingerprint, load, resolve
 from tuner.engine.robustness import check_candidate, retrain_relearning
 from tuner.engine.testbed import data_spec as testbed_data_spec
-from tuner.engine.unlearn import UnlearnConfig, run_unlearning
+from tuner.engine.unlearn import UnlearnConfig, run_unlearning, verbmem_plan
 from tuner.results.candidates import constraint_values, objective_values
 from tuner.study.context import TrialContext
 from tuner.study.report import CurveReport, Report, TrialReport
@@ -76,19 +76,36 @@ def prepare(ctx: TrialContext) -> dict[str, Any]:
     data = build_data(spec, bench.tokenizer, bench.reference.config, seed=ctx.seed)
     batch = resolve_eval_batch(ctx.run, bench.reference.config, [methods.get(u.method) for u in ctx.units.values()],
                                ctx.precision.name, data.block_size)
-    baseline = full_metrics(bench.reference, data, batch, device, dtype)
     exact = None
     # the testbed's retrain model never saw the forget set only when the forget set is the testbed's own
     if bench.source.retrain_path is not None and ctx.data is None:
         retrain, _ = load(resolve(str(bench.source.retrain_path)), torch_dtype=dtype)
-        exact = full_metrics(retrain.to(device), data, batch, device, dtype)
+        exact = full_metrics(retrain.to(device), data, batch, device, dtype, mink_k=ctx.run.mink_k,
+                             verbmem=verbmem_plan(ctx.run, bench.tokenizer.decode))
+        exact.update(leak_figures(exact, exact["mia_auc_mink"]))
         checks = ctx.robustness
         if checks.enabled("relearn"):  # the yardstick of every candidate's relearning speed, once per study
             exact["relearn"] = retrain_relearning(retrain, data, checks.relearn, ctx.seed, device, dtype, batch)
         del retrain
+    baseline, original = original_metrics(bench.reference, data, batch, device, dtype, leak_reference(exact),
+                                          ctx.run.mink_k, verbmem_plan(ctx.run, bench.tokenizer.decode))
     summary = {"blocks": data.summary(), "sources": data.sources, "sha256": data.fingerprints(),
                "model": fingerprint(bench.reference.config)}
-    return {"data": data, "baseline": baseline, "exact_retrain": exact, "data_summary": summary}
+    return {"data": data, "baseline": baseline, "original": original, "exact_retrain": exact,
+            "data_summary": summary}
+
+
+def leak_reference(exact_retrain: dict[str, Any] | None) -> float | None:
+    """The AUC a study's privleak is relative to: the exact retrain's min-k AUC where there is one (None: the
+    approximate target's)."""
+    return (exact_retrain or {}).get("mia_auc_mink")
+
+
+def compared(prepared: dict[str, Any]) -> dict[str, Any]:
+    """`run_unlearning`'s yardsticks from a study's preparation: the original model's metrics and per-block
+    NLL, and privleak's reference."""
+    return {"baseline": prepared["baseline"], "original": prepared.get("original"),
+            "leak_reference": leak_reference(prepared.get("exact_retrain"))}
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any], report: Report) -> TrialReport:
@@ -107,9 +124,10 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any
         report(CurveReport(point))
 
     try:
-        model, reference = workbench(ctx).trainee(cfg, ctx.precision)
-        result = run_unlearning(model, data, cfg, reference=reference, baseline=prepared["baseline"],
-                                on_eval=on_eval)
+        bench = workbench(ctx)
+        model, reference = bench.trainee(cfg, ctx.precision)
+        result = run_unlearning(model, data, cfg, reference=reference, on_eval=on_eval,
+                                decode=bench.tokenizer.decode, **compared(prepared))
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         if not out_of_memory(err) or cfg.world_size > 1:  # a rank out of memory fails the whole trial (multiworker)
             raise
@@ -136,8 +154,10 @@ def rerun(config: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any], c
     started = time.perf_counter()
     torch.set_num_threads(ctx.threads)
     cfg = UnlearnConfig.model_validate({**config, "device": ctx.run.device})
-    model, reference = workbench(ctx).trainee(cfg, ctx.precision)
-    result = run_unlearning(model, prepared["data"], cfg, reference=reference, baseline=prepared["baseline"])
+    bench = workbench(ctx)
+    model, reference = bench.trainee(cfg, ctx.precision)
+    result = run_unlearning(model, prepared["data"], cfg, reference=reference, decode=bench.tokenizer.decode,
+                            **compared(prepared))
     out = {"metrics": result.metrics, "checks": None, "status": result.status, "reason": result.reason}
     if checks and result.metrics is not None:
         out["checks"] = robustness_checks(model, ctx, prepared, cfg, result.metrics)
