@@ -20,6 +20,12 @@ Two parts, each run for the old and then the new code path on the same model, re
           is done, eval batch `eval_batch_new`, retain/general utility at every `utility_every`-th curve point
           on `utility_blocks` blocks per set, and on CUDA `torch.compile` of the decoder (`--compile`).
 
+  metrics   issue 27's cost check: the same acceptance run with today's defaults, once with the evaluation before
+          the field's metrics (`OLD_MEASURE`, the full scoring as it was, copied verbatim: NLL of every set and
+          the loss/zlib/min-k AUCs, swapped in for `evaluation._measure` in that run's process) and once as it
+          is (exact memorisation, extraction strength, MinK++, reference MIA and privleak from the same forward
+          pass). It prints each run's evaluation share and their difference in points (the goal: at most 5).
+
   defaults  issue 28's acceptance run, `tuner unlearn --model testbed:SIZE --method ga_gd --lr 3e-4 --epochs 3
           --no-stop-at-target`, through the real CLI, once with the evaluation defaults before issue 28
           (`OLD_DEFAULTS`: every set at every curve point on every block, eval batch 16) and once with today's. It
@@ -36,6 +42,7 @@ clock with CUDA synchronised at both ends; compile time goes into warmup steps, 
 
     python bench/trial_cost.py --preset cpu
     python bench/trial_cost.py --part defaults --testbed small   # the acceptance run, old and new defaults
+    python bench/trial_cost.py --part metrics --testbed small    # before and after the field's metrics
     python bench/trial_cost.py --preset gpu            # Llama-3.2-1B shape, bf16 autocast, 8 x 2048
 """
 
@@ -91,9 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto = gpu on a CUDA device, else cpu. "
                         + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--part", choices=["paths", "defaults", "all"], default="all",
+    p.add_argument("--part", choices=["paths", "defaults", "metrics", "all"], default="all",
                    help="paths: the old and new code paths on a model from a config; defaults: the acceptance "
-                        "run on the testbed with the old and the new evaluation defaults")
+                        "run on the testbed with the old and the new evaluation defaults; metrics: the acceptance "
+                        "run before and after the field's metrics")
     p.add_argument("--testbed", choices=["micro", "small"], default="small", help="the defaults part's testbed")
     p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: 989 on CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -311,14 +319,43 @@ def forward_rate(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, 
     return repeats * blocks.numel() / (time.perf_counter() - start)
 
 
-def run_cli(testbed: str, settings: dict, folder: Path) -> dict:
-    """One acceptance run through the real `tuner unlearn` (a --config file carries `settings`); its
-    metrics.json."""
+# The full scoring before issue 27, verbatim but for its name and return value (`_measure` returns the metrics
+# and the per-block NLL the reference MIA needs, which it did not compute), run in the "before" process.
+OLD_MEASURE = """
+import tuner.engine.evaluation as E
+
+def old_measure(model, data, batch_size, device, dtype, baseline, original, leak_reference, mink_k, verbmem):
+    nll = E.set_nll(model, data.eval_sets(), batch_size, device, dtype)
+    metrics = {f"{name}_nll": float(v.mean()) for name, v in nll.items()}
+    metrics.update({f"{name}_ppl": E._safe_exp(metrics[f"{name}_nll"]) for name in nll})
+    metrics["forget_gap"] = metrics["forget_nll"] - metrics["unseen_nll"]
+    members = E.mia_scores(nll["forget"], data.forget_zlib, 0.3)
+    nonmembers = E.mia_scores(nll["unseen"], data.unseen_zlib, 0.3)
+    for kind in members:
+        metrics[f"mia_auc_{kind}"] = E.auc(members[kind], nonmembers[kind])
+    metrics["mia_auc"] = metrics["mia_auc_mink"]
+    if baseline is not None:
+        for name in ("retain", "general"):
+            if f"{name}_nll" in metrics and f"{name}_nll" in baseline:
+                key = "utility_drop" if name == "retain" else "general_utility_drop"
+                metrics[key] = metrics[f"{name}_nll"] - baseline[f"{name}_nll"]
+        if "utility_drop" not in metrics and "general_utility_drop" in metrics:
+            metrics["utility_drop"] = metrics["general_utility_drop"]
+    return metrics, None
+
+E._measure = old_measure
+"""
+
+
+def run_cli(testbed: str, settings: dict, folder: Path, prelude: str = "") -> dict:
+    """One acceptance run through the real `tuner unlearn` (a --config file carries `settings`; `prelude` is
+    Python run first in that process); its metrics.json."""
     config = folder / "settings.yaml"
     config.write_text(yaml.safe_dump(settings))
     out = folder / "out"
-    cmd = [str(Path(sys.executable).with_name("tuner")), "unlearn", "--model", f"testbed:{testbed}", *ACCEPTANCE,
-           "--config", str(config), "--out", str(out)]
+    entry = [sys.executable, "-c", prelude + "\nimport sys\nfrom tuner.cli.parser import main\n"
+             "sys.exit(main(sys.argv[1:]))"] if prelude else [str(Path(sys.executable).with_name("tuner"))]
+    cmd = [*entry, "unlearn", "--model", f"testbed:{testbed}", *ACCEPTANCE, "--config", str(config), "--out", str(out)]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -369,10 +406,41 @@ def defaults_part(args: argparse.Namespace) -> None:
           f"({'met' if share <= 0.25 else 'not met'})")
 
 
+def metrics_part(args: argparse.Namespace) -> None:
+    """The acceptance run with today's defaults, before and after the field's metrics (issue 27)."""
+    print(f"metrics: tuner unlearn --model testbed:{args.testbed} {' '.join(ACCEPTANCE)}, today's defaults, with "
+          "the full scoring before the field's metrics and as it is", flush=True)
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, prelude in (("before", OLD_MEASURE), ("after", "")):
+            folder = Path(tmp) / label
+            folder.mkdir()
+            runs[label] = run_cli(args.testbed, {}, folder, prelude)
+            print(f"  {label}: {runs[label]['command_s']:.0f} s", flush=True)
+    print()
+    print(f"{'scoring':<10}{'wall s':>9}{'train s':>9}{'eval s':>9}{'baseline s':>12}{'eval share':>12}"
+          f"{'+baseline':>11}{'metrics':>9}")
+    shares = {}
+    for label in ("before", "after"):
+        r = runs[label]
+        base = r.get("baseline_time_s") or 0.0
+        shares[label] = r["eval_time_s"] / r["wall_time_s"]
+        print(f"{label:<10}{r['wall_time_s']:>9.1f}{r['train_time_s']:>9.1f}{r['eval_time_s']:>9.1f}{base:>12.1f}"
+              f"{shares[label]:>12.1%}{(r['eval_time_s'] + base) / r['wall_time_s']:>11.1%}"
+              f"{len(r['metrics']):>9}")
+    grew = 100 * (shares["after"] - shares["before"])
+    print(f"the evaluation share grew by {grew:+.1f} points with the field's metrics "
+          f"(goal: at most 5: {'met' if grew <= 5 else 'not met'}); added: "
+          f"{', '.join(sorted(set(runs['after']['metrics']) - set(runs['before']['metrics'])))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.part == "metrics":
+        metrics_part(args)
+        return 0
     if args.part in ("defaults", "all"):
         defaults_part(args)
         if args.part == "defaults":

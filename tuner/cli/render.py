@@ -234,17 +234,16 @@ def print_recommendation(rec: dict[str, Any], target: dict[str, float], exact: d
 
     table = Table(title="recommendation per search unit (target: |forget gap| ≤ "
                   f"{target['gap_tolerance']}; robust = neighbours also succeed)")
-    for col in ("unit", "status", "trial", "step", "setting", "forget gap", "utility drop", "robustness",
-                "window (decades)", "reason"):
+    for col in ("unit", "status", "trial", "step", "setting", "forget gap", "utility drop", "privleak %",
+                "forget EM", "robustness", "window (decades)", "reason"):
         table.add_column(col)
     for unit, r in rec["units"].items():
         m = r.get("metrics") or {}
         table.add_row(unit, r["status"], str(r.get("number", "-")), str(r.get("step", "-")),
                       describe(unit.split("@")[0], r.get("params") or {}) or "-",
-                      f"{m['forget_gap']:+.3f}" if m.get("forget_gap") is not None else "-",
-                      f"{m['utility_drop']:+.3f}" if m.get("utility_drop") is not None else "-",
-                      f"{r['robustness']:.2f}" if r.get("robustness") is not None else "-",
-                      f"{r.get('window_width', 0):.2f}", escape(r["reason"]))
+                      cell(m.get("forget_gap"), "+.3f"), cell(m.get("utility_drop"), "+.3f"),
+                      cell(m.get("privleak"), "+.1f"), cell(m.get("forget_em"), ".3f"),
+                      cell(r.get("robustness"), ".2f"), f"{r.get('window_width', 0):.2f}", escape(r["reason"]))
     out.print(table)
     for unit, r in rec["units"].items():
         line = robustness_line(r, exact, target)

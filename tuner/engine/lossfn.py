@@ -218,9 +218,9 @@ def next_token_nll(model: torch.nn.Module, ids: torch.Tensor, budget_bytes: int 
 
 
 STATS = ("nll", "hit", "z")  # the last dim of `token_stats`, in order
-# fp32 [rows, V] tensors alive at once in `logit_stats` (logits, log-probs, probs, their products): the chunk's
-# budget is split over them
-STATS_COPIES = 6
+# fp32 [rows, V] tensors alive at once in `logit_stats` (the logits, their fp32 copy, the log-probs, one product
+# reused in place): the chunk's budget is split over them
+STATS_COPIES = 4
 
 
 def logit_stats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -229,11 +229,12 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     log-prob over the whole vocabulary under the model's own distribution (Zhang et al. 2024)."""
     logp = logits.float().log_softmax(-1)
     target_lp = logp.gather(-1, targets[:, None]).squeeze(-1)
-    probs = logp.exp()
-    mu = (probs * logp).sum(-1)
-    var = (probs * logp.square()).sum(-1) - mu.square()
-    z = (target_lp - mu) / var.clamp(min=1e-6).sqrt()  # a near one-hot distribution has no spread
     hit = (logp.argmax(-1) == targets).float()
+    # one vocabulary-sized buffer, reused in place: p log p, then p log^2 p (as exact as separate products)
+    weighted = logp.exp().mul_(logp)
+    mu = weighted.sum(-1)
+    var = weighted.mul_(logp).sum(-1) - mu.square()
+    z = (target_lp - mu) / var.clamp(min=1e-6).sqrt()  # a near one-hot distribution has no spread
     return torch.stack([-target_lp, hit, z], dim=-1)
 
 

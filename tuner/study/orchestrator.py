@@ -23,7 +23,7 @@ from tuner import __version__
 from tuner.core.errors import TunerError
 from tuner.results import derived
 from tuner.store import Store
-from tuner.study import calibration, importance, rechecks
+from tuner.study import calibration, importance, rechecks, warmstart
 from tuner.study.cluster import (
     StudyStopped,
     check_resources,
@@ -103,7 +103,8 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         searches = _searches(spec, store, study_id, storage, depth)
         outcome.calibrations = calibration.ensure(spec, store, searches, storage, context, prepared, depth,
                                                   _calibrating(spec, store, searches, on_event))
-        units = _unit_runs(spec, store, searches, storage, outcome, on_event, depth)
+        units = _unit_runs(spec, store, searches, storage, outcome, on_event, depth,
+                           prepared["data_summary"].get("model"), context.rule(prepared["exact_retrain"]))
         if resume:
             derived.refresh(store, spec.name)  # trials of an older version or a killed driver
         _run_trials(spec, units, store, on_event, tune.with_parameters(trainable, ctx=context, prepared=prepared),
@@ -222,23 +223,37 @@ def _calibrating(spec: StudySpec, store: Store, searches: list[calibration.Plann
 
 def _unit_runs(spec: StudySpec, store: Store, searches: list[calibration.PlannedSearch],
                storage: optuna.storages.RDBStorage, outcome: StudyOutcome, on_event: Event | None,
-               depth: int | None) -> list[UnitRun]:
-    """Each unit's Optuna study over its ranges (the lr window of its calibration, if it has one) and the part
-    of its budget still to run (none when its calibration found no window); `depth` (the model's decoder
-    layers) resolves depth-relative ranges. The event of each unit carries its calibration's line."""
+               depth: int | None, model: dict[str, Any] | None = None,
+               rule: dict[str, Any] | None = None) -> list[UnitRun]:
+    """Each unit's Optuna study over its ranges (the lr window of its calibration, if it has one), told the
+    warm start's priors when it is new (`model`: this study's model fingerprint, which the warm start's must
+    share; `rule`: its target), and the part of its budget still to run (none when its calibration found no
+    window); `depth` (the model's decoder layers) resolves depth-relative ranges. The event of each unit
+    carries its calibration's and its warm start's lines."""
     units = []
+    source = warmstart.source_of(spec, store, model)
     for s in searches:
         stored = outcome.calibrations.get(s.unit)
         done = store.finished_count(s.search_id)
         tally = outcome.units[s.unit] = UnitTally(budget=spec.budget.trials, finished=done)
         remaining = 0 if calibration.refused(stored) else spec.budget.trials - done
+        told: dict[str, int] = {}
+
+        def priors(ranges, unit=s.unit, told=told):
+            found, skipped = warmstart.priors(store, source, unit, ranges, list(spec.objectives), rule)
+            told.update(told=len(found), skipped=skipped)
+            return found
+
         units.append(UnitRun(s.unit, s.search_id, tally,
                              unit_search(spec, s.method, s.optuna_name, storage, depth, calibration.narrowed(stored),
-                                         calibration.guideline_lr(stored), remaining),
+                                         calibration.guideline_lr(stored), remaining,
+                                         priors if source is not None else None),
                              remaining))
+        notes = ([f"calibration: {stored['summary']}"] if stored else []) + (
+            [warmstart.line(source, told["told"], told["skipped"])] if told else [])
         if on_event is not None:
             on_event(s.unit, {"budget": tally.budget, "finished": done, "running": 0, "failed": 0, "best": None,
-                              **({"note": f"calibration: {stored['summary']}"} if stored else {}),
+                              **({"note": "; ".join(notes)} if notes else {}),
                               **({"waiting": "not searched: no lr window"} if calibration.refused(stored) else {})})
     return units
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from tuner.engine import methods
 from tuner.store import Store
 from tuner.study.report import TrialReport, objective_key
 from tuner.study.spec import Range, SamplerSpec, StudySpec
+from tuner.study.warmstart import Prior
 
 OPTUNA_TRANSIENT = (*TRANSIENT, optuna.exceptions.StorageInternalError)
 
@@ -191,29 +193,48 @@ class UnitSearch:
 
 def unit_search(spec: StudySpec, method: str, optuna_name: str, storage: optuna.storages.BaseStorage,
                 depth: int | None = None, narrowed: dict[str, Range] | None = None,
-                guideline_lr: float | None = None, remaining: int | None = None) -> UnitSearch:
+                guideline_lr: float | None = None, remaining: int | None = None,
+                priors: Callable[[dict[str, Range]], list[Prior]] | None = None) -> UnitSearch:
     """The unit's search: its Optuna study with the spec's sampler, over the method's space (with `narrowed`
-    ranges in place of the spec's). A new study starts from enqueued settings (`first_settings`), at most
+    ranges in place of the spec's). A new study is first told the warm start's `priors` (given the unit's
+    ranges, `tuner.study.warmstart`), then starts from enqueued settings (`first_settings`), at most
     `remaining` of them (the trials it will run; default: the budget)."""
     objectives = list(spec.objectives)
     study = open_study(storage, optuna_name, make_sampler(spec.sampler, spec.budget.trials, spec.seed), objectives)
     space = SearchSpaceFn(spec, method, depth, narrowed)
     if not with_retry(lambda: study.get_trials(deepcopy=False), "reading Optuna", OPTUNA_TRANSIENT):
+        told = priors(space.ranges) if priors is not None else []
+        for prior in told:
+            with_retry(lambda p=prior: tell_prior(study, space, p, spec.warm_start), "telling Optuna",
+                       OPTUNA_TRANSIENT)
         budget = spec.budget.trials if remaining is None else remaining
-        for setting in first_settings(spec, space, guideline_lr, budget):
+        for setting in first_settings(spec, space, guideline_lr, budget, len(told)):
             with_retry(lambda s=setting: study.enqueue_trial(s, skip_if_exists=True), "queueing in Optuna",
                        OPTUNA_TRANSIENT)
     return UnitSearch(study, space, objectives, spec.retries)
 
 
+def tell_prior(study: optuna.Study, space: SearchSpaceFn, prior: Prior, source: str | None) -> None:
+    """A warm start's finished trial, told as a live one is: queued, asked (the space suggests its queued
+    values), its constraints set, told COMPLETE with its objectives; marked with the study it came from."""
+    study.enqueue_trial(prior.params)
+    trial = study.ask()
+    space(trial)
+    trial.set_user_attr("warm_start", source)
+    for name, value in prior.constraints.items():
+        trial.set_constraint(name, value)
+    tell(study, trial, list(prior.values), TrialState.COMPLETE)
+
+
 def first_settings(spec: StudySpec, space: SearchSpaceFn, guideline_lr: float | None,
-                   budget: int) -> list[dict[str, Any]]:
+                   budget: int, known: int = 0) -> list[dict[str, Any]]:
     """What a new unit's search runs first, at most `budget` settings: the guideline points of its calibrated lr
     (the lr where the calibration's forget gap reached the band, at 1, 2 and 3 epochs), then, for TPE and the
-    GP, their random warm-up replaced by settings spread over the ranges (`SearchSpaceFn.spread`)."""
+    GP, their random warm-up replaced by settings spread over the ranges (`SearchSpaceFn.spread`), as many as
+    the warm-up still needs after the `known` finished trials a warm start told the sampler."""
     first = space.guideline(guideline_lr)[:budget] if guideline_lr is not None else []
     if spec.sampler.name in WARMED_UP:
-        n = min(startup_trials(spec.sampler, spec.budget.trials), budget) - len(first)
+        n = min(startup_trials(spec.sampler, spec.budget.trials), budget) - len(first) - known
         first += space.spread(n, spec.seed)
     return first
 

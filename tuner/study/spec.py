@@ -192,6 +192,10 @@ class StudySpec(_Strict):
     calibration: Calibration = Field(
         Calibration(), description="the lr range test before each unit's search, off by default; "
                                    "`calibration: true` turns it on")
+    warm_start: str | None = Field(
+        None, description="an earlier study on this store, of the same model family: the finished trials of "
+                          "each search unit the two share are told to this study's sampler before its first "
+                          "trial, scored by this study's objectives and target (`tuner.study.warmstart`)")
 
     @field_validator("ray_address")
     @classmethod
@@ -201,10 +205,10 @@ class StudySpec(_Strict):
             raise ValueError(problem)
         return value
 
-    @field_validator("name")
+    @field_validator("name", "warm_start")
     @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not is_valid_name(value):
+    def _safe_name(cls, value: str | None) -> str | None:
+        if value is not None and not is_valid_name(value):
             raise ValueError(NAME_RULE)
         return value
 
@@ -228,6 +232,9 @@ class StudySpec(_Strict):
                 raise ValueError(f"per_method: '{name}' is not among the study's methods")
         if len(set(self.objectives)) != len(self.objectives) or not self.objectives:
             raise ValueError("objectives: name each objective once, at least one")
+        if self.warm_start == self.name:
+            raise ValueError(f"warm_start: '{self.name}' is this study; name an earlier one (a resumed study "
+                             "keeps its own trials anyway)")
         if self.run.verbmem_blocks is not None and self.resources.workers > 1:
             raise ValueError("run.verbmem_blocks: verbatim memorisation generates in one process; a trial of "
                              f"{self.resources.workers} workers cannot score it (set it to null, or workers: 1)")
