@@ -105,7 +105,7 @@ def recommendation_rows(data: StudyData) -> list[dict[str, str]]:
         failing = "; ".join(r.get("check_failures") or [])
         out.append({
             "scope": "overall" + (f" ({unit})" if unit else "") if label == "overall" else label,
-            "status": r.get("status", "") + (" (fails the robustness checks)" if failing else ""),
+            "status": r.get("status", "") + (" (fails a limit of the target)" if failing else ""),
             "trial": f"#{row['number']} (id {row['id']})" if row else "–",
             "params": describe(method, params) or "–",
             "forget_gap": fmt(metrics.get("forget_gap"), "+.3f"), "utility_drop": fmt(metrics.get("utility_drop"), "+.3f"),

@@ -930,7 +930,7 @@ def test_robustness_checks_reach_the_figure_the_recommendation_and_the_guideline
     # the recommendation table: each pick's robustness line; GA's pick fails the relearn limit, marked so
     rows = {r["scope"]: r for r in page.recommendation_rows(data)}
     ga = rows["ga"]
-    assert ga["status"] == "closest (fails the robustness checks)" and ga["failing"].startswith("relearning brings")
+    assert ga["status"] == "closest (fails a limit of the target)" and ga["failing"].startswith("relearning brings")
     assert ga["checks"].startswith("relearn gap -0.450 (exact-retrain -0.040), relearns 3.2x as fast")
     assert "4-bit gap -0.300, 8-bit gap +0.010; FAILS: relearning brings the forget set back" in ga["checks"]
     overall = rows["overall (ga_gd@in_distribution)"]
@@ -990,7 +990,7 @@ def test_study_page_shows_robustness_under_attack(browser, checked):
                           "ga_gd@in_distribution before": 3, "ga_gd@in_distribution relearn": 3,
                           "ga_gd@in_distribution quant4": 2, "ga_gd@in_distribution quant8": 1, "retrain": -0.04}
         failing = page.eval_on_selector_all("#recommendation-table td.failing", "els => els.map(e => e.textContent)")
-        assert "closest (fails the robustness checks)" in failing
+        assert "closest (fails a limit of the target)" in failing
         assert any(t.startswith("relearn gap -0.450") and "FAILS" in t for t in failing)
         verdicts = page.eval_on_selector_all("#guideline-table td.verdict", "els => els.map(e => e.textContent)")
         assert len(verdicts) == 6 and verdicts[5] == G.HOLDS

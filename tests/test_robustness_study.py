@@ -99,7 +99,7 @@ def test_the_recommender_skips_a_candidate_that_relearns_and_says_why():
     assert rec["trial_id"] == 2 and "skipped" in rec["reason"]
     assert any("relearning brings the forget set back: relearn_gap -0.600 < -0.2" in w for w in rec["warnings"])
     alone = recommend_unit([fragile], target, band=())
-    assert alone["status"] == "closest" and "fails a robustness check" in alone["reason"]
+    assert alone["status"] == "closest" and "fails a limit of the target" in alone["reason"]
     assert alone["check_failures"]
 
 

@@ -205,8 +205,8 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, Any], band: tup
                   + ("among robust settings" if solid else "(no setting had succeeding neighbours: not robust)")
                   + (f"; measured in full by re-running trial {row['number']} to step {row.get('step')}"
                      if row.get("measured") == "confirmed" else "")
-                  + (f"; {len(skipped)} candidate(s) in the band skipped: they fail a robustness check"
-                     if skipped else ""))
+                  + (f"; {len(skipped)} candidate(s) in the band skipped: they fail a limit of the target "
+                     "(robustness, memorisation)" if skipped else ""))
         unchecked = [] if checked or not limited else [
             "not checked against the study's robustness limits (`robustness.when: pareto_at_end` checks every "
             "Pareto candidate)"]
@@ -224,7 +224,7 @@ def recommend_unit(rows: list[dict[str, Any]], target: dict[str, Any], band: tup
         row = finished[pick_i]
         return {"trial_id": row["id"], "status": "closest", "robustness": robust[pick_i], **base,
                 **_summary(row, target), "warnings": skipped[:5] + notes,
-                "reason": f"every candidate in the target band fails a robustness check ({failures[pick_i][0]})"}
+                "reason": f"every candidate in the target band fails a limit of the target ({failures[pick_i][0]})"}
     collapsed = [i for i in measured if classes[i] == "in_band" and success[i] is False]
     if collapsed:
         pick_i = min(collapsed, key=rank)
