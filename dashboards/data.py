@@ -398,7 +398,7 @@ _AFTER = (Column("forget_gap", "forget gap", True), Column("utility_drop", "util
           Column("selected_step", "selected step", True), Column("device_s", "device-s", True),
           Column("tokens", "tokens", True), Column("device", "device"), Column("effective_batch", "eff. batch", True),
           Column("world_size", "world", True), Column("sharding", "sharding"), Column("precision", "precision"),
-          Column("error", "error"))
+          Column("error", "error or stop reason"))
 _FIXED = {c.key for c in (*_BEFORE, *_AFTER)}
 
 

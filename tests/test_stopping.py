@@ -149,3 +149,24 @@ def test_an_early_stopped_trial_is_told_to_optuna_as_complete_with_its_kept_chec
         search.complete(status, TrialReport(status, {}, {"forget_gap": 0.6, "utility_drop": 0.1}), error=False)
     states = [(t.state, t.values) for t in study.get_trials()]
     assert states == [(TrialState.COMPLETE, [0.6, 0.1])] * 2 + [(TrialState.FAIL, None)]
+
+
+def test_a_hopeless_trial_keeps_its_reason_in_the_store_and_on_the_dashboard(unlearn, store_file):
+    """A run whose lr barely moves the forget gap is stopped as hopeless; the reason the rule gave is what the
+    store keeps with the trial and what the dashboard's trial table shows for it."""
+    from dashboards.data import load_study, table_rows
+    from tuner.core.status import STOPPED_HOPELESS
+    from tuner.store import Store
+
+    result = unlearn(method="ga_gd", lr=1e-7, max_steps=40, eval_every=2, stop_at_target=True, gap_tolerance=0.1)
+    assert result.status == STOPPED_HOPELESS and result.reason and result.steps_done < 40
+    store = Store(store_file)
+    study = store.create_study("slow", "testbed:micro", 0, {"objectives": ["forget_gap", "utility_drop"]}, "", {})
+    search = store.ensure_search(study, "ga_gd@in_distribution", "ga_gd", "in_distribution", "slow/ga_gd", "tpe", 1,
+                                 {})
+    row = store.start_trial(search, {"lr": 1e-7})
+    store.finish_trial(row, result.status, None, result.to_dict())
+    stored = store.trials("slow")[0]
+    assert stored["status"] == STOPPED_HOPELESS and stored["error"] == result.reason
+    shown = table_rows(load_study(store, "slow"))[0]
+    assert shown["status"] == STOPPED_HOPELESS and shown["error"] == result.reason
