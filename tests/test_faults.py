@@ -49,6 +49,31 @@ def find_trial(proc: subprocess.Popen) -> psutil.Process | None:
     return None
 
 
+# Takes argv[1] bytes in 64 MiB pieces (bytearray writes every byte of a piece as it makes it) and lets go of
+# them the moment the process argv[2] is gone (a zombie counts as gone), also while still taking them: the memory
+# monitor ends that process before the last piece is made, and a retry then starts at once on an idle worker.
+HOG = """
+import sys, time
+import psutil
+size, victim = int(sys.argv[1]), int(sys.argv[2])
+
+def gone():
+    try:
+        return psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+pieces, step = [], 64 * 2**20
+while sum(map(len, pieces)) < size:
+    if gone():
+        sys.exit(0)
+    pieces.append(bytearray(min(step, size - sum(map(len, pieces)))))
+deadline = time.time() + 120
+while time.time() < deadline and not gone():
+    time.sleep(0.002)
+"""
+
+
 def trial_process(proc: subprocess.Popen, timeout: float = 300) -> psutil.Process:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -99,12 +124,12 @@ def test_a_trial_killed_by_rays_memory_monitor_is_failed_for_host_memory_retried
     wait_for_step(Store(url), "memory-monitor", proc)
     vm = psutil.virtual_memory()
     hog_bytes = int(threshold * vm.total) - (vm.total - vm.available) + 2**30
-    hog = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(int(sys.argv[1])); "
-                            "b[::4096] = b'x' * len(b[::4096]); time.sleep(120)", str(hog_bytes)])
+    # the hog lets go of its memory within milliseconds of the victim's end, so it is back when the retry starts
+    hog = subprocess.Popen([sys.executable, "-c", HOG, str(hog_bytes), str(victim.pid)])
     try:
         victim.wait(timeout=120)  # the memory monitor ends it
     finally:
-        hog.kill()  # the memory is back before the retry starts
+        hog.kill()
         hog.wait()
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
