@@ -9,7 +9,9 @@ A benchmark, not a test. Two models:
 
 The peak is the process's own `ru_maxrss` at exit (a wrapper runs the CLI in-process and prints it), so it
 counts everything the process held at its worst moment: the plan's parts plus what the plan leaves out on
-purpose for a device (the interpreter and its libraries, the tokenizer, the token blocks).
+purpose for a device (the interpreter and its libraries, the tokenizer, the token blocks). The wrapper also
+samples the resident memory every 10 ms and prints it per phase of the run (load, tokenise, the trainee copy,
+scoring the original, training, scoring the kept checkpoint, saving), so a gap can be placed.
 
     python bench/memory_rss.py                      # both models, a few optimiser steps each
     python bench/memory_rss.py --models testbed
@@ -27,13 +29,55 @@ import tempfile
 import time
 from pathlib import Path
 
-WRAPPER = ("import resource, sys\n"
-           "from tuner.cli import main\n"
-           "try:\n"
-           "    code = main(sys.argv[1:])\n"
-           "finally:\n"
-           "    print(f'MAXRSS_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n"
-           "sys.exit(code)\n")
+# Runs the CLI in-process and reports its peak RSS, and the resident memory per phase of the run: a thread
+# samples /proc/self/statm every 10 ms, and the phases are marked by wrapping the functions that begin them
+# (the same functions the CLI calls; nothing of the run changes).
+WRAPPER = """
+import os, resource, sys, threading, time
+PAGE = os.sysconf("SC_PAGE_SIZE")
+phases, current = {}, ["imports"]
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+def sample():
+    while True:
+        value = rss()
+        start, peak = phases.setdefault(current[0], [value, value])
+        phases[current[0]][1] = max(peak, value)
+        time.sleep(0.01)
+
+def mark(name):
+    value = rss()
+    phases.setdefault(name, [value, value])
+    current[0] = name
+
+def wrap(module, attr, name):
+    inner = getattr(module, attr)
+    def wrapped(*a, **k):
+        mark(name)
+        return inner(*a, **k)
+    setattr(module, attr, wrapped)
+
+threading.Thread(target=sample, daemon=True).start()
+import tuner.engine.data as D, tuner.engine.models as M, tuner.engine.unlearn as U, tuner.engine.training as T
+wrap(M.Workbench, "from_source", "load the model")
+wrap(D, "build_data", "tokenise the data")
+wrap(M.Workbench, "trainee", "the trainee copy")
+wrap(U, "original_metrics", "score the original")
+wrap(U, "run_loop", "train")
+wrap(U, "full_metrics", "score the kept checkpoint")
+from tuner.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    mark("save and exit")
+    for name, (start, peak) in phases.items():
+        print(f"PHASE {name}|{start}|{peak}", file=sys.stderr)
+    print(f"MAXRSS_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+sys.exit(code)
+"""
 GIB = 1024**3
 STEPS = ["--max-steps", "4", "--eval-every", "2", "--no-stop-at-target", "--device", "cpu"]
 
@@ -79,9 +123,11 @@ def run(model: str, extra: list[str], folder: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     peak_kib = next(int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("MAXRSS_KIB"))
+    phases = [line[len("PHASE "):].split("|") for line in done.stderr.splitlines() if line.startswith("PHASE ")]
     report = json.loads((out / "metrics.json").read_text())
     memory = report["environment"]["memory"]
-    return {"plan": memory["plan_gib"], "peak_gib": peak_kib * 1024 / GIB, "seconds": time.perf_counter() - started}
+    return {"plan": memory["plan_gib"], "peak_gib": peak_kib * 1024 / GIB, "seconds": time.perf_counter() - started,
+            "phases": [(name, int(start) / GIB, int(peak) / GIB) for name, start, peak in phases]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in r["plan"].items() if k != "total" and v)
         print(f"{name:<9}{total:>10.2f}{r['peak_gib']:>14.2f}{r['peak_gib'] / total:>12.2f}"
               f"{r['peak_gib'] - total:>16.2f}  {parts}")
+    for name, r in rows:
+        print(f"\nresident memory of the {name} run by phase (GiB; sampled every 10 ms):")
+        print(f"  {'phase':<28}{'at start':>10}{'peak':>8}{'rise':>8}")
+        for phase, start, peak in r["phases"]:
+            print(f"  {phase:<28}{start:>10.2f}{peak:>8.2f}{peak - start:>+8.2f}")
     return 0
 
 
