@@ -82,3 +82,15 @@ def test_a_warm_start_from_a_missing_study_or_another_family_is_refused(store_wi
         warmstart.source_of(spec, store, {"model_type": "llama"})
     with pytest.raises(ValueError, match="warm_start: 'third' is this study"):
         StudySpec.model_validate(micro_spec(name="third", warm_start="third"))
+
+
+def test_a_study_with_a_bad_warm_start_stores_nothing(store_with_two_studies, spec_file, tmp_path):
+    from tuner.study.orchestrator import run_study
+    from tuner.study.spec import load_spec
+
+    store = store_with_two_studies
+    spec, text = load_spec(spec_file(tmp_path, name="orphan", warm_start="nope"))
+    with pytest.raises(TunerError, match="warm_start: no study 'nope' on this store"):
+        run_study(spec, text, store)
+    with pytest.raises(TunerError):
+        store.study("orphan")  # refused before its study row was written

@@ -89,6 +89,8 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         concurrency = trial_concurrency(spec)  # refuses a local Ray that cannot hold one multi-worker trial
         context = TrialContext.of(spec)
         prepared = _prepare(spec, context)
+        # before anything is stored: a warm start from a missing study or another model family is refused
+        source = warmstart.source_of(spec, store, prepared["data_summary"].get("model"))
         if resume:
             _check_same_data(store, spec.name, prepared["data_summary"])
             study_id = store.study(spec.name).id
@@ -103,8 +105,8 @@ def run_study(spec: StudySpec, spec_text: str, store: Store, resume: bool = Fals
         searches = _searches(spec, store, study_id, storage, depth)
         outcome.calibrations = calibration.ensure(spec, store, searches, storage, context, prepared, depth,
                                                   _calibrating(spec, store, searches, on_event))
-        units = _unit_runs(spec, store, searches, storage, outcome, on_event, depth,
-                           prepared["data_summary"].get("model"), context.rule(prepared["exact_retrain"]))
+        units = _unit_runs(spec, store, searches, storage, outcome, on_event, depth, source,
+                           context.rule(prepared["exact_retrain"]))
         if resume:
             derived.refresh(store, spec.name)  # trials of an older version or a killed driver
         _run_trials(spec, units, store, on_event, tune.with_parameters(trainable, ctx=context, prepared=prepared),
@@ -223,15 +225,14 @@ def _calibrating(spec: StudySpec, store: Store, searches: list[calibration.Plann
 
 def _unit_runs(spec: StudySpec, store: Store, searches: list[calibration.PlannedSearch],
                storage: optuna.storages.RDBStorage, outcome: StudyOutcome, on_event: Event | None,
-               depth: int | None, model: dict[str, Any] | None = None,
+               depth: int | None, source: str | None = None,
                rule: dict[str, Any] | None = None) -> list[UnitRun]:
     """Each unit's Optuna study over its ranges (the lr window of its calibration, if it has one), told the
-    warm start's priors when it is new (`model`: this study's model fingerprint, which the warm start's must
-    share; `rule`: its target), and the part of its budget still to run (none when its calibration found no
-    window); `depth` (the model's decoder layers) resolves depth-relative ranges. The event of each unit
-    carries its calibration's and its warm start's lines."""
+    finished trials of the warm start's `source` study when it is new (scored by `rule`, this study's target),
+    and the part of its budget still to run (none when its calibration found no window); `depth` (the model's
+    decoder layers) resolves depth-relative ranges. The event of each unit carries its calibration's and its
+    warm start's lines."""
     units = []
-    source = warmstart.source_of(spec, store, model)
     for s in searches:
         stored = outcome.calibrations.get(s.unit)
         done = store.finished_count(s.search_id)
