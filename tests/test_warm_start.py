@@ -63,7 +63,7 @@ def test_priors_leave_out_settings_outside_the_ranges_and_unmeasured_objectives(
         row = store.start_trial(search, {"lr": lr, "epochs": 2})
         store.finish_trial(row, "completed", None, {"metrics": metrics})
     ranges = {"lr": Range(low=1e-4, high=1e-2, log=True), "epochs": Range(low=1, high=3)}
-    found, skipped = warmstart.priors(store, "old", "ga_gd@in_distribution", ranges,
+    found, skipped = warmstart.priors(store.trials("old"), "ga_gd@in_distribution", ranges,
                                       ["forget_gap", "utility_drop", "privleak"], {"utility_tolerance": 0.5})
     assert skipped == 2 and len(found) == 1
     assert found[0].params == {"lr": 1e-3, "epochs": 2} and found[0].values == (0.02, 0.3, 4.0)

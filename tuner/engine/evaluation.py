@@ -287,7 +287,8 @@ def _measure(model, data: UnlearnData, batch_size: int, device: torch.device, dt
     metrics.update(leak_figures(metrics, APPROXIMATE_AUC if leak_reference is None else leak_reference))
     if verbmem is not None:
         for name in GAP_SETS:
-            score = verbatim_memorisation(model, sets[name], verbmem, batch_size, device)
+            chosen = utility_subsample(sets[name], verbmem.blocks, verbmem.seed)
+            score = verbatim_memorisation(model, chosen, verbmem, batch_size, device)
             if score is not None:  # no block with words to score: not measured
                 metrics[f"{name}_verbmem"] = score
     if baseline is not None:

@@ -42,20 +42,18 @@ def rouge_l_scorer():
 
 
 def prompts_and_truth(blocks: torch.Tensor, plan: VerbMemPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seeded blocks' prompts `[n, prefix]` and true continuations `[n, <= tokens]`."""
+    """The blocks' prompts `[n, prefix]` and true continuations `[n, <= tokens]`."""
     if plan.prefix >= blocks.shape[1]:
         raise TunerError(f"run.verbmem_prefix {plan.prefix} leaves nothing to continue in blocks of "
                          f"{blocks.shape[1]} tokens")
-    n = min(plan.blocks, blocks.shape[0])
-    rows = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(plan.seed))[:n].sort().values
-    chosen = blocks[rows]
-    return chosen[:, :plan.prefix], chosen[:, plan.prefix:plan.prefix + plan.tokens]
+    return blocks[:, :plan.prefix], blocks[:, plan.prefix:plan.prefix + plan.tokens]
 
 
 @torch.no_grad()
 def verbatim_memorisation(model, blocks: torch.Tensor, plan: VerbMemPlan, batch_size: int,
                           device: torch.device) -> float | None:
-    """Mean ROUGE-L F1 of the model's greedy continuations of `plan.blocks` seeded blocks against their truth.
+    """Mean ROUGE-L F1 of the model's greedy continuations of `blocks` (the caller's seeded subsample of
+    `plan.blocks`) against their truth.
     A block whose true continuation holds no word ROUGE can score (whitespace, punctuation) is left out rather
     than scored 0 whatever the model says; None when no block could be scored."""
     scorer, words = rouge_l_scorer()

@@ -233,6 +233,7 @@ def _unit_runs(spec: StudySpec, store: Store, searches: list[calibration.Planned
     decoder layers) resolves depth-relative ranges. The event of each unit carries its calibration's and its
     warm start's lines."""
     units = []
+    earlier = store.trials(source) if source is not None else []  # read once for every unit
     for s in searches:
         stored = outcome.calibrations.get(s.unit)
         done = store.finished_count(s.search_id)
@@ -241,7 +242,7 @@ def _unit_runs(spec: StudySpec, store: Store, searches: list[calibration.Planned
         told: dict[str, int] = {}
 
         def priors(ranges, unit=s.unit, told=told):
-            found, skipped = warmstart.priors(store, source, unit, ranges, list(spec.objectives), rule)
+            found, skipped = warmstart.priors(earlier, unit, ranges, list(spec.objectives), rule)
             told.update(told=len(found), skipped=skipped)
             return found
 

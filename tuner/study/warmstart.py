@@ -49,12 +49,13 @@ def source_of(spec: StudySpec, store: Store, model: dict[str, Any] | None) -> st
     return name
 
 
-def priors(store: Store, source: str, unit: str, ranges: dict[str, Range], objectives: list[str],
+def priors(rows: list[dict[str, Any]], unit: str, ranges: dict[str, Range], objectives: list[str],
            rule: dict[str, Any]) -> tuple[list[Prior], int]:
-    """The unit's priors from study `source` and how many of its finished trials were left out (a setting
-    outside `ranges`, or an objective not measured). `rule` is this study's target (`Target.rule`)."""
+    """The unit's priors among the warm start's trial `rows` (`Store.trials` of that study) and how many of its
+    finished trials were left out (a setting outside `ranges`, or an objective not measured). `rule` is this
+    study's target (`Target.rule`)."""
     out, skipped = [], 0
-    for row in store.trials(source):
+    for row in rows:
         if row["unit"] != unit or row["status"] not in SCORED or not row.get("metrics"):
             continue
         params = {k: v for k, v in (row.get("params") or {}).items() if k in ranges}
