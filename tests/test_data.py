@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,13 +109,18 @@ def test_a_source_needs_exactly_one_origin():
         TextSource(hf="llmunlearn/unlearn_dataset", config="arxiv")
 
 
-def test_unreachable_hf_dataset_is_one_clear_line(monkeypatch):
+def test_unreachable_hf_dataset_is_one_clear_line():
+    """In a fresh process with the Hub offline (the Hugging Face libraries read that flag when imported): the
+    failure is one line naming the set and the source."""
     pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    src = TextSource(hf="llmunlearn/unlearn_dataset", config="arxiv", split="forget")
-    with pytest.raises(TunerError, match=r"forget: could not load hf:llmunlearn/unlearn_dataset/arxiv\[forget\]"):
-        read_documents(src, "forget")
+    code = ("from tuner.engine.data import TextSource, read_documents\n"
+            "read_documents(TextSource(hf='llmunlearn/unlearn_dataset', config='arxiv', split='forget'), 'forget')")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.match(r"tuner\.core\.errors\.TunerError: forget: could not load "
+                    r"hf:llmunlearn/unlearn_dataset/arxiv\[forget\]: ", last), done.stderr
 
 
 def distinct_lines(tmp_path, name: str, prefix: str, n: int = 120) -> TextSource:
