@@ -24,16 +24,29 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=TOLERANCE, abs_tol=TOLERANCE)
 
 
-@pytest.mark.parametrize(("method", "sharding"), [("ga_gd", "ddp"), ("ga_kl", "ddp"), ("ga_kl", "fsdp")])
-def test_two_workers_give_the_one_worker_result(method, sharding, local_ray, bench, data, baseline, unlearn):
-    """Batch 4 on each of 2 ranks = batch 8 on one process: identical curve and final metrics (within 1e-5)."""
+CASES = [("ga_gd", "ddp"), ("ga_kl", "ddp"), ("ga_kl", "fsdp")]
+
+
+@pytest.fixture(scope="module")
+def sharded(local_ray, bench, data, baseline):
+    """Every case on the same 2 Ray Train ranks, one after another (one worker group start for all): (method,
+    sharding) -> rank 0's `rank_unlearn` result."""
     from tuner.study.multiworker import rank_unlearn, torch_trainer
 
+    def each_case(config):  # a local function: Ray ships it by value to the ranks
+        return [rank_unlearn({**config, "cfg": cfg}) for cfg in config["cfgs"]]
+
+    cfgs = [{"method": m, "batch_size": 4, "world_size": 2, "sharding": s, **COMMON} for m, s in CASES]
+    trainer = torch_trainer(each_case, {"model": bench.reference, "data": data, "baseline": baseline,
+                                        "cfgs": cfgs}, workers=2, cpus=1, gpus=0)
+    return dict(zip(CASES, trainer.fit().return_value, strict=True))
+
+
+@pytest.mark.parametrize(("method", "sharding"), CASES)
+def test_two_workers_give_the_one_worker_result(method, sharding, sharded, unlearn):
+    """Batch 4 on each of 2 ranks = batch 8 on one process: identical curve and final metrics (within 1e-5)."""
     one = unlearn(method=method, batch_size=8, **COMMON)
-    cfg = {"method": method, "batch_size": 4, "world_size": 2, "sharding": sharding, **COMMON}
-    trainer = torch_trainer(rank_unlearn, {"model": bench.reference, "data": data, "baseline": baseline,
-                                            "cfg": cfg}, workers=2, cpus=1, gpus=0)
-    two = trainer.fit().return_value
+    two = sharded[(method, sharding)]
 
     assert two["environment"]["world_size"] == 2 and two["environment"]["sharding"] == sharding
     assert two["environment"]["backend"] == "gloo"

@@ -119,7 +119,7 @@ def test_a_trial_killed_by_rays_memory_monitor_is_failed_for_host_memory_retried
     # every step runs (no stop at the target) and is evaluated, for more epochs than the other faults need:
     # touching the hog's gigabytes takes seconds on a busy machine, and the trial is still running when it is done
     proc, url = start_study(spec_file, tmp_path, "memory-monitor", trials=1, env=env, stop_at_target=False,
-                            eval_every=1, epochs=(6, 8))
+                            eval_every=1, epochs=(3, 4))
     victim = trial_process(proc)
     wait_for_step(Store(url), "memory-monitor", proc)
     vm = psutil.virtual_memory()

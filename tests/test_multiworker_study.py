@@ -49,7 +49,7 @@ def test_two_worker_study_survives_a_killed_rank_and_records_world_size(tmp_path
     from tuner.results.export import build_export
 
     spec = spec_file(tmp_path, name="two-ranks", budget={"trials": 2},
-                     search={"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 2, "high": 2}},
+                     search={"lr": {"low": 2e-4, "high": 1e-3}, "epochs": {"low": 1, "high": 1}},
                      run={"batch_size": 4, "eval_every": 2, "stop_at_target": False},
                      resources={"cpus": 0.5, "workers": 2})  # 2 x 0.5 CPUs + the trial's token share: fits 2 cores
     url = f"sqlite:///{tmp_path / 'ranks.db'}"

@@ -27,6 +27,7 @@ from tuner.study.report import CurveReport, Report, TrialReport
 from tuner.study.trial import run_trial
 
 ENGINE = "ray.train.torch.TorchTrainer"
+POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 
 
 def run_sharded_trial(params: dict[str, Any], ctx: TrialContext, prepared: dict[str, Any],
@@ -60,6 +61,11 @@ def torch_trainer(rank_main, config: dict[str, Any], workers: int, cpus: float, 
     """A TorchTrainer running `rank_main(config)` on `workers` ranks of `cpus`/`gpus` each, one attempt."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    # A rank's `ray.train.report` waits until Ray Train's controller has taken its previous report, which it does
+    # once per poll of the ranks (every 2 s by default): each curve point would hold every rank up to 2 s.
+    # Ray Train hands this variable on to its controller (set here, in the process that starts the trainer).
+    os.environ.setdefault(POLL_ENV, POLL_S)
 
     per_worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     return TorchTrainer(
