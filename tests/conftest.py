@@ -187,7 +187,7 @@ def store_file(tmp_path) -> str:
 
 # ---- scheduling ------------------------------------------------------------------------------------------------
 
-# The modules that took longest in a serial run (per-module seconds, `--durations=0`, 2026-12-07), run first: with
+# The modules that took longest in a serial run of the suite (seconds per module, 2026-12-07) run first: with
 # `-n 2 --dist loadfile` each worker takes the next whole module when it is free, so a long module collected last
 # would run alone at the end. Only the order changes; a stale list costs time, never a test.
 SLOWEST_FIRST = ("test_faults.py", "test_study.py", "test_robustness_study.py", "test_multiworker_study.py",
