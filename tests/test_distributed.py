@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -89,3 +90,16 @@ def test_the_one_worker_path_imports_no_ray():
     code = ("import sys, tuner.engine.unlearn, tuner.engine.distributed; "
             "sys.exit(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_trainer_polls_its_ranks_often_unless_the_user_says_otherwise(monkeypatch):
+    """A rank's report waits for the controller's next poll of the ranks: the trial's trainer asks for one every
+    0.2 s (Ray Train's 2 s would idle every rank up to 2 s per curve point); a value the user set stays."""
+    from tuner.study.multiworker import POLL_ENV, torch_trainer
+
+    monkeypatch.delenv(POLL_ENV, raising=False)
+    torch_trainer(lambda config: None, {}, workers=2, cpus=1, gpus=0)
+    assert float(os.environ[POLL_ENV]) <= 0.25
+    monkeypatch.setenv(POLL_ENV, "5")
+    torch_trainer(lambda config: None, {}, workers=2, cpus=1, gpus=0)
+    assert os.environ[POLL_ENV] == "5"
