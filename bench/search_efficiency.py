@@ -37,7 +37,7 @@ from tuner.core.settings import RunSettings
 from tuner.results.recommend import succeeded
 from tuner.study import calibration
 from tuner.study.context import TrialContext
-from tuner.study.search import SearchSpaceFn, make_sampler, unit_search
+from tuner.study.search import SearchSpaceFn, UnitSearch, make_sampler, open_study, unit_search
 from tuner.study.spec import StudySpec, unit_name
 from tuner.study.trial import prepare, run_trial
 
@@ -120,26 +120,18 @@ def search_unit(arm: Arm, method: str, seed: int, args: argparse.Namespace, ctx:
         narrowed, guideline = calibration.narrowed(rec), calibration.guideline_lr(rec)
     storage = optuna.storages.InMemoryStorage()
     if arm.calibrated:  # the study's own search: guideline points and the Sobol spread enqueued first
-        search = unit_search(spec, method, "bench", storage, depth, narrowed, guideline).study
+        search = unit_search(spec, method, "bench", storage, depth, narrowed, guideline)
     else:  # as before: the sampler's own random start-up draws
-        search = optuna.create_study(storage=storage, directions=["minimize"] * len(ctx.objectives),
-                                     sampler=make_sampler(spec.sampler, args.trials, seed))
-    space = SearchSpaceFn(spec, method, depth, narrowed)
+        study = open_study(storage, "bench", make_sampler(spec.sampler, args.trials, seed), list(ctx.objectives))
+        search = UnitSearch(study, SearchSpaceFn(spec, method, depth), list(ctx.objectives), spec.retries)
     rule = ctx.rule(prepared["exact_retrain"])
-    for _ in range(args.trials):
-        trial = search.ask()
-        final = run_trial({**space(trial), "unit": unit}, ctx, prepared, lambda _result: None)
-        values = None if final.broken else tuple(final.objectives[o] for o in ctx.objectives)
-        if values is None or not all(math.isfinite(v) for v in values):
-            search.tell(trial, state=optuna.trial.TrialState.FAIL)
-            values = None
-        else:
-            for name, value in final.constraints.items():
-                trial.set_constraint(name, value)
-            search.tell(trial, list(values))
+    for number in range(args.trials):
+        final = run_trial({**search.suggest(str(number)), "unit": unit}, ctx, prepared, lambda _result: None)
+        search.complete(str(number), final, error=False)  # told as a study tells it (FAIL when broken)
+        values = None if final.broken else tuple(final.objectives.get(o, math.nan) for o in ctx.objectives)
+        run.values.append(values if values is not None and all(math.isfinite(v) for v in values) else None)
         run.ends.append(time.perf_counter() - started)
         run.hits.append(bool(succeeded({"status": final.status, "metrics": final.metrics or {}}, rule)))
-        run.values.append(values)
     return run
 
 
