@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stored import check_every_trial_stored
 
 from tuner.core.status import SCORED
 from tuner.results.recommend import recommend_unit
@@ -59,6 +60,11 @@ def tuned(tmp_path_factory, local_ray, micro_study):
                       target={"gap_tolerance": 0.1},
                       run={"eval_every": 2})  # mid-run checkpoints to export
     return tmp, url
+
+
+def test_the_tuned_study_stored_every_trial_with_its_curve_on_sqlite(tuned):
+    """On PostgreSQL the same is checked in tests/test_study.py."""
+    check_every_trial_stored(Store(tuned[1]), "tuned")
 
 
 def cli(*args, cache_dir):

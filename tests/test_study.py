@@ -11,9 +11,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from stored import check_every_trial_stored, check_study
 
 from tuner.core.errors import TunerError
-from tuner.core.status import SCORED
 from tuner.store import Store
 from tuner.study.orchestrator import run_study
 from tuner.study.spec import load_spec
@@ -26,43 +26,16 @@ STUDY = {"methods": ["ga", "ga_gd"], "budget": {"trials": 2}, "concurrency": 2,
          "sampler": {"name": "tpe", "n_startup_trials": 1}, "run": {"eval_every": 4}}
 
 
-def check_study(store, name, units, budget):
-    rows = store.trials(name)
-    assert sorted({r["unit"] for r in rows}) == sorted(units)
-    for unit in units:
-        done = [r for r in rows if r["unit"] == unit and r["status"] != "interrupted"]
-        assert len(done) == budget, (unit, [r["status"] for r in rows])
-        assert len({r["number"] for r in done}) == budget
-    return rows
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_a_study_stores_every_trial_with_its_curve(tmp_path, local_ray, spec_file, backend, request):
+def test_a_study_on_postgresql_stores_every_trial_with_its_curve(tmp_path, local_ray, spec_file, pg_database):
+    """On SQLite the same is checked on the `tuned` study of tests/test_recommend.py."""
     import ray
 
-    url = f"sqlite:///{tmp_path / 'studies.db'}" if backend == "sqlite" else request.getfixturevalue("pg_database")
-    spec, text = load_spec(spec_file(tmp_path, **STUDY, name=f"run-{backend}",
+    spec, text = load_spec(spec_file(tmp_path, **STUDY, name="run-postgresql",
                                      per_method={"ga": {"lr": {"low": 1e29, "high": 1e30}}}))
-    store = Store(url)
+    store = Store(pg_database)
     outcome = run_study(spec, text, store)
     assert ray.is_initialized()  # the module's Ray: a study shuts down only a Ray it started
-    rows = check_study(store, spec.name, ["ga", "ga_gd@in_distribution"], 2)
-    ga = [r for r in rows if r["unit"] == "ga"]
-    assert all(r["status"] == "diverged" and "non-finite" in r["error"] for r in ga)  # lr 1e29: recorded, not fatal
-    good = [r for r in rows if r["unit"] == "ga_gd@in_distribution"]
-    for r in good:
-        assert r["status"] in SCORED
-        assert r["metrics"]["forget_nll"] > 0 and r["effective_batch"] == 8 and r["world_size"] == 1
-        assert len(store.curve(r["id"])) >= 2
-        assert set(r["objectives"]) == {"forget_gap", "utility_drop"}
-    study = store.study(spec.name)
-    assert study.status == "finished" and study.baseline["forget_gap"] < 0
-    assert study.exact_retrain["forget_nll"] > study.baseline["forget_nll"]
-    ot = optuna.load_study(study_name=f"{spec.name}/ga_gd@in_distribution", storage=store.url)
-    assert [t.state for t in ot.trials].count(optuna.trial.TrialState.COMPLETE) == 2
-    assert all(len(t.values) == 2 for t in ot.trials)
-    failed = optuna.load_study(study_name=f"{spec.name}/ga", storage=store.url).trials
-    assert [t.state for t in failed] == [optuna.trial.TrialState.FAIL] * 2
+    check_every_trial_stored(store, spec.name)  # GA at lr 1e29 diverges: recorded, not fatal
     assert outcome.pareto_sizes["ga_gd@in_distribution"] >= 1
     with pytest.raises(TunerError, match="already exists"):
         run_study(spec, text, store)
@@ -70,7 +43,7 @@ def test_a_study_stores_every_trial_with_its_curve(tmp_path, local_ray, spec_fil
 
 def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, bench, cache_dir, spec_file):
     url = f"sqlite:///{tmp_path / 'resume.db'}"
-    path = spec_file(tmp_path, **(STUDY | {"name": "resumable", "methods": ["ga_gd"], "budget": {"trials": 3},
+    path = spec_file(tmp_path, **(STUDY | {"name": "resumable", "methods": ["ga_gd"], "budget": {"trials": 2},
                                            "concurrency": 1}))
     env = {**os.environ, "TUNER_CACHE": str(cache_dir)}
     proc = subprocess.Popen([TUNER, "study", "run", str(path), "--storage", url], env=env, start_new_session=True,
@@ -92,7 +65,7 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, bench
     resumed = subprocess.run([TUNER, "study", "resume", "resumable", "--storage", url], env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    rows = check_study(store, "resumable", ["ga_gd@in_distribution"], 3)
+    rows = check_study(store, "resumable", ["ga_gd@in_distribution"], 2)
     by_id = {r["id"]: r for r in rows}
     for before in finished_before:  # nothing finished was lost or changed
         assert by_id[before["id"]]["metrics"] == before["metrics"]
@@ -142,7 +115,7 @@ def test_two_studies_write_one_sqlite_file_at_once(tmp_path, bench, cache_dir, s
     procs = []
     for name in ("left", "right"):
         (tmp_path / name).mkdir()
-        path = spec_file(tmp_path / name, **(STUDY | {"name": name, "methods": ["ga_gd"], "budget": {"trials": 2},
+        path = spec_file(tmp_path / name, **(STUDY | {"name": name, "methods": ["ga_gd"], "budget": {"trials": 1},
                                                       "concurrency": 1}))
         procs.append(subprocess.Popen([TUNER, "study", "run", str(path), "--storage", url], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -152,5 +125,5 @@ def test_two_studies_write_one_sqlite_file_at_once(tmp_path, bench, cache_dir, s
         assert "finished; store: sqlite:///" in out
     store = Store(url)
     for name in ("left", "right"):
-        check_study(store, name, ["ga_gd@in_distribution"], 2)
+        check_study(store, name, ["ga_gd@in_distribution"], 1)
         assert store.study(name).status == "finished"
