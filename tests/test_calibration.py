@@ -82,6 +82,18 @@ def test_a_collapse_before_the_move_or_a_divergence_leaves_no_window():
     assert diverged.found and diverged.collapse_lr == LRS[5] and diverged.high == LRS[5]
 
 
+def test_a_drop_past_the_tolerance_that_the_ramp_recovers_from_is_no_collapse():
+    # NPO on the micro testbed: the utility drop passes the tolerance where the gap reaches the band, then comes
+    # back within it at higher lrs; only a drop past it for the rest of the ramp bounds the window
+    recovered = analyse(curve(GAPS, [0.0, 0.0, 0.01, 0.02, 0.1, 0.8, 0.6, 0.2]), LOW, HIGH, TOL, UTIL_TOL)
+    assert recovered.found and recovered.collapse_lr is None and recovered.high == HIGH
+    relapsed = analyse(curve(GAPS, [0.0, 0.0, 0.01, 0.9, 0.1, 0.2, 0.8, 0.9]), LOW, HIGH, TOL, UTIL_TOL)
+    assert relapsed.collapse_lr == LRS[6] and relapsed.high == LRS[6]
+    # unscored points between the drops past the tolerance do not end their run
+    gappy = analyse(curve(GAPS, [0.0, 0.0, 0.01, 0.02, 0.1, 0.9, None, 0.7]), LOW, HIGH, TOL, UTIL_TOL)
+    assert gappy.collapse_lr == LRS[5] and gappy.high == LRS[5]
+
+
 def test_noise_in_the_first_points_raises_the_move_threshold():
     noisy = [-1.9, -2.1, -1.95, -1.9, -1.2, -0.05, 0.4, 1.0]  # spread 0.2 over step 0 and the first two points
     found = analyse(curve(noisy, [0.0] * 8), LOW, HIGH, TOL, UTIL_TOL)
@@ -99,10 +111,15 @@ def test_a_window_lies_in_the_range_and_holds_no_measured_collapse(points, start
         assert found.low is None and found.high is None and found.refusal
         return
     assert LOW <= found.low <= found.high <= HIGH and found.move_lr is not None
-    inside = [(lr, d) for lr, d in zip(ramp_lrs(len(gaps)), drops, strict=True) if found.low <= lr < found.high]
-    assert all(d is None or d <= UTIL_TOL for _, d in inside)
-    measured = [lr for lr, d in zip(ramp_lrs(len(gaps)), drops, strict=True) if d is not None]
-    assert found.high in measured  # the window ends at a measured lr: a collapse or the last one that held
+    measured = [(lr, d) for lr, d in zip(ramp_lrs(len(gaps)), drops, strict=True) if d is not None]
+    assert found.high in [lr for lr, _ in measured]  # the window ends at a measured lr
+    # every scored point past the tolerance inside the window is recovered from by a later one within it; from
+    # its top on, every scored point is past the tolerance (a collapse) or the top is the last one that held
+    for k, (lr, d) in enumerate(measured):
+        if lr < found.high and d > UTIL_TOL:
+            assert any(later <= UTIL_TOL for _, later in measured[k + 1:])
+    above = [d for lr, d in measured if lr >= found.high]
+    assert all(d > UTIL_TOL for d in above) if found.collapse_lr is not None else above[-1] <= UTIL_TOL
 
 
 # ---- a micro study ----------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def test_guideline_points_come_first_then_the_spread_within_the_budget(micro_spe
     spec = spec_of(micro_spec)
     space = SearchSpaceFn(spec, "ga_gd")
     first = first_settings(spec, space, 1e-4, budget=9)
-    assert first[:3] == [{"lr": 1e-4, "epochs": 1}, {"lr": 1e-4, "epochs": 2}, {"lr": 1e-4, "epochs": 3}]
+    assert first[:3] == [{"lr": 1e-4, "epochs": 3}, {"lr": 1e-4, "epochs": 2}, {"lr": 1e-4, "epochs": 1}]
     assert len(first) == startup_trials(spec.sampler, 9) == 3  # the warm-up is the guideline points here
     assert first_settings(spec, space, None, budget=9) == space.spread(3, spec.seed)
     assert first_settings(spec, space, 1e-4, budget=2) == first[:2]  # never more than the trials to run
@@ -58,7 +58,7 @@ def test_a_new_search_asks_the_queued_settings_first_and_a_resumed_one_queues_no
     storage = optuna.storages.InMemoryStorage()
     search = unit_search(spec, "ga_gd", "unit", storage, guideline_lr=1e-4)
     asked = [search.suggest(str(i)) for i in range(4)]
-    assert [(a["lr"], a["epochs"]) for a in asked[:3]] == [(1e-4, 1), (1e-4, 2), (1e-4, 3)]
+    assert [(a["lr"], a["epochs"]) for a in asked[:3]] == [(1e-4, 3), (1e-4, 2), (1e-4, 1)]
     assert asked[3] == SearchSpaceFn(spec, "ga_gd").spread(1, spec.seed)[0]
     again = unit_search(spec, "ga_gd", "unit", storage, guideline_lr=1e-4)
     waiting = again.study.get_trials(states=(optuna.trial.TrialState.WAITING,))

@@ -69,6 +69,20 @@ def move_threshold(gaps: list[float], gap_tolerance: float) -> float:
     return min(threshold, MAX_MOVE_SHARE * distance) if distance > 0 else threshold
 
 
+def _collapse(ramp: list[dict[str, Any]], utility_tolerance: float) -> int | None:
+    """The index of the first point of the ramp's last run of measured utility drops past the tolerance (no
+    measured point after it is within the tolerance); None when the last measured point is within it."""
+    collapsed = None
+    for k in reversed(range(len(ramp))):
+        drop = ramp[k].get("utility_drop")
+        if not _measured(drop):
+            continue
+        if drop <= utility_tolerance:
+            break
+        collapsed = k
+    return collapsed
+
+
 def analyse(points: list[dict[str, Any]], low: float, high: float, gap_tolerance: float, utility_tolerance: float,
             diverged_lr: float | None = None) -> Finding:
     """The calibration's finding from its curve: `points` by step, the first at step 0 (before training), each
@@ -77,12 +91,14 @@ def analyse(points: list[dict[str, Any]], low: float, high: float, gap_tolerance
     at which the run diverged, if it did (no utility is left after that: a collapse).
 
     Move: the first point whose gap rose above the starting gap by more than `move_threshold`. Crossing: the
-    first point with gap >= -gap_tolerance. Collapse: the first point whose measured utility drop exceeds
-    `utility_tolerance`, or the divergence. The window runs from the lr of the last point before the move (the
-    ramp's steps bracket where the gap starts to move; the range's low end when the first point moved) to the
-    collapse lr, clamped to the declared range. Without a collapse it ends at the highest lr whose utility was
-    measured within tolerance (the ramp's last point is always scored): an lr whose utility was not measured is
-    not one where it held. A collapse before the move leaves no window."""
+    first point with gap >= -gap_tolerance. Collapse: the divergence, or the first point of the ramp's last run
+    of measured utility drops past `utility_tolerance` (the utility never came back within it at a higher lr;
+    a drop past it that a later measured point recovers from is not a collapse: the run was not wrecked there).
+    The window runs from the lr of the last point before the move (the ramp's steps bracket where the gap starts to
+    move; the range's low end when the first point moved) to the collapse lr, clamped to the declared range. Without
+    a collapse it ends at the highest lr whose utility was measured within tolerance (the ramp's last point is
+    always scored): an lr whose utility was not measured is not one where it held. A collapse before the move leaves
+    no window."""
     start = points[0] if points and points[0].get("step") == 0 else None
     ramp = [p for p in points if p.get("step") and _measured(p.get("lr")) and _measured(p.get("forget_gap"))]
     top = max((float(p["lr"]) for p in points if p.get("step") and _measured(p.get("lr"))), default=None)
@@ -95,8 +111,7 @@ def analyse(points: list[dict[str, Any]], low: float, high: float, gap_tolerance
     threshold = move_threshold(gaps, gap_tolerance)
     moved = next((k for k, p in enumerate(ramp) if p["forget_gap"] - gaps[0] > threshold), None)
     crossed = next((p for p in ramp if p["forget_gap"] >= -gap_tolerance), None)
-    collapsed = next((k for k, p in enumerate(ramp) if _measured(p.get("utility_drop"))
-                      and p["utility_drop"] > utility_tolerance), None)
+    collapsed = _collapse(ramp, utility_tolerance)
     collapse_lr = float(ramp[collapsed]["lr"]) if collapsed is not None else None
     if diverged_lr is not None and (collapse_lr is None or diverged_lr < collapse_lr):
         collapse_lr = float(diverged_lr)

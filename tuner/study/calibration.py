@@ -155,7 +155,7 @@ def narrowed(stored: dict[str, Any] | None) -> dict[str, Range]:
 
 def guideline_lr(stored: dict[str, Any] | None) -> float | None:
     """The lr at which a stored calibration's forget gap reached the band (the brief's guideline points run it
-    at 1, 2 and 3 epochs first); None without a window or a crossing."""
+    at 3, 2 and 1 epochs first); None without a window or a crossing."""
     if (stored or {}).get("status") != WINDOW:
         return None
     return (stored.get("finding") or {}).get("cross_lr")

@@ -77,12 +77,14 @@ class SearchSpaceFn:
                 for u in points]
 
     def guideline(self, lr: float) -> list[dict[str, float | int]]:
-        """The brief's guideline points for a calibrated `lr`: that lr at 1, 2 and 3 epochs, those inside the
-        searched ranges (the method's other hyperparameters are left to the sampler)."""
+        """The brief's guideline points for a calibrated `lr`: that lr at 3, 2 and 1 epochs, those inside the
+        searched ranges (the method's other hyperparameters are left to the sampler). The longest first: a trial
+        stops at the band, so the longest horizon is the likeliest to reach it and costs no more steps when a
+        shorter one would have reached it too."""
         lr_range, epochs = self.ranges.get("lr"), self.ranges.get("epochs")
         if lr_range is None or epochs is None or not lr_range.low <= lr <= lr_range.high:
             return []
-        return [{"lr": lr, "epochs": e} for e in (1, 2, 3) if epochs.low <= e <= epochs.high]
+        return [{"lr": lr, "epochs": e} for e in (3, 2, 1) if epochs.low <= e <= epochs.high]
 
     def __call__(self, trial: optuna.Trial) -> dict[str, float | int]:
         """The trial's setting (asking again for a name the trial holds gives back its value)."""
@@ -229,7 +231,7 @@ def tell_prior(study: optuna.Study, space: SearchSpaceFn, prior: Prior, source: 
 def first_settings(spec: StudySpec, space: SearchSpaceFn, guideline_lr: float | None,
                    budget: int, known: int = 0) -> list[dict[str, Any]]:
     """What a new unit's search runs first, at most `budget` settings: the guideline points of its calibrated lr
-    (the lr where the calibration's forget gap reached the band, at 1, 2 and 3 epochs), then, for TPE and the
+    (the lr where the calibration's forget gap reached the band, at 3, 2 and 1 epochs), then, for TPE and the
     GP, their random warm-up replaced by settings spread over the ranges (`SearchSpaceFn.spread`), as many as
     the warm-up still needs after the `known` finished trials a warm start told the sampler."""
     first = space.guideline(guideline_lr)[:budget] if guideline_lr is not None else []
