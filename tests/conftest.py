@@ -196,12 +196,13 @@ def store_file(tmp_path) -> str:
 
 # ---- scheduling ------------------------------------------------------------------------------------------------
 
-# The modules that took longest in a serial run of the suite (seconds per module, 2026-12-07) run first: with
+# The modules that took longest in a run of the suite (seconds per module, 2026-12-07, at dbda0a8) run first: with
 # `-n 2 --dist loadfile` each worker takes the next whole module when it is free, so a long module collected last
 # would run alone at the end. Only the order changes; a stale list costs time, never a test.
-SLOWEST_FIRST = ("test_faults.py", "test_study.py", "test_robustness_study.py", "test_multiworker_study.py",
-                 "test_recommend.py", "test_bad_input.py", "test_security.py", "test_dashboards.py", "test_cli.py",
-                 "test_store_outage.py", "test_cluster.py", "test_warm_start.py", "test_new_methods_study.py")
+SLOWEST_FIRST = ("test_faults.py", "test_study.py", "test_robustness_study.py", "test_bad_input.py",
+                 "test_security.py", "test_new_methods_study.py", "test_recommend.py", "test_cluster.py",
+                 "test_multiworker_study.py", "test_equivalence.py", "test_dashboards.py", "test_cli.py",
+                 "test_store_outage.py", "test_warm_start.py")
 
 
 def pytest_collection_modifyitems(config, items):

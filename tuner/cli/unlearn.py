@@ -108,7 +108,7 @@ def data_spec_from_args(args: argparse.Namespace, source):
 
 def check_tuned_for(provenance: dict[str, Any], bench, path: str) -> None:
     """An exported configuration only transfers to a model of the architecture it was tuned on."""
-    from tuner.engine.models import fingerprint
+    from tuner.core.fingerprint import fingerprint
 
     tuned = (provenance.get("model") or {}).get("fingerprint")
     here = fingerprint(bench.reference.config)

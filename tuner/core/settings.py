@@ -25,6 +25,9 @@ SCHEDULE_HELP = ("lr schedule after the warmup: linear or cosine decay to 0 over
 SCREENING_BLOCKS = 16
 MINK_K = 0.4  # the Min-K% share of open-unlearning's MIA configs (the paper's sweep starts at 0.3)
 SCREENING_UTILITY_EVERY = 2
+# The fp32 logits of one chunk of `tuner.engine.lossfn`'s chunked losses (1046 tokens at vocab 128256); the memory
+# plan (`tuner.engine.memory`) counts the same bytes.
+CHUNK_BYTES = 512 * 2**20
 
 
 class OptimConfig(BaseModel):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tuner.engine.memory import CHUNK_BYTES
+from tuner.core.settings import CHUNK_BYTES
 
 CHECK_TOKENS = 16  # tokens of the one-off check that head(decoder(x)) is the model's logits
 # config fields of HF models that transform the logits after the output head (Gemma 2/3, Cohere, Granite)

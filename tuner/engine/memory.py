@@ -32,14 +32,13 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from tuner.core.precision import planned_precision
-from tuner.core.settings import LoraSpec
+from tuner.core.settings import CHUNK_BYTES, LoraSpec
 from tuner.core.testbed_sizes import TestbedSize, parse_testbed, testbed_size
 
 if TYPE_CHECKING:
     import torch
 
 GIB = 1024**3
-CHUNK_BYTES = 512 * 2**20  # fp32 logits of one chunk of `tuner.engine.lossfn`'s losses: 1046 tokens at vocab 128256
 RUNTIME_BYTES = int(1.5 * GIB)
 # Activation bytes per token per decoder layer, as (per hidden unit, per MLP unit), by precision. Fitted to
 # saved-tensor measurements of HF Llama with sdpa attention (flash/memory-efficient attention keeps no T x T).

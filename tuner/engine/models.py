@@ -98,14 +98,6 @@ def check_local_model(name: str, trust_remote_code: bool = False, block_size: in
         raise TunerError(f"data.block_size {block_size} is longer than the model's context of {context} tokens")
 
 
-def fingerprint(config) -> dict[str, object]:
-    """What makes a tuned configuration transferable: the architecture, not the path it was loaded from."""
-    get = config.to_dict().get
-    return {"model_type": get("model_type"), "vocab_size": get("vocab_size"),
-            "hidden_size": get("hidden_size") or get("n_embd"),
-            "layers": get("num_hidden_layers") or get("n_layer")}
-
-
 class Workbench:
     """The base model, loaded once per process in the compute dtype; each run gets a trainable model with
     pristine weights and its frozen reference from `trainee`.

@@ -266,8 +266,9 @@ class StudySpec(_Strict):
 
     def space_for(self, method: str, depth: int | None = None) -> dict[str, Range]:
         """The method's searched ranges, one per declared hyperparameter, in declaration order. `depth`: the
-        model's decoder layers (`fingerprint(config)["layers"]`), against which a depth-relative knob's default
-        range is resolved (RMU's layer); without it, that range is the one declared for its source's model."""
+        model's decoder layers (`tuner.core.fingerprint`'s "layers"), against which a depth-relative knob's
+        default range is resolved (RMU's layer); without it, that range is the one declared for its source's
+        model."""
         over = self.per_method.get(method, {})
         declared = methods.get(method).space()
         if depth is not None:

@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
+from tuner.core.fingerprint import fingerprint
 from tuner.core.settings import RunSettings
 from tuner.engine import methods
 from tuner.engine.data import UnlearnData, build_data
 from tuner.engine.evaluation import full_metrics, leak_figures, original_metrics
 from tuner.engine.memory import RunPlan, device_capacity, model_shape, resolve_eval_batch
-from tuner.engine.models import Workbench, fingerprint, load, resolve
+from tuner.engine.models import Workbench, load, resolve
 from tuner.engine.robustness import check_candidate, retrain_relearning
 from tuner.engine.testbed import data_spec as testbed_data_spec
 from tuner.engine.unlearn import UnlearnConfig, run_unlearning, verbmem_plan

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
+from tuner.core.fingerprint import fingerprint
 from tuner.core.hparams import RETAIN_WEIGHT, SHARED, Hyperparameter, complete
 from tuner.core.lossout import LossOut
 
@@ -88,8 +89,6 @@ class UnlearningMethod:
         default for this model's depth here, the first point where the model is known."""
         relative = [hp for hp in self.space() if hp.depth is not None and hp.name not in ctx.params]
         if relative:
-            from tuner.engine.models import fingerprint
-
             layers = int(fingerprint(ctx.model.config.get_text_config())["layers"])
             defaults = {hp.name: hp.at_depth(layers).default for hp in relative}
             declared = [hp.name for hp in self.space()]
