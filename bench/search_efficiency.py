@@ -144,7 +144,7 @@ def defaults_part(args: argparse.Namespace) -> None:
     runs: dict[tuple[str, str, int], Run] = {}
     for method in args.methods:
         for seed in range(args.seeds):
-            for arm in ARMS:
+            for arm in arms(args):
                 runs[arm.name, method, seed] = run = search_unit(arm, method, seed, args, ctx, prepared)
                 hit = run.first_hit()
                 print(f"{method} seed {seed} {arm.name}: first success "
@@ -160,7 +160,7 @@ def defaults_part(args: argparse.Namespace) -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for method in args.methods:
         base = summary(runs, before, method, args, ref)
-        for arm in ARMS:
+        for arm in arms(args):
             row = summary(runs, arm.name, method, args, ref)
             ratios = ("", "", "") if arm.name == before else (
                 ratio(base["trials"], row["trials"]), ratio(base["time"], row["time"]), ratio(row["hv"], base["hv"]))
@@ -169,6 +169,11 @@ def defaults_part(args: argparse.Namespace) -> None:
     print("trials and time ratios: before / arm (2 = half the trials or time); HV ratio: arm / before. A seed "
           "that never succeeds (or whose calibration found no window) counts as never (inf): a median of inf "
           "means most seeds did not succeed.")
+
+
+def arms(args: argparse.Namespace) -> tuple[Arm, ...]:
+    """The arms run: the search as it was always, then those of `--arms` (all by default)."""
+    return (ARMS[0], *(a for a in ARMS[1:] if args.arms is None or a.sampler in args.arms))
 
 
 def summary(runs: dict, arm: str, method: str, args: argparse.Namespace, ref: tuple[float, float]) -> dict:
@@ -201,6 +206,8 @@ def main() -> None:
                     help="trials per seed and arm (defaults: 8; samplers: 15, the grid 45)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (defaults: 5; samplers: 3)")
     ap.add_argument("--device", default="cpu", help="where the trials run (cpu, cuda)")
+    ap.add_argument("--arms", nargs="+", choices=("tpe", "gp"), default=None,
+                    help="defaults: the calibrated arms to run beside the search as it was (default: both)")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.part == "defaults":
