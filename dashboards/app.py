@@ -243,9 +243,3 @@ def _protect(app: Dash, token: str) -> None:
         if request.args.get("token"):
             response.set_cookie("tuner_dashboard_token", request.args["token"], httponly=True, samesite="Strict")
         return response
-
-
-def serve(store_url: str | None, host: str = "127.0.0.1", port: int = 8050, token: str | None = None) -> None:
-    app = create_app(store_url, token=token)
-    app.run(host=host, port=port, debug=False)
-
