@@ -137,9 +137,9 @@ class Calibration(_Strict):
     unit's search then draws from (`tuner.results.calibration.analyse`). A section of its own, not a key of
     `search`: `search` maps hyperparameter names to ranges, and a switch there would read as one."""
 
-    # Off by default: on the micro testbed the calibrated search reached the band no sooner than TPE over the
-    # declared range (ga_gd) or later (npo), with less hypervolume (bench/search_efficiency.py --part defaults,
-    # bench/README.md).
+    # Off by default: the calibrated search did not reach the band in less wall time than TPE over the declared
+    # range, and it had less hypervolume, on the micro and the small testbed (bench/search_efficiency.py --part
+    # defaults, bench/README.md).
     enabled: bool = Field(False, description="calibrate each unit's lr range before its trials (false: search the "
                                               "declared range as it is)")
     steps: int | None = Field(None, ge=3, description="optimiser steps of the calibration run (default: the steps of "
