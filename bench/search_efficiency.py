@@ -107,7 +107,7 @@ def search_unit(arm: Arm, method: str, seed: int, args: argparse.Namespace, ctx:
     unit = unit_name(method, "in_distribution")
     depth = (prepared["data_summary"].get("model") or {}).get("layers")
     run, started = Run(), time.perf_counter()
-    narrowed, guideline = {}, None
+    narrowed, guideline = {}, []
     if arm.calibrated:
         ranges = spec.space_for(method, depth)
         params = calibration.run_params(method, ranges, depth)
@@ -117,7 +117,7 @@ def search_unit(arm: Arm, method: str, seed: int, args: argparse.Namespace, ctx:
         run.calibration_s, run.window = time.perf_counter() - started, rec["summary"]
         if calibration.refused(rec):
             return run
-        narrowed, guideline = calibration.narrowed(rec), calibration.guideline_lr(rec)
+        narrowed, guideline = calibration.narrowed(rec), calibration.guideline_points(rec)
     storage = optuna.storages.InMemoryStorage()
     if arm.calibrated:  # the study's own search: guideline points and the Sobol spread enqueued first
         search = unit_search(spec, method, "bench", storage, depth, narrowed, guideline)

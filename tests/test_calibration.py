@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tuner.results.calibration import MIN_MOVE, analyse
+from tuner.results.calibration import GUIDELINE_SHARE, MIN_MOVE, analyse, guideline, target_lr_sum
 
 LOW, HIGH = 1e-5, 1e-1
 TOL, UTIL_TOL = 0.1, 0.5
@@ -101,6 +101,55 @@ def test_noise_in_the_first_points_raises_the_move_threshold():
     assert found.move_lr == LRS[4]
 
 
+def with_sums(points: list[dict], steps_per_point: int = 4) -> list[dict]:
+    """The points with the lr the ramp summed up to each: every point's lr held for the steps since the last."""
+    total, out = 0.0, []
+    for p in points:
+        total += (p["lr"] or 0.0) * (steps_per_point if p["step"] else 0)
+        out.append({**p, "lr_sum": total})
+    return out
+
+
+def test_guideline_points_sum_the_lr_the_ramp_summed_to_the_band_longest_first():
+    drops = [0.0, 0.0, 0.01, 0.02, 0.1, 0.3, 0.9, 2.0]
+    points = with_sums(curve(GAPS, drops))
+    found = analyse(points, LOW, HIGH, TOL, UTIL_TOL)
+    # the gap reached 0 between the 6th (-0.05) and the 7th ramp point (+0.4): a ninth of the way
+    below, past = points[6]["lr_sum"], points[7]["lr_sum"]
+    assert found.target_lr_sum == pytest.approx(below + (past - below) / 9)
+    sums = {1: 10.0, 2: 20.0, 3: 30.0}  # a trial's lr multipliers summed over its steps, per epochs
+    lrs = guideline(found, sums)
+    assert [e for e, _ in lrs] == [3, 2, 1]
+    # each trial sums, at its peak lr, the multiple of the ramp's summed lr; fewer epochs take a higher lr
+    assert all(lr * sums[e] == pytest.approx(GUIDELINE_SHARE * found.target_lr_sum) for e, lr in lrs)
+    assert lrs[0][1] < lrs[1][1] < lrs[2][1]
+
+
+def test_no_guideline_where_the_gap_never_reached_0_or_without_a_summed_lr():
+    sums = {1: 10.0, 3: 30.0}
+    # moved and reached the band (-0.05), never 0
+    never = analyse(with_sums(curve([-2.0, -1.9, -1.5, -1.0, -0.05], [0.0] * 5)), LOW, HIGH, TOL, UTIL_TOL)
+    assert never.found and never.cross_lr is not None and guideline(never, sums) == []
+    # nothing left to unlearn at step 0: no lr sum reaches it
+    assert target_lr_sum({"step": 0, "forget_gap": 0.2}, [{"step": 4, "forget_gap": 0.5, "lr_sum": 1.0}]) is None
+    unsummed = analyse(curve(GAPS, [0.0] * len(GAPS)), LOW, HIGH, TOL, UTIL_TOL)  # a record without lr sums
+    assert unsummed.cross_lr is not None and guideline(unsummed, sums) == []
+    refused = analyse(with_sums(curve([-2.0] * 5, [0.0] * 5)), LOW, HIGH, TOL, UTIL_TOL)
+    assert not refused.found and guideline(refused, sums) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-3, 3), min_size=1, max_size=30), st.floats(-3, -0.01))
+def test_the_summed_lr_to_0_lies_between_the_points_around_the_first_that_reached_it(gaps, start):
+    points = with_sums(curve(gaps, [None] * len(gaps), start))
+    total = target_lr_sum(points[0], points[1:])
+    first = next((k for k, p in enumerate(points) if p["step"] and p["forget_gap"] >= 0), None)
+    if first is None:
+        assert total is None
+    else:
+        assert points[first - 1]["lr_sum"] <= total <= points[first]["lr_sum"]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.floats(-3, 3), st.one_of(st.none(), st.floats(-1, 5))), min_size=1, max_size=30),
        st.floats(-3, 0))
@@ -160,6 +209,13 @@ def test_the_calibration_is_stored_and_narrows_the_lr_the_trials_draw(calibrated
     assert gd["finding"]["move_lr"] is not None
     rows = [r for r in store.trials("cal") if r["unit"] == "ga_gd@in_distribution"]
     assert len(rows) == 2 and all(window["low"] <= r["params"]["lr"] <= window["high"] for r in rows)
+    # the guideline points inside the ranges ran first: each at the lr that sums the ramp's lr up to the band
+    assert gd["finding"]["target_lr_sum"] is not None and set(gd["schedule_sums"]) == {"1", "2", "3"}
+    inside = [p for p in gd["guideline"] if window["low"] <= p["lr"] <= window["high"] and p["epochs"] <= 2]
+    assert inside, gd["guideline"]
+    assert all(p["retain_weight"] == gd["params"]["retain_weight"] for p in inside)  # the run's other settings
+    first = sorted(rows, key=lambda r: r["number"])[:len(inside)]
+    assert [r["params"] for r in first] == inside
     # the Optuna distribution is the window (log scale), and the search row says what was searched
     study = optuna.load_study(study_name="cal/ga_gd@in_distribution", storage=calibrated["url"])
     dist = study.trials[0].distributions["lr"]
@@ -191,6 +247,8 @@ def test_study_show_prints_each_units_calibration(calibrated):
         assert f"calibration of {unit}: {record['summary']}" in " ".join(shown.stdout.split())
     window = found["ga_gd@in_distribution"]["window"]
     assert f"{window['low']:.2e}..{window['high']:.2e}" in shown.stdout and "not searched" in shown.stdout
+    first = found["ga_gd@in_distribution"]["guideline"][0]
+    assert f"{first['epochs']}: {first['lr']:.2e}" in shown.stdout  # the guideline points it ran first
     # two trials are too few to say which hyperparameter mattered: the table says so, it shows no shares
     assert ("parameter importance of ga_gd@in_distribution: needs at least 4 finished trials (2 so far)"
             in shown.stdout)

@@ -1,4 +1,4 @@
-"""What a new search runs first: the calibrated lr's guideline points, then (TPE) settings spread over the
+"""What a new search runs first: the calibration's guideline points, then (TPE) settings spread over the
 ranges by a scrambled Sobol sequence instead of random draws that can land side by side."""
 
 from __future__ import annotations
@@ -39,28 +39,33 @@ def test_the_start_spreads_over_the_range(micro_spec):
     assert space.spread(4, seed=0) == points and space.spread(4, seed=1) != points  # seeded
 
 
+GUIDELINE = [{"lr": 5e-5, "epochs": 3}, {"lr": 7.5e-5, "epochs": 2}, {"lr": 1.5e-4, "epochs": 1}]
+
+
 def test_guideline_points_come_first_then_the_spread_within_the_budget(micro_spec):
     spec = spec_of(micro_spec)
     space = SearchSpaceFn(spec, "ga_gd")
-    first = first_settings(spec, space, 1e-4, budget=9)
-    assert first[:3] == [{"lr": 1e-4, "epochs": 3}, {"lr": 1e-4, "epochs": 2}, {"lr": 1e-4, "epochs": 1}]
+    first = first_settings(spec, space, GUIDELINE, budget=9)
+    assert first[:3] == GUIDELINE
     assert len(first) == startup_trials(spec.sampler, 9) == 3  # the warm-up is the guideline points here
-    assert first_settings(spec, space, None, budget=9) == space.spread(3, spec.seed)
-    assert first_settings(spec, space, 1e-4, budget=2) == first[:2]  # never more than the trials to run
-    assert first_settings(spec, space, 1e-2, budget=9) == space.spread(3, spec.seed)  # lr outside the range
+    assert first_settings(spec, space, [], budget=9) == space.spread(3, spec.seed)
+    assert first_settings(spec, space, GUIDELINE, budget=2) == first[:2]  # never more than the trials to run
+    # a point whose lr or epochs fall outside the searched ranges is left out, and the spread takes its place
+    outside = [{"lr": 1e-2, "epochs": 1}, {"lr": 5e-5, "epochs": 5}, GUIDELINE[0]]
+    assert first_settings(spec, space, outside, budget=9) == [GUIDELINE[0], *space.spread(2, spec.seed)]
     random = spec_of(micro_spec, sampler={"name": "random"})
-    assert first_settings(random, SearchSpaceFn(random, "ga_gd"), None, budget=9) == []
+    assert first_settings(random, SearchSpaceFn(random, "ga_gd"), [], budget=9) == []
 
 
 def test_a_new_search_asks_the_queued_settings_first_and_a_resumed_one_queues_none(micro_spec):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = spec_of(micro_spec, budget={"trials": 12})  # warm-up of 4 trials: 3 guideline points and 1 spread
     storage = optuna.storages.InMemoryStorage()
-    search = unit_search(spec, "ga_gd", "unit", storage, guideline_lr=1e-4)
+    search = unit_search(spec, "ga_gd", "unit", storage, guideline=GUIDELINE)
     asked = [search.suggest(str(i)) for i in range(4)]
-    assert [(a["lr"], a["epochs"]) for a in asked[:3]] == [(1e-4, 3), (1e-4, 2), (1e-4, 1)]
+    assert [(a["lr"], a["epochs"]) for a in asked[:3]] == [(p["lr"], p["epochs"]) for p in GUIDELINE]
     assert asked[3] == SearchSpaceFn(spec, "ga_gd").spread(1, spec.seed)[0]
-    again = unit_search(spec, "ga_gd", "unit", storage, guideline_lr=1e-4)
+    again = unit_search(spec, "ga_gd", "unit", storage, guideline=GUIDELINE)
     waiting = again.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert waiting == []
 

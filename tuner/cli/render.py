@@ -185,7 +185,7 @@ def print_study(store, name: str) -> None:
 
 def print_calibrations(store, name: str) -> None:
     """Each unit's lr calibration: where the forget gap moved and reached the band, where the utility
-    collapsed, the lr window its search drew from, or why it has none."""
+    collapsed, the lr window its search drew from (or why it has none) and the guideline points it ran first."""
     from tuner.results.calibration import lr_text
 
     found = store.calibrations(name)
@@ -193,7 +193,7 @@ def print_calibrations(store, name: str) -> None:
         return
     table = Table(title="learning-rate calibration per search unit (lr rising step by step over the declared range)")
     for col in ("unit", "status", "steps", "declared lr", "gap moved at", "reached band at", "utility collapsed at",
-                "searched lr", "time s"):
+                "searched lr", "guideline points (epochs: lr)", "time s"):
         table.add_column(col)
     for unit, c in found.items():
         f, rng, window = c.get("finding") or {}, c.get("range") or {}, c.get("window")
@@ -202,6 +202,7 @@ def print_calibrations(store, name: str) -> None:
                       *(lr_text(f.get(k)) if f else "-" for k in ("move_lr", "cross_lr", "collapse_lr")),
                       f"{lr_text(window['low'])}..{lr_text(window['high'])}" if window else "declared" if
                       c["status"] != "no_window" else "not searched",
+                      ", ".join(f"{p['epochs']}: {lr_text(p['lr'])}" for p in c.get("guideline") or []) or "-",
                       f"{c['time_s']:.1f}" if c.get("time_s") is not None else "-")
     out.print(table)
     for unit, c in found.items():

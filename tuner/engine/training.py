@@ -72,6 +72,11 @@ def lr_multiplier(schedule: Schedule, warmup_steps: int, total_steps: int,
     return factor
 
 
+def schedule_of(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """The lr multiplier of each step (0-based) of a run of `total_steps` steps under `cfg`."""
+    return lr_multiplier(cfg.schedule, warmup_of(cfg, total_steps), total_steps, cfg.decay_ratio)
+
+
 def warmup_of(cfg: OptimConfig, total_steps: int) -> int:
     """The warmup's length in steps: `warmup_steps` when given (fixed), else `warmup_ratio` of the horizon."""
     return cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
@@ -145,7 +150,7 @@ def run_loop(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or make_optimizer(params, cfg, device)
-    factor = lr_multiplier(cfg.schedule, warmup_of(cfg, total_steps), total_steps, cfg.decay_ratio)
+    factor = schedule_of(cfg, total_steps)
     outcome = LoopOutcome(steps_done=0)
     model.train()
     for step in range(total_steps):

@@ -10,6 +10,7 @@ held.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,6 +18,12 @@ NOISE_POINTS = 2  # evaluated points after step 0 (the lowest lrs of the ramp) w
 NOISE_FACTOR = 3.0  # a move is a rise of more than this many times that spread ...
 MIN_MOVE = 0.02  # ... and of at least this many nats ...
 MAX_MOVE_SHARE = 0.25  # ... but of at most this share of the way from the starting gap to the band
+# A guideline point's trial sums this multiple of the lr the ramp summed up to the approximate-retraining point
+# (see guideline). Constant-rate ga_gd trials at the default retain weight (linear schedule, 1 to 3 epochs):
+# at 1.0 times (micro testbed) none reached it; at 1.34 times (small) only the 3-epoch one did, at its horizon,
+# the others were stopped as hopeless; from 1.6 times (micro) and 2.15 times (small) every one reached it
+# before its horizon. The ramp spends its largest rates last, where a gradient-ascent step moves the gap most.
+GUIDELINE_SHARE = 2.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class Finding:
     high: float | None
     refusal: str | None
     top_lr: float | None  # the highest lr the run reached
+    target_lr_sum: float | None = None  # the ramp's lr summed over its steps up to where its gap reached 0
 
     @property
     def found(self) -> bool:
@@ -83,10 +91,42 @@ def _collapse(ramp: list[dict[str, Any]], utility_tolerance: float) -> int | Non
     return collapsed
 
 
+def guideline(finding: Finding, schedule_sums: Mapping[int, float]) -> list[tuple[int, float]]:
+    """The brief's guideline points as (epochs, peak lr), longest first: for each horizon in `schedule_sums`
+    (epochs -> the trial schedule's lr multipliers summed over its steps), the lr whose trial sums GUIDELINE_SHARE
+    times the lr the ramp had summed when its forget gap reached the approximate-retraining point, where a trial
+    stops. Along the success ridge a smaller rate
+    needs more steps (guideline 4): with Adam each step moves the weights by about the lr, so the summed lr is
+    what a run spends to get there. None without a window, or when the ramp's gap never reached 0."""
+    if not finding.found or finding.target_lr_sum is None:
+        return []
+    return sorted(((e, GUIDELINE_SHARE * finding.target_lr_sum / total) for e, total in schedule_sums.items()
+                   if total > 0), reverse=True)
+
+
+def target_lr_sum(start: dict[str, Any], ramp: list[dict[str, Any]]) -> float | None:
+    """The lr the ramp had summed when its forget gap reached 0: interpolated linearly in the gap between the
+    first evaluated point at or past 0 and the point before it. None when the gap never reached 0 or the points
+    carry no `lr_sum`."""
+    before = {**start, "lr_sum": 0.0}
+    if before["forget_gap"] >= 0:  # nothing left to unlearn: no lr reaches it
+        return None
+    for point in ramp:
+        if point["forget_gap"] >= 0:
+            if not (_measured(point.get("lr_sum")) and _measured(before.get("lr_sum"))):
+                return None
+            rise = point["forget_gap"] - before["forget_gap"]
+            share = (0.0 - before["forget_gap"]) / rise if rise > 0 else 1.0
+            return float(before["lr_sum"]) + share * (float(point["lr_sum"]) - float(before["lr_sum"]))
+        before = point
+    return None
+
+
 def analyse(points: list[dict[str, Any]], low: float, high: float, gap_tolerance: float, utility_tolerance: float,
             diverged_lr: float | None = None) -> Finding:
     """The calibration's finding from its curve: `points` by step, the first at step 0 (before training), each
-    later one with the `lr` of the step that led to it, its `forget_gap` and, where it was scored, its
+    later one with the `lr` of the step that led to it, `lr_sum` (the lr summed over the ramp's steps up to it,
+    where the run recorded it), its `forget_gap` and, where it was scored, its
     `utility_drop` (against step 0). `low`/`high`: the declared lr range the ramp spanned; `diverged_lr`: the lr
     at which the run diverged, if it did (no utility is left after that: a collapse).
 
@@ -119,7 +159,8 @@ def analyse(points: list[dict[str, Any]], low: float, high: float, gap_tolerance
     cross_lr = float(crossed["lr"]) if crossed is not None else None
 
     def finding(lo: float | None, hi: float | None, refusal: str | None) -> Finding:
-        return Finding(low, high, threshold, move_lr, cross_lr, collapse_lr, lo, hi, refusal, top)
+        return Finding(low, high, threshold, move_lr, cross_lr, collapse_lr, lo, hi, refusal, top,
+                       target_lr_sum(start, ramp))
 
     if move_lr is None:
         if collapse_lr is not None:

@@ -5,7 +5,9 @@ unit's declared lr range (Smith's LR range test) and the forget gap evaluated ev
 the study's `run.eval_utility_every` says). `tuner.results.calibration.analyse` reads where the gap starts to
 move, where it reaches the band and where the utility collapses; the unit's lr search range becomes the window
 between the move and the collapse (log scale), its other hyperparameters untouched. A unit without a window is
-not searched: the study says why in one line before it spends the budget.
+not searched: the study says why in one line before it spends the budget. Its first trials are the brief's
+guideline points: at 3, 2 and 1 epochs, the peak lr at which a trial sums the lr the ramp had summed when the gap
+reached 0, with the run's other settings (`tuner.results.calibration.guideline`).
 
 The run costs one trial's steps at most (by default the steps of the unit's longest trial, at its top epochs),
 plus its evaluations. The record (curve, finding, window) is stored with the unit's search, so a resumed study
@@ -27,8 +29,9 @@ import torch
 
 from tuner.core.hparams import EPOCHS, LR, at_depth
 from tuner.engine import methods
+from tuner.engine.training import schedule_of
 from tuner.engine.unlearn import UnlearnConfig, run_unlearning
-from tuner.results.calibration import analyse, lr_text
+from tuner.results.calibration import analyse, guideline, lr_text
 from tuner.results.candidates import curve_estimate
 from tuner.store import Store
 from tuner.study.cluster import worker_task
@@ -37,7 +40,8 @@ from tuner.study.spec import Calibration, Range, StudySpec
 from tuner.study.trial import compared, memory_refusal, out_of_memory, release_memory, workbench
 
 WINDOW, NO_WINDOW, SKIPPED, FAILED = "window", "no_window", "skipped", "failed"  # a record's `status`
-POINT_KEYS = ("step", "lr", "loss", "forget_nll", "unseen_nll", "forget_gap", "retain_nll", "utility_drop",
+GUIDELINE_EPOCHS = (1, 2, 3)  # the brief's guideline points: the calibrated lr at 1, 2 and 3 epochs
+POINT_KEYS = ("step", "lr", "lr_sum", "loss", "forget_nll", "unseen_nll", "forget_gap", "retain_nll", "utility_drop",
               "forget_gap_se", "utility_drop_se")
 
 
@@ -86,8 +90,8 @@ def run_params(method: str, ranges: dict[str, Range], depth: int | None = None) 
 def calibrate(unit: str, params: dict[str, Any], low: float, high: float, settings: Calibration,
               ctx: TrialContext, prepared: dict[str, Any]) -> dict[str, Any]:
     """On a worker: the unit's lr range test. Returns the record's measured part: {"status", "reason", "steps",
-    "points", "diverged_lr", "time_s", "environment"}; "skipped" with the reason when one process cannot
-    hold the run."""
+    "points", "diverged_lr", "schedule_sums", "time_s", "environment"}; "skipped" with the reason when one
+    process cannot hold the run."""
     started = time.perf_counter()
     torch.set_num_threads(ctx.threads)
     data = prepared["data"]
@@ -121,12 +125,26 @@ def calibrate(unit: str, params: dict[str, Any], low: float, high: float, settin
     for point in result.curve:
         measured = curve_estimate(point, start, subsampled)["metrics"]
         lr = lr_at(point["step"] - 1) if point["step"] else None
-        points.append({k: v for k, v in {**point, **measured, "lr": lr}.items() if k in POINT_KEYS})
+        lr_sum = math.fsum(lr_at(s) for s in range(point["step"]))
+        points.append({k: v for k, v in {**point, **measured, "lr": lr, "lr_sum": lr_sum}.items() if k in POINT_KEYS})
     env = result.environment
     return {"status": "ran", "reason": result.reason, "steps": steps, "points": points,
             "diverged_lr": lr_at(result.diverged_step - 1) if result.diverged_step else None,
+            "schedule_sums": schedule_sums(unit, params, ctx, data.forget.shape[0]),
             "time_s": time.perf_counter() - started,
             "environment": {k: env.get(k) for k in ("device", "device_name", "effective_batch", "precision")}}
+
+
+def schedule_sums(unit: str, params: dict[str, Any], ctx: TrialContext, n_forget: int) -> dict[int, float]:
+    """For each of the guideline points' epochs, a trial's lr multipliers summed over its steps: what its peak lr
+    is multiplied by to give the lr it sums (`tuner.results.calibration.guideline`)."""
+    sums = {}
+    for epochs in GUIDELINE_EPOCHS:
+        cfg = ctx.config(unit, {**params, EPOCHS.name: epochs})
+        steps = cfg.total_steps(n_forget)
+        factor = schedule_of(cfg.optim(1.0), steps)
+        sums[epochs] = math.fsum(factor(s) for s in range(steps))
+    return sums
 
 
 def record(measured: dict[str, Any], low: float, high: float, ctx: TrialContext, params: dict[str, Any]
@@ -143,8 +161,11 @@ def record(measured: dict[str, Any], low: float, high: float, ctx: TrialContext,
     window = {"low": found.low, "high": found.high} if found.found else None
     summary = found.summary() if found.found else (f"{found.refusal}; not searched (change search.lr or search.epochs, "
                                                    "or set calibration: false)")
+    # at the run's other settings: the lr it summed to reach the band is a reading at those
+    points = [{**params, LR.name: lr, EPOCHS.name: epochs}
+              for epochs, lr in guideline(found, measured.get("schedule_sums") or {})]
     return {**base, "status": WINDOW if found.found else NO_WINDOW, "finding": found.to_dict(), "window": window,
-            "summary": summary}
+            "guideline": points, "summary": summary}
 
 
 def narrowed(stored: dict[str, Any] | None) -> dict[str, Range]:
@@ -153,12 +174,12 @@ def narrowed(stored: dict[str, Any] | None) -> dict[str, Range]:
     return {LR.name: Range(low=window["low"], high=window["high"], log=True)} if window else {}
 
 
-def guideline_lr(stored: dict[str, Any] | None) -> float | None:
-    """The lr at which a stored calibration's forget gap reached the band (the brief's guideline points run it
-    at 3, 2 and 1 epochs first); None without a window or a crossing."""
+def guideline_points(stored: dict[str, Any] | None) -> list[dict[str, float | int]]:
+    """A stored calibration's guideline points (settings, longest horizon first), which a unit's search runs
+    first; none without a window, or when the ramp's gap never reached 0."""
     if (stored or {}).get("status") != WINDOW:
-        return None
-    return (stored.get("finding") or {}).get("cross_lr")
+        return []
+    return list(stored.get("guideline") or [])
 
 
 def refused(stored: dict[str, Any] | None) -> bool:

@@ -248,7 +248,7 @@ def _unit_runs(spec: StudySpec, store: Store, searches: list[calibration.Planned
 
         units.append(UnitRun(s.unit, s.search_id, tally,
                              unit_search(spec, s.method, s.optuna_name, storage, depth, calibration.narrowed(stored),
-                                         calibration.guideline_lr(stored), remaining,
+                                         calibration.guideline_points(stored), remaining,
                                          priors if source is not None else None),
                              remaining))
         notes = ([f"calibration: {stored['summary']}"] if stored else []) + (

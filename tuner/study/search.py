@@ -76,15 +76,13 @@ class SearchSpaceFn:
                                 bool(self.ranges[hp.name].log)) for i, hp in enumerate(self.declared)}
                 for u in points]
 
-    def guideline(self, lr: float) -> list[dict[str, float | int]]:
-        """The brief's guideline points for a calibrated `lr`: that lr at 3, 2 and 1 epochs, those inside the
-        searched ranges (the method's other hyperparameters are left to the sampler). The longest first: a trial
-        stops at the band, so the longest horizon is the likeliest to reach it and costs no more steps when a
-        shorter one would have reached it too."""
-        lr_range, epochs = self.ranges.get("lr"), self.ranges.get("epochs")
-        if lr_range is None or epochs is None or not lr_range.low <= lr <= lr_range.high:
-            return []
-        return [{"lr": lr, "epochs": e} for e in (3, 2, 1) if epochs.low <= e <= epochs.high]
+    def guideline(self, points: list[dict[str, float | int]]) -> list[dict[str, float | int]]:
+        """The calibration's guideline points (`tuner.study.calibration.guideline_points`: settings, longest
+        horizon first) whose every value falls inside the searched ranges; a hyperparameter a point leaves out
+        is the sampler's to choose. The longest first: a trial stops at the band, so the longest horizon is the
+        likeliest to reach it and costs no more steps when a shorter one would have reached it too."""
+        return [p for p in points if all(k in self.ranges and self.ranges[k].low <= v <= self.ranges[k].high
+                                         for k, v in p.items())]
 
     def __call__(self, trial: optuna.Trial) -> dict[str, float | int]:
         """The trial's setting (asking again for a name the trial holds gives back its value)."""
@@ -195,7 +193,7 @@ class UnitSearch:
 
 def unit_search(spec: StudySpec, method: str, optuna_name: str, storage: optuna.storages.BaseStorage,
                 depth: int | None = None, narrowed: dict[str, Range] | None = None,
-                guideline_lr: float | None = None, remaining: int | None = None,
+                guideline: list[dict[str, float | int]] | None = None, remaining: int | None = None,
                 priors: Callable[[dict[str, Range]], list[Prior]] | None = None) -> UnitSearch:
     """The unit's search: its Optuna study with the spec's sampler, over the method's space (with `narrowed`
     ranges in place of the spec's). A new study is first told the warm start's `priors` (given the unit's
@@ -210,7 +208,7 @@ def unit_search(spec: StudySpec, method: str, optuna_name: str, storage: optuna.
             with_retry(lambda p=prior: tell_prior(study, space, p, spec.warm_start), "telling Optuna",
                        OPTUNA_TRANSIENT)
         budget = spec.budget.trials if remaining is None else remaining
-        for setting in first_settings(spec, space, guideline_lr, budget, len(told)):
+        for setting in first_settings(spec, space, guideline or [], budget, len(told)):
             with_retry(lambda s=setting: study.enqueue_trial(s, skip_if_exists=True), "queueing in Optuna",
                        OPTUNA_TRANSIENT)
     return UnitSearch(study, space, objectives, spec.retries)
@@ -228,13 +226,13 @@ def tell_prior(study: optuna.Study, space: SearchSpaceFn, prior: Prior, source: 
     tell(study, trial, list(prior.values), TrialState.COMPLETE)
 
 
-def first_settings(spec: StudySpec, space: SearchSpaceFn, guideline_lr: float | None,
+def first_settings(spec: StudySpec, space: SearchSpaceFn, guideline: list[dict[str, float | int]],
                    budget: int, known: int = 0) -> list[dict[str, Any]]:
-    """What a new unit's search runs first, at most `budget` settings: the guideline points of its calibrated lr
-    (the lr where the calibration's forget gap reached the band, at 3, 2 and 1 epochs), then, for TPE and the
-    GP, their random warm-up replaced by settings spread over the ranges (`SearchSpaceFn.spread`), as many as
-    the warm-up still needs after the `known` finished trials a warm start told the sampler."""
-    first = space.guideline(guideline_lr)[:budget] if guideline_lr is not None else []
+    """What a new unit's search runs first, at most `budget` settings: the calibration's guideline points inside
+    the ranges (`SearchSpaceFn.guideline`), then, for TPE and the GP, their random warm-up replaced by settings
+    spread over the ranges (`SearchSpaceFn.spread`), as many as the warm-up still needs after the `known`
+    finished trials a warm start told the sampler."""
+    first = space.guideline(guideline)[:budget]
     if spec.sampler.name in WARMED_UP:
         n = min(startup_trials(spec.sampler, spec.budget.trials), budget) - len(first) - known
         first += space.spread(n, spec.seed)
