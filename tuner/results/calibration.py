@@ -95,9 +95,9 @@ def guideline(finding: Finding, schedule_sums: Mapping[int, float]) -> list[tupl
     """The brief's guideline points as (epochs, peak lr), longest first: for each horizon in `schedule_sums`
     (epochs -> the trial schedule's lr multipliers summed over its steps), the lr whose trial sums GUIDELINE_SHARE
     times the lr the ramp had summed when its forget gap reached the approximate-retraining point, where a trial
-    stops. Along the success ridge a smaller rate
-    needs more steps (guideline 4): with Adam each step moves the weights by about the lr, so the summed lr is
-    what a run spends to get there. None without a window, or when the ramp's gap never reached 0."""
+    stops. Along the success ridge a smaller rate needs more steps (guideline 4): with Adam each step moves the
+    weights by about the lr, so the summed lr is what a run spends to get there. None without a window, or when
+    the ramp's gap never reached 0."""
     if not finding.found or finding.target_lr_sum is None:
         return []
     return sorted(((e, GUIDELINE_SHARE * finding.target_lr_sum / total) for e, total in schedule_sums.items()

@@ -6,8 +6,8 @@ the study's `run.eval_utility_every` says). `tuner.results.calibration.analyse` 
 move, where it reaches the band and where the utility collapses; the unit's lr search range becomes the window
 between the move and the collapse (log scale), its other hyperparameters untouched. A unit without a window is
 not searched: the study says why in one line before it spends the budget. Its first trials are the brief's
-guideline points: at 3, 2 and 1 epochs, the peak lr at which a trial sums the lr the ramp had summed when the gap
-reached 0, with the run's other settings (`tuner.results.calibration.guideline`).
+guideline points: at 3, 2 and 1 epochs, the peak lr at which a trial sums a set multiple of the lr the ramp had
+summed when the gap reached 0, with the run's other settings (`tuner.results.calibration.guideline`).
 
 The run costs one trial's steps at most (by default the steps of the unit's longest trial, at its top epochs),
 plus its evaluations. The record (curve, finding, window) is stored with the unit's search, so a resumed study
@@ -161,7 +161,7 @@ def record(measured: dict[str, Any], low: float, high: float, ctx: TrialContext,
     window = {"low": found.low, "high": found.high} if found.found else None
     summary = found.summary() if found.found else (f"{found.refusal}; not searched (change search.lr or search.epochs, "
                                                    "or set calibration: false)")
-    # at the run's other settings: the lr it summed to reach the band is a reading at those
+    # at the run's other settings: the lr it summed to reach 0 was measured at those
     points = [{**params, LR.name: lr, EPOCHS.name: epochs}
               for epochs, lr in guideline(found, measured.get("schedule_sums") or {})]
     return {**base, "status": WINDOW if found.found else NO_WINDOW, "finding": found.to_dict(), "window": window,

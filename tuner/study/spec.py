@@ -138,8 +138,8 @@ class Calibration(_Strict):
     `search`: `search` maps hyperparameter names to ranges, and a switch there would read as one."""
 
     # Off by default: the calibrated search did not reach the band in less wall time than TPE over the declared
-    # range, and it had less hypervolume, on the micro and the small testbed (bench/search_efficiency.py --part
-    # defaults, bench/README.md).
+    # range on the micro and the small testbed, and GA+GD's hypervolume was lower (bench/search_efficiency.py
+    # --part defaults, bench/README.md).
     enabled: bool = Field(False, description="calibrate each unit's lr range before its trials (false: search the "
                                               "declared range as it is)")
     steps: int | None = Field(None, ge=3, description="optimiser steps of the calibration run (default: the steps of "
