@@ -110,7 +110,7 @@ def with_sums(points: list[dict], steps_per_point: int = 4) -> list[dict]:
     return out
 
 
-def test_guideline_points_sum_the_lr_the_ramp_summed_to_the_band_longest_first():
+def test_guideline_points_sum_a_multiple_of_the_lr_the_ramp_summed_to_0_longest_first():
     drops = [0.0, 0.0, 0.01, 0.02, 0.1, 0.3, 0.9, 2.0]
     points = with_sums(curve(GAPS, drops))
     found = analyse(points, LOW, HIGH, TOL, UTIL_TOL)
@@ -209,8 +209,12 @@ def test_the_calibration_is_stored_and_narrows_the_lr_the_trials_draw(calibrated
     assert gd["finding"]["move_lr"] is not None
     rows = [r for r in store.trials("cal") if r["unit"] == "ga_gd@in_distribution"]
     assert len(rows) == 2 and all(window["low"] <= r["params"]["lr"] <= window["high"] for r in rows)
-    # the guideline points inside the ranges ran first: each at the lr that sums the ramp's lr up to the band
-    assert gd["finding"]["target_lr_sum"] is not None and set(gd["schedule_sums"]) == {"1", "2", "3"}
+    # the guideline points inside the ranges ran first: each at the lr whose trial sums a multiple of the lr the
+    # ramp summed up to gap 0
+    total = gd["finding"]["target_lr_sum"]
+    assert total is not None and set(gd["schedule_sums"]) == {"1", "2", "3"}
+    assert all(p["lr"] * gd["schedule_sums"][str(p["epochs"])] == pytest.approx(GUIDELINE_SHARE * total)
+               for p in gd["guideline"])
     inside = [p for p in gd["guideline"] if window["low"] <= p["lr"] <= window["high"] and p["epochs"] <= 2]
     assert inside, gd["guideline"]
     assert all(p["retain_weight"] == gd["params"]["retain_weight"] for p in inside)  # the run's other settings
