@@ -115,8 +115,8 @@ def target_lr_sum(start: dict[str, Any], ramp: list[dict[str, Any]]) -> float | 
         if point["forget_gap"] >= 0:
             if not (_measured(point.get("lr_sum")) and _measured(before.get("lr_sum"))):
                 return None
-            rise = point["forget_gap"] - before["forget_gap"]
-            share = (0.0 - before["forget_gap"]) / rise if rise > 0 else 1.0
+            # the point before it is below 0 (the start is checked above): the rise is positive
+            share = -before["forget_gap"] / (point["forget_gap"] - before["forget_gap"])
             return float(before["lr_sum"]) + share * (float(point["lr_sum"]) - float(before["lr_sum"]))
         before = point
     return None
