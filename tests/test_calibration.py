@@ -171,6 +171,19 @@ def test_a_window_lies_in_the_range_and_holds_no_measured_collapse(points, start
     assert all(d > UTIL_TOL for d in above) if found.collapse_lr is not None else above[-1] <= UTIL_TOL
 
 
+@pytest.mark.parametrize("method", ["ga_gd", "npo", "ga"])
+def test_the_calibration_runs_at_the_heaviest_retain_weight_the_longest_horizon_and_the_top_lr(method):
+    from tuner.study.calibration import run_params
+    from tuner.study.spec import StudySpec
+
+    spec = StudySpec(name="p", model="testbed:micro", methods=sorted({method, "ga_gd"}),
+                     search={"retain_weight": {"low": 0.5, "high": 4.0}, "epochs": {"low": 1, "high": 2}})
+    params = run_params(method, spec.space_for(method))
+    assert params["lr"] == spec.space_for(method)["lr"].high and params["epochs"] == 2
+    # descent on retained data protects utility, and a trial stops at the band: the guideline points run there
+    assert params.get("retain_weight") == (None if method == "ga" else 4.0)
+
+
 # ---- a micro study ----------------------------------------------------------------------------------------------
 
 CALIBRATED = {"methods": ["ga", "ga_gd"], "budget": {"trials": 2}, "run": {"eval_every": 4},
@@ -217,6 +230,7 @@ def test_the_calibration_is_stored_and_narrows_the_lr_the_trials_draw(calibrated
                for p in gd["guideline"])
     inside = [p for p in gd["guideline"] if window["low"] <= p["lr"] <= window["high"] and p["epochs"] <= 2]
     assert inside, gd["guideline"]
+    assert gd["params"]["retain_weight"] == 10.0  # the default range's top
     assert all(p["retain_weight"] == gd["params"]["retain_weight"] for p in inside)  # the run's other settings
     first = sorted(rows, key=lambda r: r["number"])[:len(inside)]
     assert [r["params"] for r in first] == inside

@@ -27,7 +27,7 @@ from typing import Any
 import optuna
 import torch
 
-from tuner.core.hparams import EPOCHS, LR, at_depth
+from tuner.core.hparams import EPOCHS, LR, RETAIN_WEIGHT, at_depth
 from tuner.engine import methods
 from tuner.engine.training import schedule_of
 from tuner.engine.unlearn import UnlearnConfig, run_unlearning
@@ -68,9 +68,15 @@ def geometric_ramp(low: float, high: float, steps: int) -> Callable[[int], float
 
 def run_params(method: str, ranges: dict[str, Range], depth: int | None = None) -> dict[str, float | int]:
     """The calibration run's hyperparameters: each declared default, moved to the middle of its searched range
-    when the range leaves it out (geometric middle on a log scale); the lr is the ramp's, and the epochs the
-    range's top (the longest trial, whose steps the ramp takes by default). `depth`: the model's decoder layers,
-    for a depth-relative knob (left to its method's default when the depth is unknown)."""
+    when the range leaves it out (geometric middle on a log scale); the lr is the ramp's, the epochs the range's
+    top (the longest trial, whose steps the ramp takes by default), and the retain weight the range's top.
+
+    The guideline points run at these settings. Descent on retained data preserves utility (the brief's
+    guideline 3) and a trial stops at the band, so the heaviest retain term costs steps, not utility: at the
+    default weight of 1, GA+GD on the small testbed passed the utility tolerance by the time it reached the band
+    and NPO's points on the micro testbed were stopped as collapsed, where at the top (10) every point of both
+    reached the band within it (bench/README.md). `depth`: the model's decoder layers, for a depth-relative knob
+    (left to its method's default when the depth is unknown)."""
     declared = methods.get(method).space()
     params: dict[str, float | int] = {}
     for hp in at_depth(declared, depth) if depth is not None else declared:
@@ -80,7 +86,7 @@ def run_params(method: str, ranges: dict[str, Range], depth: int | None = None) 
             value = math.sqrt(rng.low * rng.high) if rng.log else (rng.low + rng.high) / 2
         if hp.name == EPOCHS.name and rng is not None:
             value = rng.high
-        if hp.name == LR.name and rng is not None:
+        if hp.name in (LR.name, RETAIN_WEIGHT.name) and rng is not None:
             value = rng.high
         if hp.depth is None:  # a depth-relative knob keeps the default its method scales to the model
             params[hp.name] = hp.cast(value)
@@ -159,8 +165,10 @@ def record(measured: dict[str, Any], low: float, high: float, ctx: TrialContext,
     found = analyse(measured["points"], low, high, ctx.target.gap_tolerance, ctx.target.utility_tolerance,
                     measured.get("diverged_lr"))
     window = {"low": found.low, "high": found.high} if found.found else None
-    summary = found.summary() if found.found else (f"{found.refusal}; not searched (change search.lr or search.epochs, "
-                                                   "or set calibration: false)")
+    weight = (f", search.retain_weight (the run took its top, {params[RETAIN_WEIGHT.name]:g})"
+              if RETAIN_WEIGHT.name in params else "")
+    summary = found.summary() if found.found else (f"{found.refusal}; not searched (change search.lr, search.epochs"
+                                                   f"{weight} or set calibration: false)")
     # at the run's other settings: the lr it summed to reach 0 was measured at those
     points = [{**params, LR.name: lr, EPOCHS.name: epochs}
               for epochs, lr in guideline(found, measured.get("schedule_sums") or {})]
