@@ -308,6 +308,10 @@ def test_the_dashboard_figure_draws_the_stored_points_band_tolerance_and_window(
     window = record["window"]
     assert any(s.xref == "x" and (s.x0, s.x1) == (window["low"], window["high"]) for s in shapes)
     assert ("ga_gd@in_distribution", "move_lr") in by_role
+    # each guideline point's peak lr, as a dotted line on the gap panel labelled with its epochs
+    for point in record["guideline"]:
+        assert any(s.line.dash == "dot" and s.x0 == s.x1 == point["lr"] and s.yref == "y domain" for s in shapes)
+        assert any(a.text == f"{point['epochs']} ep" and a.x == point["lr"] for a in fig.layout.annotations)
     empty = D.StudyData(**{**data.__dict__, "calibrations": {}})
     assert "no calibration stored" in calibration(empty).layout.annotations[0].text
 

@@ -1,7 +1,9 @@
 """The learning-rate calibration of each search unit (`tuner.study.calibration`): the forget gap (top) and the
 utility drop (bottom) against the lr of the range test, on a log axis, with the target band, the utility
-tolerance, each unit's lr window shaded and the points where the gap moved, reached the band and the utility
-collapsed marked. Only measured figures are drawn: a point whose utility was not scored has no utility point."""
+tolerance, each unit's lr window shaded, the points where the gap moved, reached the band and the utility
+collapsed marked, and the peak lr of each guideline point the unit's search ran first as a dotted line labelled
+with its epochs (no gap is drawn there: a guideline point's outcome is its trial's, not the ramp's). Only measured
+figures are drawn: a point whose utility was not scored has no utility point."""
 
 from __future__ import annotations
 
@@ -67,6 +69,11 @@ def calibration(data: StudyData) -> go.Figure:
                                meta={"unit": unit, "role": key},
                                hovertemplate=f"{esc(unit)}<br>lr %{{x:.2e}}<br>{name} %{{y:+.4f}}<extra></extra>"))
         traces += _findings(unit, record, series, colour)
+        for point in record.get("guideline") or []:
+            shapes.append(dict(type="line", xref="x", yref="y domain", x0=point["lr"], x1=point["lr"], y0=0, y1=1,
+                               line=dict(color=colour, dash="dot", width=1)))
+            notes.append(dict(text=f"{point['epochs']} ep", x=point["lr"], y=1, xref="x", yref="y domain",
+                              yanchor="bottom", showarrow=False, font=dict(size=9, color=colour)))
     layout = dict(shapes=shapes, annotations=notes, legend=dict(font=dict(size=10)),
                   xaxis=dict(type="log", domain=[0, 1], anchor="y", matches="x2", showticklabels=False),
                   yaxis=dict(domain=[0.52, 1], anchor="x", title=axis_title("forget gap")),
