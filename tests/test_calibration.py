@@ -342,7 +342,7 @@ def test_calibration_settings_are_their_own_section(micro_spec):
     from tuner.study.spec import validate_spec
 
     assert validate_spec(micro_spec(calibration=False), "s").calibration.enabled is False
-    assert validate_spec({"name": "d", "model": "testbed:micro"}, "s").calibration.enabled is False  # opt-in
+    assert validate_spec({"name": "d", "model": "testbed:micro"}, "s").calibration.enabled is True  # on by default
     with pytest.raises(TunerError, match="search.calibrate"):
         validate_spec(micro_spec(search={"calibrate": False}), "s")
 

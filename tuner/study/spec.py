@@ -137,11 +137,12 @@ class Calibration(_Strict):
     unit's search then draws from (`tuner.results.calibration.analyse`). A section of its own, not a key of
     `search`: `search` maps hyperparameter names to ranges, and a switch there would read as one."""
 
-    # Off by default: the calibrated search did not reach the band in less wall time than TPE over the declared
-    # range on the micro and the small testbed, and GA+GD's hypervolume was lower (bench/search_efficiency.py
-    # --part defaults, bench/README.md).
-    enabled: bool = Field(False, description="calibrate each unit's lr range before its trials (false: search the "
-                                              "declared range as it is)")
+    # On by default: at the retain weight's top, its guideline points reached the band within the utility tolerance
+    # at the first trial in every seed measured (GA+GD and NPO on the micro testbed, GA+GD on the small one),
+    # with no less hypervolume; it costs about one trial's time per unit (bench/search_efficiency.py --part
+    # defaults, bench/README.md).
+    enabled: bool = Field(True, description="calibrate each unit's lr range before its trials (false: search the "
+                                             "declared range as it is)")
     steps: int | None = Field(None, ge=3, description="optimiser steps of the calibration run (default: the steps of "
                                                       "the unit's longest trial, its top epochs)")
     points: int = Field(16, ge=3, le=200, description="evaluations along the ramp (the forget gap at each; the "
@@ -191,8 +192,8 @@ class StudySpec(_Strict):
     target: Target = Target()
     robustness: Robustness = Robustness()
     calibration: Calibration = Field(
-        Calibration(), description="the lr range test before each unit's search, off by default; "
-                                   "`calibration: true` turns it on")
+        Calibration(), description="the lr range test before each unit's search, on by default; "
+                                   "`calibration: false` turns it off")
     warm_start: str | None = Field(
         None, description="an earlier study on this store, of the same model family: the finished trials of "
                           "each search unit the two share are told to this study's sampler before its first "
