@@ -1,5 +1,6 @@
-"""Read-only JSON endpoints beside the pages, for other tools: the study list, a study's Pareto points and
-its stored recommendation. They sit behind the same loopback binding and optional token as the pages."""
+"""Read-only JSON endpoints beside the pages, for other tools: the study list, a study's Pareto points, its
+units' lr calibrations and its stored recommendation. They sit behind the same loopback binding and optional
+token as the pages."""
 
 from __future__ import annotations
 
@@ -55,3 +56,12 @@ def register(server: Flask, store: Store) -> None:
         except TunerError as err:
             return jsonify({"error": str(err)}), 404
         return jsonify(_jsonable(stored))
+
+    @server.get("/api/studies/<name>/calibrations")
+    def api_calibrations(name: str):
+        """Each unit's stored lr calibration (curve, finding, window, guideline points), as `tuner study show
+        --json` gives them; no units for a study that ran without one."""
+        try:
+            return jsonify(_jsonable({"study": name, "units": store.calibrations(name)}))
+        except TunerError as err:
+            return jsonify({"error": str(err)}), 404

@@ -316,6 +316,20 @@ def test_the_dashboard_figure_draws_the_stored_points_band_tolerance_and_window(
     assert "no calibration stored" in calibration(empty).layout.annotations[0].text
 
 
+def test_the_json_api_serves_each_units_stored_calibration(calibrated):
+    from dashboards.app import create_app
+
+    client = create_app(calibrated["url"]).server.test_client()
+    served = client.get("/api/studies/cal/calibrations").get_json()
+    stored = calibrated["store"].calibrations("cal")
+    assert served["study"] == "cal" and set(served["units"]) == set(stored)
+    gd = served["units"]["ga_gd@in_distribution"]
+    assert gd["window"] == stored["ga_gd@in_distribution"]["window"] and gd["guideline"]
+    assert served["units"]["ga"]["status"] == "no_window"
+    missing = client.get("/api/studies/nope/calibrations")
+    assert missing.status_code == 404 and "no study named 'nope'" in missing.get_json()["error"]
+
+
 def test_a_resumed_study_keeps_its_calibration(calibrated):
     from tuner.store import Store
     from tuner.study.orchestrator import run_study
