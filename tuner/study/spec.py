@@ -137,10 +137,11 @@ class Calibration(_Strict):
     unit's search then draws from (`tuner.results.calibration.analyse`). A section of its own, not a key of
     `search`: `search` maps hyperparameter names to ranges, and a switch there would read as one."""
 
-    # On by default: at the retain weight's top, its guideline points reached the band within the utility tolerance
-    # at the first trial in every seed measured (GA+GD and NPO on the micro testbed, GA+GD on the small one),
-    # with no less hypervolume; it costs about one trial's time per unit (bench/search_efficiency.py --part
-    # defaults, bench/README.md).
+    # On by default: the calibrated search's first trial was in band within the utility tolerance in every measured
+    # seed of GA+GD and NPO on the micro testbed and GA+GD on the small one (where TPE's random start needed a
+    # median of 2 to 4 trials on micro and reached the band in 1 of 3 seeds on small); it costs about one
+    # trial's time per unit first, so its hypervolume at equal wall time is lower early on (bench/
+    # search_efficiency.py --part defaults, bench/README.md).
     enabled: bool = Field(True, description="calibrate each unit's lr range before its trials (false: search the "
                                              "declared range as it is)")
     steps: int | None = Field(None, ge=3, description="optimiser steps of the calibration run (default: the steps of "
