@@ -7,7 +7,8 @@ move, where it reaches the band and where the utility collapses; the unit's lr s
 between the move and the collapse (log scale), its other hyperparameters untouched. A unit without a window is
 not searched: the study says why in one line before it spends the budget. Its first trials are the brief's
 guideline points: at 3, 2 and 1 epochs, the peak lr at which a trial sums a set multiple of the lr the ramp had
-summed when the gap reached 0, with the run's other settings (`tuner.results.calibration.guideline`).
+summed when the gap reached 0, with the run's other settings (`tuner.results.calibration.guideline`), whose
+retain weight is its range's top (`run_params`).
 
 The run costs one trial's steps at most (by default the steps of the unit's longest trial, at its top epochs),
 plus its evaluations. The record (curve, finding, window) is stored with the unit's search, so a resumed study
@@ -75,8 +76,8 @@ def run_params(method: str, ranges: dict[str, Range], depth: int | None = None) 
     guideline 3) and a trial stops at the band, so the heaviest retain term costs steps, not utility: at the
     default weight of 1, GA+GD on the small testbed passed the utility tolerance by the time it reached the band
     and NPO's points on the micro testbed were stopped as collapsed, where at the top (10) every point of both
-    reached the band within it (bench/README.md). `depth`: the model's decoder layers, for a depth-relative knob
-    (left to its method's default when the depth is unknown)."""
+    inside the declared ranges reached the band within it (bench/README.md). `depth`: the model's decoder layers,
+    for a depth-relative knob (left to its method's default when the depth is unknown)."""
     declared = methods.get(method).space()
     params: dict[str, float | int] = {}
     for hp in at_depth(declared, depth) if depth is not None else declared:
