@@ -33,8 +33,8 @@ SECTIONS = (
      "Each unit's lr range test before its search: one run with the lr rising step by step over the declared "
      "range; the forget gap (top, green band: the target) and the utility drop (bottom, red dashed line: the "
      "tolerance) against the lr. ▲ the gap moved, ★ it reached the band, × the utility collapsed; shaded: the lr "
-     "window the unit's trials drew from; dotted, labelled with their epochs: the peak lrs of the guideline points "
-     "its search ran first."),
+     "window the unit's trials drew from; dotted, labelled with their epochs: the peak lrs of the calibration's "
+     "guideline points (those inside the searched ranges were the unit's first trials)."),
     ("fig-hypervolume", "4a. Hypervolume history", "Dominated hypervolume of each method's search after each trial."),
     ("fig-parallel", "4b. Parallel coordinates",
      "Hyperparameters to objectives, one line per trial; hover the points on the forget-gap axis for the trial. "

@@ -1,8 +1,9 @@
 """The learning-rate calibration of each search unit (`tuner.study.calibration`): the forget gap (top) and the
 utility drop (bottom) against the lr of the range test, on a log axis, with the target band, the utility
 tolerance, each unit's lr window shaded, the points where the gap moved, reached the band and the utility
-collapsed marked, and the peak lr of each guideline point the unit's search ran first as a dotted line labelled
-with its epochs (no gap is drawn there: a guideline point's outcome is its trial's, not the ramp's). Only measured
+collapsed marked, and the peak lr of each of the calibration's guideline points as a dotted line labelled with
+its epochs (those inside the searched ranges are the unit's first trials; no gap is drawn there: a guideline
+point's outcome is its trial's, not the ramp's). Only measured
 figures are drawn: a point whose utility was not scored has no utility point."""
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from tuner.study.trial import compared, memory_refusal, out_of_memory, release_m
 
 WINDOW, NO_WINDOW, SKIPPED, FAILED = "window", "no_window", "skipped", "failed"  # a record's `status`
 GUIDELINE_EPOCHS = (1, 2, 3)  # the brief's guideline points: the calibrated lr at 1, 2 and 3 epochs
+AT_TOP = (LR.name, EPOCHS.name, RETAIN_WEIGHT.name)  # the calibration run's knobs at their range's top (run_params)
 POINT_KEYS = ("step", "lr", "lr_sum", "loss", "forget_nll", "unseen_nll", "forget_gap", "retain_nll", "utility_drop",
               "forget_gap_se", "utility_drop_se")
 
@@ -85,9 +86,7 @@ def run_params(method: str, ranges: dict[str, Range], depth: int | None = None) 
         value = hp.default
         if rng is not None and not rng.low <= value <= rng.high:
             value = math.sqrt(rng.low * rng.high) if rng.log else (rng.low + rng.high) / 2
-        if hp.name == EPOCHS.name and rng is not None:
-            value = rng.high
-        if hp.name in (LR.name, RETAIN_WEIGHT.name) and rng is not None:
+        if hp.name in AT_TOP and rng is not None:
             value = rng.high
         if hp.depth is None:  # a depth-relative knob keeps the default its method scales to the model
             params[hp.name] = hp.cast(value)
